@@ -1,0 +1,31 @@
+# Two entry points, both self-contained on a fresh machine:
+#   make run   - create .venv, install, fetch + verify the default models, generate on a default prompt
+#   make test  - create .venv, install, lint, run the whole test suite
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+PROMPT ?= Write a Python function that returns the n-th Fibonacci number, with a docstring.
+
+.PHONY: run test install lint
+
+run: install
+	$(BIN)/swarmspec fetch
+	$(BIN)/swarmspec generate "$(PROMPT)"
+
+test: install lint
+	$(BIN)/python -m pytest -v -rs
+
+lint: install
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+install: $(VENV)/.installed
+
+# torch is pinned and installed first: `pip install torch==2.13.0` takes the CPU wheel on this machine,
+# while an unpinned torch would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[models,dev]'
+	touch $@

@@ -1,0 +1,161 @@
+"""The `swarmspec` command line. Flags map one to one onto the config dataclasses' fields."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from swarmspec.config import METHODS, EngineConfig, GenerationRequest
+from swarmspec.errors import SwarmspecError
+from swarmspec.sampling import SamplingConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except SwarmspecError as err:
+        print(f"swarmspec: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nswarmspec: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = EngineConfig()
+    parser = argparse.ArgumentParser(prog="swarmspec", description="Lossless speculative inference for LLMs.")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    gen = commands.add_parser("generate", help="generate text for a prompt, streaming it")
+    gen.add_argument("prompt", metavar="PROMPT")
+    gen.add_argument("--target", default=defaults.target, help="target model (default: %(default)s)")
+    gen.add_argument(
+        "--drafter",
+        default=defaults.drafter,
+        help="drafter model; prefix int8: to quantize (default: %(default)s)",
+    )
+    gen.add_argument("--method", choices=METHODS, default=defaults.method, help="default: %(default)s")
+    gen.add_argument("--gamma", type=int, default=defaults.gamma, help="tokens drafted per target forward")
+    request = GenerationRequest(prompt="-")
+    gen.add_argument("--max-new-tokens", type=int, default=request.max_new_tokens)
+    gen.add_argument("--temperature", type=float, default=request.sampling.temperature, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=request.sampling.top_p)
+    gen.add_argument("--top-k", type=int, default=request.sampling.top_k, help="0 = off")
+    gen.add_argument("--seed", type=int, default=request.seed)
+    gen.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=request.chat,
+        help="wrap the prompt in the target's chat template",
+    )
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    gen.set_defaults(run=run_generate)
+
+    models = commands.add_parser("models", help="list the registered models and what is cached")
+    models.set_defaults(run=run_models)
+
+    fetch = commands.add_parser("fetch", help="fetch, verify and convert registered models into the cache")
+    fetch.add_argument("names", nargs="*", default=[defaults.target, defaults.drafter], metavar="MODEL")
+    fetch.set_defaults(run=run_fetch)
+
+    prof = commands.add_parser("profile", help="measure forward latency for k new tokens, per model")
+    prof.add_argument("--target", default=defaults.target)
+    prof.add_argument("--drafter", action="append", help=f"repeatable (default: {defaults.drafter})")
+    prof.add_argument("--max-k", type=int, default=32)
+    prof.add_argument("--context", type=int, default=256, help="cached tokens under each timed forward")
+    prof.add_argument("--repeats", type=int, default=3)
+    prof.set_defaults(run=run_profile)
+    return parser
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from swarmspec.engine import Engine  # imports torch/transformers: keep `--help` fast
+
+    # Build (and so validate) the request before loading any model: user mistakes fail in milliseconds.
+    request = GenerationRequest(
+        prompt=args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        sampling=SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p),
+        seed=args.seed,
+        chat=args.chat,
+        stop=tuple(args.stop),
+    )
+    config = EngineConfig(target=args.target, drafter=args.drafter, method=args.method, gamma=args.gamma)
+    start = time.perf_counter()
+    drafter_note = f" with drafter {config.drafter}" if config.method != "ar" else ""
+    print(f"loading {config.target}{drafter_note} ...", file=sys.stderr, flush=True)
+    engine = Engine.load(config)
+    print(
+        f"loaded in {time.perf_counter() - start:.1f} s; method {config.method}", file=sys.stderr, flush=True
+    )
+
+    stream = engine.stream(request)
+    for piece in stream:
+        if not args.json:
+            print(piece, end="", flush=True)
+    result = stream.result
+    assert result is not None
+    if args.json:
+        summary = {
+            "method": config.method,
+            "target": config.target,
+            "drafter": config.drafter if config.method != "ar" else None,
+            "gamma": config.gamma if config.method != "ar" else None,
+            "text": result.text,
+            "token_ids": result.token_ids,
+            "finish_reason": result.finish_reason,
+            **result.stats.to_dict(),
+        }
+        print(json.dumps(summary))
+    else:
+        print(f"\n\n{result.stats.summary()}", file=sys.stderr)
+    return 0
+
+
+def run_models(args: argparse.Namespace) -> int:
+    from swarmspec.models.registry import list_models
+
+    for status in list_models():
+        cached = f"cached at {status.cached_dir}" if status.cached_dir else "not cached"
+        parts = "parts installed" if status.parts_installed else "parts NOT installed"
+        print(f"{status.name:32} {status.description}\n{'':32} {cached}; {parts}")
+    return 0
+
+
+def run_fetch(args: argparse.Namespace) -> int:
+    from swarmspec.models.registry import fetch
+
+    for name in args.names:
+        print(f"{name}: {fetch(name)}")
+    return 0
+
+
+def run_profile(args: argparse.Namespace) -> int:
+    from swarmspec.models.loading import load_model
+    from swarmspec.profile import CostProfile, device_name, format_table, measure_forward_latency
+    from swarmspec.runner import HFRunner
+
+    if args.max_k < 1 or args.context < 1 or args.repeats < 1:
+        raise SwarmspecError("--max-k, --context and --repeats must be >= 1")
+    device = device_name()
+    profiles = []
+    for spec in [args.target, *(args.drafter or [EngineConfig().drafter])]:
+        print(f"profiling {spec} on {device} (k = 1..{args.max_k}, {args.repeats} repeats)", file=sys.stderr)
+        runner = HFRunner(load_model(spec).model)
+        ks = list(range(1, args.max_k + 1))
+        latency = measure_forward_latency(runner, ks, args.context, args.repeats, label=spec)
+        profile = CostProfile(spec, device, args.context, args.repeats, latency)
+        print(f"  saved {profile.save()}", file=sys.stderr)
+        profiles.append(profile)
+        del runner
+    print(f"device: {device}; {args.context} cached tokens; median of {args.repeats}")
+    print(format_table(profiles))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""The one interface every drafter implements, and the draft it hands to the verifier.
+
+Shape letters: k = draft tokens, V = vocabulary.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from swarmspec.sampling import SamplingConfig
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A chain of proposed tokens, continuing the committed context."""
+
+    tokens: torch.Tensor  # [k] int64
+    # [k, V]: the distribution each token was *sampled* from, which speculative sampling needs to stay
+    # lossless; None in greedy mode, where only the tokens matter.
+    probs: torch.Tensor | None = None
+
+    @classmethod
+    def empty(cls) -> Draft:
+        return cls(torch.empty(0, dtype=torch.int64))
+
+    @classmethod
+    def of(cls, tokens: list[int], probs: torch.Tensor | None = None) -> Draft:
+        """Cheap constructor for tests and model-free drafters."""
+        return cls(torch.tensor(tokens, dtype=torch.int64), probs)
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+class Drafter(ABC):
+    """Proposes tokens that continue a context. Drafters never decide what is output; the target does."""
+
+    @abstractmethod
+    def propose(
+        self,
+        context: list[int],
+        max_tokens: int,
+        sampling: SamplingConfig,
+        generator: torch.Generator | None,
+    ) -> Draft:
+        """Up to `max_tokens` tokens continuing `context` (every committed token: prompt and output).
+
+        In sampling mode each token must be drawn from the returned `probs` row, processed with the
+        same `sampling` config as the target's.
+        """

@@ -1,0 +1,58 @@
+"""A draft model proposing a chain of tokens, one forward each."""
+
+from __future__ import annotations
+
+import torch
+
+from swarmspec.drafters.base import Draft, Drafter
+from swarmspec.runner import ModelRunner
+from swarmspec.sampling import SamplingConfig, choose_tokens
+
+
+class ModelDrafter(Drafter):
+    """Runs a small LM autoregressively on its own KV cache.
+
+    The drafter keeps the ids its cache holds and, on each call, rolls back to the longest prefix the
+    cache shares with the new context, so rejected drafts are discarded and whatever the target
+    committed since the last call is caught up in one forward.
+    """
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+        self.cached_ids: list[int] = []
+
+    def propose(
+        self,
+        context: list[int],
+        max_tokens: int,
+        sampling: SamplingConfig,
+        generator: torch.Generator | None,
+    ) -> Draft:
+        if max_tokens <= 0:
+            return Draft.empty()
+        logits = self._catch_up(context)  # [V]
+        tokens: list[torch.Tensor] = []
+        probs: list[torch.Tensor] = []
+        for i in range(max_tokens):
+            token, token_probs = choose_tokens(logits, sampling, generator)
+            tokens.append(token)
+            if token_probs is not None:
+                probs.append(token_probs)
+            # The last drafted token is not run: its logits would only serve a longer draft.
+            if i + 1 < max_tokens:
+                logits = self._run(token.view(1))
+        return Draft(torch.stack(tokens), torch.stack(probs) if probs else None)
+
+    def _catch_up(self, context: list[int]) -> torch.Tensor:  # [V] logits after the last context token
+        shared = 0
+        limit = min(len(self.cached_ids), len(context) - 1)  # always rerun >= 1 token to get logits
+        while shared < limit and self.cached_ids[shared] == context[shared]:
+            shared += 1
+        self.runner.rollback(shared)
+        del self.cached_ids[shared:]
+        return self._run(torch.tensor(context[shared:], dtype=torch.int64))
+
+    def _run(self, input_ids: torch.Tensor) -> torch.Tensor:  # [V] logits after the last input token
+        logits = self.runner.forward(input_ids, num_logits=1)[0]
+        self.cached_ids.extend(input_ids.tolist())
+        return logits

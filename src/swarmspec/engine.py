@@ -1,0 +1,150 @@
+"""The engine: loaded models plus a decoding method, turning text requests into streamed text."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from swarmspec.config import EngineConfig, GenerationRequest
+from swarmspec.decode import decode
+from swarmspec.drafters.base import Drafter
+from swarmspec.drafters.model import ModelDrafter
+from swarmspec.metrics import DecodeStats
+from swarmspec.models.loading import LoadedModel, check_same_vocabulary, load_model
+from swarmspec.runner import HFRunner, ModelRunner
+from swarmspec.verify import make_verifier
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    stats: DecodeStats
+
+
+class Engine:
+    """One target and (for speculative methods) one drafter, chosen once at construction."""
+
+    def __init__(
+        self,
+        target: ModelRunner,
+        tokenizer: PreTrainedTokenizerBase,
+        stop_token_ids: frozenset[int],
+        drafter: Drafter | None,
+        gamma: int,
+    ) -> None:
+        self.target = target
+        self.tokenizer = tokenizer
+        self.stop_token_ids = stop_token_ids
+        self.drafter = drafter
+        self.gamma = gamma
+
+    @classmethod
+    def load(cls, config: EngineConfig) -> Engine:
+        target = load_model(config.target)
+        drafter = None
+        if config.method == "chain":
+            draft_model = load_model(config.drafter)
+            check_same_vocabulary(target, draft_model)
+            drafter = ModelDrafter(HFRunner(draft_model.model))
+        return cls(HFRunner(target.model), target.tokenizer, stop_token_ids(target), drafter, config.gamma)
+
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        text = request.prompt
+        if request.chat and self.tokenizer.chat_template:
+            messages = [{"role": "user", "content": request.prompt}]
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=not request.chat).input_ids
+
+    def stream(self, request: GenerationRequest) -> TextStream:
+        """Start a generation; iterate the result for text pieces, then read `.result`."""
+        generator = torch.Generator()
+        generator.manual_seed(request.seed if request.seed is not None else int(torch.seed()))
+        stats = DecodeStats()
+        token_chunks = decode(
+            self.target,
+            self.drafter,
+            make_verifier(request.sampling),
+            self.prompt_ids(request),
+            max_new_tokens=request.max_new_tokens,
+            gamma=self.gamma,
+            sampling=request.sampling,
+            stop_token_ids=self.stop_token_ids,
+            generator=generator,
+            stats=stats,
+        )
+        return TextStream(token_chunks, self.tokenizer, request.stop, self.stop_token_ids, stats)
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        stream = self.stream(request)
+        for _ in stream:
+            pass
+        assert stream.result is not None
+        return stream.result
+
+
+def stop_token_ids(model: LoadedModel) -> frozenset[int]:
+    """The EOS ids `transformers.generate` stops on: the generation config's, else the tokenizer's."""
+    eos = model.model.generation_config.eos_token_id
+    if eos is None:
+        eos = model.tokenizer.eos_token_id
+    return frozenset([eos] if isinstance(eos, int) else (eos or []))
+
+
+class TextStream:
+    """Detokenizes committed tokens incrementally and applies stop strings.
+
+    Text is held back while it ends in an incomplete UTF-8 sequence or could be the start of a stop
+    string, so streamed pieces concatenate to exactly the final text.
+    """
+
+    def __init__(
+        self,
+        token_chunks: Iterator[list[int]],
+        tokenizer: PreTrainedTokenizerBase,
+        stop: tuple[str, ...],
+        stop_token_ids: frozenset[int],
+        stats: DecodeStats,
+    ) -> None:
+        self._chunks = token_chunks
+        self._tokenizer = tokenizer
+        self._stop = stop
+        self._stop_token_ids = stop_token_ids
+        self.stats = stats
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        token_ids: list[int] = []
+        emitted = 0
+        finish_reason = "length"
+        text = ""
+        for chunk in self._chunks:
+            token_ids.extend(chunk)
+            text = self._tokenizer.decode(token_ids, skip_special_tokens=True)
+            cut = min((i for i in (text.find(s) for s in self._stop) if i >= 0), default=-1)
+            if cut >= 0:
+                text, finish_reason = text[:cut], "stop"
+                self._chunks.close()  # stops the decode loop: no more target forwards
+                break
+            if chunk[-1] in self._stop_token_ids:
+                finish_reason = "stop"
+            safe = len(text) - self._held_back(text)
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+        if len(text) > emitted:
+            yield text[emitted:]
+        self.result = GenerationResult(text, token_ids, finish_reason, self.stats)
+
+    def _held_back(self, text: str) -> int:
+        """Characters at the end of `text` that may still change or turn into a stop string."""
+        if text.endswith("\ufffd"):  # a multi-byte character split across tokens
+            return 1
+        return max(
+            (n for s in self._stop for n in range(len(s) - 1, 0, -1) if text.endswith(s[:n])),
+            default=0,
+        )

@@ -1,0 +1,1 @@
+"""Models: the registry of packaged weights and loading them for inference."""

@@ -1,0 +1,109 @@
+"""Cost profiles: measured forward latency of a model for k new tokens, per device.
+
+Adaptive speculation (length policies, batch-aware speculation) decides from these measurements, never
+from assumptions: on a CPU a forward of 8 tokens costs several times one token, on a GPU about the same.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from swarmspec.models.registry import cache_root
+from swarmspec.runner import ModelRunner
+
+
+@dataclass(frozen=True)
+class CostProfile:
+    model: str  # the model spec as given, e.g. "int8:qwen2.5-coder-0.5b-instruct"
+    device: str
+    context_len: int  # cached tokens each timed forward ran on top of
+    repeats: int
+    latency_ms: dict[int, float]  # k new tokens -> median forward latency
+
+    def ratio(self, k: int) -> float:
+        """t(k) / t(1): what verifying k tokens costs in single-token forwards."""
+        return self.latency_ms[k] / self.latency_ms[1]
+
+    def save(self) -> Path:
+        path = profile_path(self.model, self.device)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, model: str, device: str | None = None) -> CostProfile | None:
+        path = profile_path(model, device or device_name())
+        if not path.exists():
+            return None
+        data = json.loads(path.read_text())
+        data["latency_ms"] = {int(k): v for k, v in data["latency_ms"].items()}
+        return cls(**data)
+
+
+def device_name() -> str:
+    """A stable description of where forwards run: the CPU model and thread count, or the GPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        match = re.search(r"model name\s*:\s*(.+)", cpuinfo.read_text())
+        cpu = match.group(1).strip() if match else cpu
+    return f"{cpu} x{torch.get_num_threads()} threads"
+
+
+def profile_path(model: str, device: str) -> Path:
+    def slug(text: str) -> str:
+        return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower()
+
+    return cache_root() / "profiles" / slug(device) / f"{slug(model)}.json"
+
+
+def measure_forward_latency(
+    runner: ModelRunner,
+    ks: Sequence[int],
+    context_len: int,
+    repeats: int,
+    label: str = "",
+) -> dict[int, float]:
+    """Median milliseconds of a forward of k new tokens on top of `context_len` cached tokens.
+
+    Repeats are interleaved over k (1..K, 1..K, ...) so that machine drift hits every k alike.
+    """
+    generator = torch.Generator().manual_seed(0)
+    vocab = min(runner.vocab_size, 32_000)  # ordinary token ids; content does not change the cost
+    runner.reset()
+    runner.forward(torch.randint(vocab, (context_len,), generator=generator), num_logits=1)
+    samples: dict[int, list[float]] = {k: [] for k in ks}
+    for repeat in range(repeats + 1):  # the first round warms up and is discarded
+        for k in ks:
+            tokens = torch.randint(vocab, (k,), generator=generator)
+            start = time.perf_counter()
+            runner.forward(tokens, num_logits=k)
+            elapsed_ms = (time.perf_counter() - start) * 1000
+            runner.rollback(context_len)
+            if repeat > 0:
+                samples[k].append(elapsed_ms)
+        print(f"  {label} round {repeat}/{repeats} done", file=sys.stderr, flush=True)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def format_table(profiles: Sequence[CostProfile]) -> str:
+    """A text table: one row per k, latency and t(k)/t(1) per model."""
+    header = f"{'k':>3} | " + " | ".join(f"{p.model[:34]:>34}" for p in profiles)
+    sub = f"{'':>3} | " + " | ".join(f"{'ms':>14} {'t(k)/t(1)':>19}" for _ in profiles)
+    rows = [header, sub, "-" * len(header)]
+    for k in sorted(profiles[0].latency_ms):
+        cells = " | ".join(f"{p.latency_ms[k]:>14.1f} {p.ratio(k):>19.2f}" for p in profiles)
+        rows.append(f"{k:>3} | {cells}")
+    return "\n".join(rows)

@@ -1,0 +1,78 @@
+"""Model runners: one interface over a causal LM and its KV cache.
+
+The decode loop and the drafters only ever talk to a `ModelRunner`: feed k new tokens and get their
+logits, or drop cached tokens past an accepted prefix. Model code knows nothing about speculation.
+
+Shape letters: k = new tokens, n = logits rows asked for, V = vocabulary.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+
+class ModelRunner(ABC):
+    """A causal LM with its KV cache for one sequence."""
+
+    vocab_size: int
+    max_length: int  # the longest sequence (prompt + output) the model supports
+
+    @property
+    @abstractmethod
+    def cached_len(self) -> int:
+        """Tokens whose keys and values are in the cache."""
+
+    @abstractmethod
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [k] tokens that follow the cached ones
+        num_logits: int,
+    ) -> torch.Tensor:  # [n=num_logits, V] float32 logits of the last num_logits input positions
+        """Run the k tokens on top of the cache and append them to it."""
+
+    @abstractmethod
+    def rollback(self, keep_len: int) -> None:
+        """Keep only the first `keep_len` cached tokens (drop a rejected suffix)."""
+
+    @abstractmethod
+    def reset(self) -> None:
+        """Empty the cache, for a new sequence."""
+
+
+class HFRunner(ModelRunner):
+    """A `transformers` causal LM run eagerly, exactly as loaded, with a `DynamicCache`."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model.eval()
+        self.vocab_size = model.config.vocab_size
+        self.max_length = model.config.max_position_embeddings
+        self.cache = DynamicCache(config=model.config)
+
+    @property
+    def cached_len(self) -> int:
+        return self.cache.get_seq_length()
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, num_logits: int) -> torch.Tensor:
+        if self.cached_len + input_ids.shape[0] > self.max_length:
+            raise ValueError(f"sequence would exceed the model's {self.max_length} positions")
+        out = self.model(
+            input_ids=input_ids.unsqueeze(0),
+            past_key_values=self.cache,
+            use_cache=True,
+            # The LM head is the largest matmul for one row; skip it for rows nobody reads (prefill).
+            logits_to_keep=num_logits,
+        )
+        return out.logits[0].float()
+
+    def rollback(self, keep_len: int) -> None:
+        drop = self.cached_len - keep_len
+        if drop < 0:
+            raise ValueError(f"cannot roll back to {keep_len} tokens: only {self.cached_len} are cached")
+        self.cache.crop(-drop)  # transformers 5: a negative count removes that many tokens
+
+    def reset(self) -> None:
+        self.cache = DynamicCache(config=self.model.config)

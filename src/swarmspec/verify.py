@@ -1,0 +1,91 @@
+"""Verification: which drafted tokens the target accepts, and the target's own next token.
+
+Pure tensor math: no model, cache or scheduler in here. Vocabulary: *accepted* tokens are the draft
+tokens the target keeps (`accepted_len` of them, a prefix of the draft); the *next token* is the one the
+target itself contributes after them (a correction when a draft token was rejected, a bonus token when
+the whole draft was accepted). Every verification step therefore commits `accepted_len + 1` tokens.
+
+Shape letters: k = draft tokens, V = vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from swarmspec.drafters.base import Draft
+from swarmspec.sampling import SamplingConfig, logits_to_probs, sample
+
+
+@dataclass(frozen=True)
+class Verdict:
+    accepted_len: int  # draft tokens accepted, 0..k (the next token is not counted)
+    next_token: int  # the target's token after the accepted prefix
+
+
+def verify_greedy(
+    draft_tokens: torch.Tensor,  # [k]
+    target_logits: torch.Tensor,  # [k+1, V]; row i scores the token after draft position i-1
+) -> Verdict:
+    """Accept the longest draft prefix equal to the target's argmax, then take the target's argmax.
+
+    Example: draft [5, 7, 9], target argmaxes [5, 7, 2, 4] -> accepted_len 2, next_token 2.
+    """
+    target_tokens = target_logits.argmax(dim=-1)  # [k+1]
+    k = draft_tokens.shape[0]
+    matches = (draft_tokens == target_tokens[:k]).to(torch.int64)  # [k]
+    accepted_len = int(matches.cumprod(dim=0).sum())
+    return Verdict(accepted_len, int(target_tokens[accepted_len]))
+
+
+def verify_speculative_sampling(
+    draft_tokens: torch.Tensor,  # [k]
+    draft_probs: torch.Tensor,  # [k, V]; the distribution each draft token was sampled from
+    target_probs: torch.Tensor,  # [k+1, V]
+    generator: torch.Generator | None,
+) -> Verdict:
+    """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023): output ~ target_probs exactly.
+
+    Draft token x_i is accepted with probability min(1, target(x_i) / draft(x_i)). At the first rejection
+    the next token is drawn from the residual norm(max(0, target - draft)) at that position; if every
+    draft token is accepted, the bonus token is drawn from target_probs[k].
+    """
+    k = draft_tokens.shape[0]
+    positions = torch.arange(k)
+    target_p = target_probs[positions, draft_tokens]  # [k]
+    draft_p = draft_probs[positions, draft_tokens]  # [k]; > 0 since each token was drawn from it
+    uniform = torch.rand(k, generator=generator, dtype=target_p.dtype)  # [k]
+    # u < min(1, t/d)  <=>  u * d < t, without dividing by a tiny d.
+    accepted = (uniform * draft_p < target_p).to(torch.int64)
+    accepted_len = int(accepted.cumprod(dim=0).sum())
+    if accepted_len == k:
+        return Verdict(k, int(sample(target_probs[k], generator)))
+    residual = (target_probs[accepted_len] - draft_probs[accepted_len]).clamp_min(0.0)  # [V]
+    residual_mass = residual.sum()
+    # A rejection implies target(x) < draft(x), so the residual has mass; the guard only catches
+    # float round-off when target and draft are equal up to rounding.
+    corrected = residual / residual_mass if residual_mass > 0 else target_probs[accepted_len]
+    return Verdict(accepted_len, int(sample(corrected, generator)))
+
+
+# The decode loop takes any function of this shape, chosen once per request (tests inject broken ones).
+Verifier = Callable[[Draft, torch.Tensor, torch.Generator | None], Verdict]
+
+
+def make_verifier(sampling: SamplingConfig) -> Verifier:
+    """The verifier for a sampling configuration: greedy matching or speculative sampling."""
+    if sampling.greedy:
+        return lambda draft, target_logits, generator: verify_greedy(draft.tokens, target_logits)
+
+    def verify(draft: Draft, target_logits: torch.Tensor, generator: torch.Generator | None) -> Verdict:
+        if draft.probs is None and len(draft) > 0:
+            raise ValueError("speculative sampling needs the distribution each draft token was sampled from")
+        vocab_size = target_logits.shape[-1]
+        draft_probs = draft.probs if draft.probs is not None else target_logits.new_zeros(0, vocab_size)
+        return verify_speculative_sampling(
+            draft.tokens, draft_probs, logits_to_probs(target_logits, sampling), generator
+        )
+
+    return verify

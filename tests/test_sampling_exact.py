@@ -1,0 +1,110 @@
+"""Speculative sampling draws exactly from the target's distribution, end to end through the decode loop.
+
+A tiny-vocabulary model pair (trigram tables, see `TrigramLM`) makes the exact distribution of the
+generated tokens computable, and fast enough to sample thousands of generations. A chi-squared test
+with a fixed seed must accept the correct verifier and reject deliberately broken ones.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from swarmspec.decode import decode
+from swarmspec.drafters.base import Draft
+from swarmspec.drafters.model import ModelDrafter
+from swarmspec.metrics import DecodeStats
+from swarmspec.sampling import SamplingConfig, logits_to_probs
+from swarmspec.verify import Verdict, Verifier, make_verifier, verify_speculative_sampling
+
+from tiny_models import TrigramLM
+
+PROMPT = [1, 2]
+# The distribution checked: the first 3 generated tokens. Token 1 comes from the prefill; one more token
+# is generated so that the next step may draft 2 tokens (it drafts at most remaining - 1).
+NEW_TOKENS = 3
+SAMPLES = 8_000
+VOCAB = 5
+SAMPLING_CONFIGS = [SamplingConfig(temperature=1.0), SamplingConfig(temperature=1.3, top_k=4, top_p=0.95)]
+
+
+def exact_distribution(target: TrigramLM, sampling: SamplingConfig) -> torch.Tensor:  # [V**NEW_TOKENS]
+    """P(t1, t2, t3) under the target alone, by enumerating every continuation."""
+    probs = []
+    for continuation in itertools.product(range(target.vocab_size), repeat=NEW_TOKENS):
+        p, sequence = 1.0, list(PROMPT)
+        for token in continuation:
+            p *= float(logits_to_probs(target.next_logits(sequence), sampling)[token])
+            sequence.append(token)
+        probs.append(p)
+    return torch.tensor(probs, dtype=torch.float64)
+
+
+def sampled_counts(verifier: Verifier, sampling: SamplingConfig, gamma: int) -> torch.Tensor:
+    target, drafter = TrigramLM(seed=1, vocab_size=VOCAB), ModelDrafter(TrigramLM(seed=2, vocab_size=VOCAB))
+    generator = torch.Generator().manual_seed(1234)
+    vocab = target.vocab_size
+    counts = torch.zeros(vocab**NEW_TOKENS, dtype=torch.float64)
+    for _ in range(SAMPLES):
+        tokens = decode(
+            target, drafter, verifier, PROMPT,
+            max_new_tokens=NEW_TOKENS + 1, gamma=gamma, sampling=sampling,
+            stop_token_ids=frozenset(), generator=generator, stats=DecodeStats(),
+        )  # fmt: skip
+        t1, t2, t3, _ = (t for chunk in tokens for t in chunk)
+        counts[(t1 * vocab + t2) * vocab + t3] += 1
+    return counts
+
+
+def p_value(counts: torch.Tensor, exact: torch.Tensor) -> float:
+    expected = exact / exact.sum() * counts.sum()  # float32 probabilities sum to 1 only up to rounding
+    impossible = exact == 0
+    if counts[impossible].sum() > 0:  # a sequence the target can never produce: not its distribution
+        return 0.0
+    # Chi-squared needs enough expected mass per cell: lump the small cells into one.
+    keep = expected >= 5
+    lumped = ~keep & ~impossible
+    observed = torch.cat([counts[keep], counts[lumped].sum().view(1)])
+    expected = torch.cat([expected[keep], expected[lumped].sum().view(1)])
+    if expected[-1] == 0:  # nothing was lumped
+        observed, expected = observed[:-1], expected[:-1]
+    return float(chisquare(observed.numpy(), expected.numpy()).pvalue)
+
+
+def broken(rule: str, sampling: SamplingConfig) -> Verifier:
+    """Deliberately wrong acceptance rules, each a classic bug."""
+
+    def verify(draft: Draft, target_logits: torch.Tensor, generator: torch.Generator | None) -> Verdict:
+        if len(draft) == 0:
+            return make_verifier(sampling)(draft, target_logits, generator)
+        target_probs = logits_to_probs(target_logits, sampling)
+        assert draft.probs is not None
+        if rule == "target_instead_of_residual":
+            verdict = verify_speculative_sampling(draft.tokens, draft.probs, target_probs, generator)
+            if verdict.accepted_len < len(draft):
+                resampled = torch.multinomial(target_probs[verdict.accepted_len], 1, generator=generator)
+                return Verdict(verdict.accepted_len, int(resampled))
+            return verdict
+        # "swapped_roles": target and draft distributions swapped (the p/q mix-up), bonus token kept right.
+        k = len(draft)
+        swapped = torch.cat([draft.probs, target_probs[k:]])
+        return verify_speculative_sampling(draft.tokens, target_probs[:k], swapped, generator)
+
+    return verify
+
+
+@pytest.mark.parametrize("sampling", SAMPLING_CONFIGS, ids=["t1.0", "t1.3-topk4-topp0.95"])
+@pytest.mark.parametrize("gamma", [1, 3])
+def test_speculative_sampling_matches_target_distribution(sampling: SamplingConfig, gamma: int) -> None:
+    counts = sampled_counts(make_verifier(sampling), sampling, gamma)
+    assert p_value(counts, exact_distribution(TrigramLM(seed=1, vocab_size=VOCAB), sampling)) > 1e-3
+
+
+@pytest.mark.parametrize("rule", ["target_instead_of_residual", "swapped_roles"])
+def test_broken_acceptance_rule_fails_the_same_test(rule: str) -> None:
+    sampling = SAMPLING_CONFIGS[0]
+    counts = sampled_counts(broken(rule, sampling), sampling, gamma=2)
+    assert p_value(counts, exact_distribution(TrigramLM(seed=1, vocab_size=VOCAB), sampling)) < 1e-6

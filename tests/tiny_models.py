@@ -1,0 +1,99 @@
+"""Shared helpers: tiny random-init models of the target's architecture (Qwen2), and a decode runner."""
+
+from __future__ import annotations
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from swarmspec.decode import decode
+from swarmspec.drafters.base import Drafter
+from swarmspec.metrics import DecodeStats
+from swarmspec.runner import HFRunner, ModelRunner
+from swarmspec.sampling import SamplingConfig
+from swarmspec.verify import Verifier, make_verifier
+
+
+def tiny_qwen2(seed: int, vocab_size: int = 96, layers: int = 2, init_std: float = 0.3) -> Qwen2ForCausalLM:
+    """A random Qwen2 small enough for hundreds of forwards per second.
+
+    A large init_std spreads the logits, so near-ties (where k-row and 1-row kernels could round to
+    different argmaxes) are rare, and the distributions are far from uniform.
+    """
+    config = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=init_std,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng():  # no global RNG state leaks out of model construction
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    return model.eval()
+
+
+def run_decode(
+    target: Qwen2ForCausalLM,
+    drafter: Drafter | None,
+    prompt: list[int],
+    max_new_tokens: int,
+    gamma: int = 4,
+    sampling: SamplingConfig | None = None,
+    seed: int = 0,
+    verifier: Verifier | None = None,
+    stop_token_ids: frozenset[int] = frozenset(),
+    runner: HFRunner | None = None,
+) -> tuple[list[int], DecodeStats]:
+    sampling = sampling or SamplingConfig()
+    stats = DecodeStats()
+    chunks = decode(
+        runner or HFRunner(target),
+        drafter,
+        verifier or make_verifier(sampling),
+        prompt,
+        max_new_tokens=max_new_tokens,
+        gamma=gamma,
+        sampling=sampling,
+        stop_token_ids=stop_token_ids,
+        generator=torch.Generator().manual_seed(seed),
+        stats=stats,
+    )
+    return [t for chunk in chunks for t in chunk], stats
+
+
+class TrigramLM(ModelRunner):
+    """A tiny-vocabulary language model whose next-token logits are a random table of the last two tokens.
+
+    Implements the same `ModelRunner` interface as `HFRunner`, in microseconds per forward, so
+    distribution tests can push thousands of samples through the real decode loop, drafter and
+    verifier; its exact distributions are read off the table.
+    """
+
+    def __init__(self, seed: int, vocab_size: int = 4, scale: float = 1.5) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.table = torch.randn(vocab_size, vocab_size, vocab_size, generator=generator) * scale  # [V, V, V]
+        self.vocab_size = vocab_size
+        self.max_length = 1 << 20
+        self.tokens: list[int] = []
+
+    @property
+    def cached_len(self) -> int:
+        return len(self.tokens)
+
+    def next_logits(self, sequence: list[int]) -> torch.Tensor:  # [V]
+        return self.table[sequence[-2], sequence[-1]]
+
+    def forward(self, input_ids: torch.Tensor, num_logits: int) -> torch.Tensor:
+        self.tokens.extend(input_ids.tolist())
+        n = len(self.tokens)
+        return torch.stack([self.next_logits(self.tokens[: n - i]) for i in reversed(range(num_logits))])
+
+    def rollback(self, keep_len: int) -> None:
+        del self.tokens[keep_len:]
+
+    def reset(self) -> None:
+        self.tokens = []
