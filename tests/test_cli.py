@@ -1,0 +1,54 @@
+"""User mistakes get one clear error line and exit status 2, never a traceback; nothing is loaded first."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from swarmspec.cli import main
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["generate", ""], "the prompt is empty"),
+        (["generate", "   "], "the prompt is empty"),
+        (["generate", "hi", "--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+        (["generate", "hi", "--max-new-tokens", "-3"], "max_new_tokens must be >= 1"),
+        (["generate", "hi", "--temperature", "-1"], "temperature must be"),
+        (["generate", "hi", "--top-p", "1.5"], "top_p must be in (0, 1]"),
+        (["generate", "hi", "--top-p", "0"], "top_p must be in (0, 1]"),
+        (["generate", "hi", "--top-k", "-2"], "top_k must be >= 0"),
+        (["generate", "hi", "--gamma", "0"], "gamma must be >= 1"),
+        (["generate", "hi", "--target", "no-such-model"], "no model 'no-such-model'"),
+        (
+            ["generate", "hi", "--method", "chain", "--drafter", "int8:no-such-model"],
+            "no model 'no-such-model'",
+        ),
+        (["fetch", "no-such-model"], "unknown model 'no-such-model'"),
+    ],
+)
+def test_user_errors(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(args) == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith("swarmspec: error: ")
+    assert message in last_line
+
+
+def test_unknown_method_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "hi", "--method", "beam"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'beam'" in capsys.readouterr().err
+
+
+def test_console_script_prints_no_traceback() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "swarmspec.cli", "generate", "hi", "--target", "nope/not-a-dir/x"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "swarmspec: error: no model 'nope/not-a-dir/x'" in result.stderr

@@ -1,0 +1,62 @@
+"""The real packaged models: speculative greedy output is token-identical to `transformers`' generate.
+
+Slow: loads the 1.5B target (fp32, ~7 GB) and the 0.5B drafter, fetched and converted on first use.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from swarmspec.config import GenerationRequest
+from swarmspec.drafters.model import ModelDrafter
+from swarmspec.engine import Engine, stop_token_ids
+from swarmspec.models.loading import LoadedModel, load_model
+from swarmspec.models.registry import DEFAULT_DRAFTER, DEFAULT_TARGET
+from swarmspec.runner import HFRunner
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "Write a Python function that merges two sorted lists into one sorted list.",
+    "Explain in two sentences what a hash map is.",
+    "A train travels 120 km in 1.5 hours. What is its average speed? Answer step by step.",
+]
+NEW_TOKENS = 64
+
+
+@pytest.fixture(scope="module")
+def target() -> LoadedModel:
+    return load_model(DEFAULT_TARGET)
+
+
+@pytest.fixture(scope="module")
+def hf_reference(target: LoadedModel) -> dict[str, list[int]]:
+    """transformers' own greedy decoding of each prompt, the promise we keep."""
+    engine = Engine(HFRunner(target.model), target.tokenizer, stop_token_ids(target), None, gamma=1)
+    reference = {}
+    for prompt in PROMPTS:
+        prompt_ids = engine.prompt_ids(GenerationRequest(prompt))
+        with torch.inference_mode():
+            out = target.model.generate(
+                torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.int64),
+                do_sample=False, max_new_tokens=NEW_TOKENS,
+            )  # fmt: skip
+        reference[prompt] = out[0, len(prompt_ids) :].tolist()
+    return reference
+
+
+@pytest.mark.parametrize(
+    "drafter_spec", [DEFAULT_DRAFTER, f"int8:{DEFAULT_DRAFTER}", None], ids=["fp32", "int8", "ar"]
+)
+def test_greedy_equals_transformers_generate(
+    target: LoadedModel, hf_reference: dict[str, list[int]], drafter_spec: str | None
+) -> None:
+    drafter = ModelDrafter(HFRunner(load_model(drafter_spec).model)) if drafter_spec else None
+    engine = Engine(HFRunner(target.model), target.tokenizer, stop_token_ids(target), drafter, gamma=4)
+    for prompt in PROMPTS:
+        result = engine.generate(GenerationRequest(prompt, max_new_tokens=NEW_TOKENS))
+        assert result.token_ids == hf_reference[prompt], prompt
+        if drafter is not None:
+            assert result.stats.accepted_tokens > 0  # the drafter did real work
+            assert result.stats.target_forwards < len(result.token_ids)
