@@ -10,6 +10,7 @@ import torch
 
 from swarmspec.drafters.base import Draft, Drafter
 from swarmspec.drafters.model import ModelDrafter
+from swarmspec.models.loading import pack_linears_onednn
 from swarmspec.runner import HFRunner
 from swarmspec.sampling import SamplingConfig
 from swarmspec.verify import Verdict, verify_greedy
@@ -145,3 +146,15 @@ def test_sampling_config_is_not_consulted_in_greedy_mode() -> None:
     a, _ = run_decode(target, None, prompt, 20, sampling=SamplingConfig(), seed=1)
     b, _ = run_decode(target, None, prompt, 20, sampling=SamplingConfig(), seed=2)
     assert a == b
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_onednn_packed_target_matches_plain_autoregressive(seed: int) -> None:
+    plain = tiny_qwen2(seed)
+    packed = tiny_qwen2(seed)
+    pack_linears_onednn(packed)
+    assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules())
+    prompt = prompt_for(seed, 9)
+    reference, _ = run_decode(plain, None, prompt, 40)
+    output, _ = run_decode(packed, ModelDrafter(HFRunner(tiny_qwen2(seed + 100))), prompt, 40, gamma=3)
+    assert output == reference

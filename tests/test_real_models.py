@@ -60,3 +60,13 @@ def test_greedy_equals_transformers_generate(
         if drafter is not None:
             assert result.stats.accepted_tokens > 0  # the drafter did real work
             assert result.stats.target_forwards < len(result.token_ids)
+
+
+def test_onednn_target_equals_transformers_generate(hf_reference: dict[str, list[int]]) -> None:
+    """The oneDNN fast path keeps the target's fp32 weights; its greedy output must not change."""
+    packed = load_model(f"onednn:{DEFAULT_TARGET}")
+    drafter = ModelDrafter(HFRunner(load_model(DEFAULT_DRAFTER).model))
+    engine = Engine(HFRunner(packed.model), packed.tokenizer, stop_token_ids(packed), drafter, gamma=4)
+    for prompt in PROMPTS:
+        result = engine.generate(GenerationRequest(prompt, max_new_tokens=NEW_TOKENS))
+        assert result.token_ids == hf_reference[prompt], prompt
