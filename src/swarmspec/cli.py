@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 
-from swarmspec.config import METHODS, EngineConfig, GenerationRequest
+from swarmspec.config import METHODS, BenchConfig, EngineConfig, GenerationRequest
 from swarmspec.errors import SwarmspecError
 from swarmspec.sampling import SamplingConfig
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["swarmspec", *(sys.argv[1:] if argv is None else argv)])
     try:
         return args.run(args)
     except SwarmspecError as err:
@@ -69,7 +71,39 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--context", type=int, default=256, help="cached tokens under each timed forward")
     prof.add_argument("--repeats", type=int, default=3)
     prof.set_defaults(run=run_profile)
+
+    bench_defaults = BenchConfig()
+    bench = commands.add_parser(
+        "bench", help="time every method against the transformers baselines (Spec-Bench style)"
+    )
+    bench.add_argument("--questions", help="Spec-Bench-format JSONL (default: the built-in prompt set)")
+    bench.add_argument("--categories", type=comma_list, default=(), help="task families to keep, a,b,...")
+    bench.add_argument("--per-category", type=int, help="first N questions per task family")
+    bench.add_argument("--max-new-tokens", type=int, default=bench_defaults.max_new_tokens)
+    bench.add_argument(
+        "--methods", type=comma_list, default=bench_defaults.methods, help=f"default: {','.join(METHODS)}"
+    )
+    bench.add_argument(
+        "--baselines",
+        type=comma_list,
+        default=bench_defaults.baselines,
+        help=f"default: {','.join(bench_defaults.baselines)}; '' for none",
+    )
+    bench.add_argument("--target", default=bench_defaults.target)
+    bench.add_argument("--drafter", default=bench_defaults.drafter)
+    bench.add_argument("--gamma", type=int, default=bench_defaults.gamma)
+    bench.add_argument("--temperature", type=float, default=bench_defaults.sampling.temperature)
+    bench.add_argument("--top-p", type=float, default=bench_defaults.sampling.top_p)
+    bench.add_argument("--top-k", type=int, default=bench_defaults.sampling.top_k)
+    bench.add_argument("--seed", type=int, default=bench_defaults.seed)
+    bench.add_argument("--repeats", type=int, default=bench_defaults.repeats, help="figures are medians")
+    bench.add_argument("--out", help="report directory (default: bench-results/<UTC time>)")
+    bench.set_defaults(run=run_bench)
     return parser
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -154,6 +188,31 @@ def run_profile(args: argparse.Namespace) -> int:
         del runner
     print(f"device: {device}; {args.context} cached tokens; median of {args.repeats}")
     print(format_table(profiles))
+    return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from swarmspec.bench.run import run_bench as bench
+
+    config = BenchConfig(
+        questions=args.questions,
+        categories=args.categories,
+        per_category=args.per_category,
+        max_new_tokens=args.max_new_tokens,
+        methods=args.methods,
+        baselines=args.baselines,
+        target=args.target,
+        drafter=args.drafter,
+        gamma=args.gamma,
+        sampling=SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p),
+        seed=args.seed,
+        repeats=args.repeats,
+        out=args.out,
+    )
+    result = bench(config, command_line=args.command_line)
+    print(result.markdown)
+    for kind, path in result.paths.items():
+        print(f"{kind}: {path}")
     return 0
 
 

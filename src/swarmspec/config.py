@@ -9,6 +9,8 @@ from swarmspec.models.registry import DEFAULT_DRAFTER, DEFAULT_TARGET
 from swarmspec.sampling import SamplingConfig
 
 METHODS = ("ar", "chain")
+# What users of `transformers` pick instead: plain generate, assisted generation, prompt lookup.
+BASELINES = ("hf-generate", "hf-assisted", "hf-prompt-lookup")
 
 
 @dataclass(frozen=True)
@@ -49,3 +51,41 @@ class GenerationRequest:
             raise InvalidRequestError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop strings must be non-empty")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    # Spec-Bench-format JSONL; None runs the built-in prompt set.
+    questions: str | None = None
+    # Task families (e.g. mt-bench, rag) or raw categories to keep; empty keeps all.
+    categories: tuple[str, ...] = ()
+    # First N questions of each task family; None keeps all.
+    per_category: int | None = None
+    max_new_tokens: int = 128
+    methods: tuple[str, ...] = METHODS
+    baselines: tuple[str, ...] = BASELINES
+    target: str = DEFAULT_TARGET
+    drafter: str = DEFAULT_DRAFTER
+    gamma: int = 4
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # Question i, repeat r is generated with seed + i (the same for every contender and repeat).
+    seed: int = 0
+    # Timed runs per question and contender; figures are medians over them.
+    repeats: int = 1
+    # Report directory; None means bench-results/<UTC timestamp>.
+    out: str | None = None
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS] + [
+            b for b in self.baselines if b not in BASELINES
+        ]
+        if unknown:
+            raise InvalidRequestError(
+                f"unknown methods or baselines: {', '.join(unknown)}; methods: {', '.join(METHODS)}; "
+                f"baselines: {', '.join(BASELINES)}"
+            )
+        if not self.methods and not self.baselines:
+            raise InvalidRequestError("nothing to benchmark: no methods and no baselines")
+        for name in ("max_new_tokens", "repeats", "gamma"):
+            if getattr(self, name) < 1:
+                raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -17,6 +17,7 @@ from swarmspec.metrics import DecodeStats
 from swarmspec.models.loading import LoadedModel, check_same_vocabulary, load_model, split_spec
 from swarmspec.models.registry import resolve_model
 from swarmspec.runner import HFRunner, ModelRunner
+from swarmspec.sampling import SamplingConfig
 from swarmspec.verify import make_verifier
 
 
@@ -47,44 +48,61 @@ class Engine:
 
     @classmethod
     def load(cls, config: EngineConfig) -> Engine:
-        specs = [config.target, config.drafter] if config.method == "chain" else [config.target]
+        specs = [config.target, config.drafter] if config.method != "ar" else [config.target]
         for spec in specs:  # fail on a bad name before loading gigabytes of weights
             resolve_model(split_spec(spec)[1])
         target = load_model(config.target)
-        target_runner = warmed_up(HFRunner(target.model))
+        draft_model = load_model(config.drafter) if config.method != "ar" else None
+        return cls.from_models(config, target, draft_model)
+
+    @classmethod
+    def from_models(
+        cls, config: EngineConfig, target: LoadedModel, draft_model: LoadedModel | None
+    ) -> Engine:
+        """An engine over models already loaded: several methods can share one copy of the weights."""
         drafter = None
-        if config.method == "chain":
-            draft_model = load_model(config.drafter)
+        if config.method != "ar":
+            if draft_model is None:
+                raise ValueError(f"method {config.method!r} needs a draft model")
             check_same_vocabulary(target, draft_model)
             drafter = ModelDrafter(warmed_up(HFRunner(draft_model.model)))
+        target_runner = warmed_up(HFRunner(target.model))
         return cls(target_runner, target.tokenizer, stop_token_ids(target), drafter, config.gamma)
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
-        text = request.prompt
-        if request.chat and self.tokenizer.chat_template:
-            messages = [{"role": "user", "content": request.prompt}]
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=not request.chat).input_ids
+        return encode_prompt(self.tokenizer, request.prompt, request.chat)
 
     def stream(self, request: GenerationRequest) -> TextStream:
         """Start a generation; iterate the result for text pieces, then read `.result`."""
-        # The request's own generator: no global RNG is read or reseeded.
-        seed = request.seed if request.seed is not None else secrets.randbits(63)
-        generator = torch.Generator().manual_seed(seed)
         stats = DecodeStats()
-        token_chunks = decode(
+        token_chunks = self.token_chunks(
+            self.prompt_ids(request), request.max_new_tokens, request.sampling, request.seed, stats
+        )
+        return TextStream(token_chunks, self.tokenizer, request.stop, self.stop_token_ids, stats)
+
+    def token_chunks(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        sampling: SamplingConfig,
+        seed: int | None,
+        stats: DecodeStats,
+    ) -> Iterator[list[int]]:
+        """The decode loop on token ids: the tokens committed by each target forward."""
+        # The request's own generator: no global RNG is read or reseeded.
+        generator = torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(63))
+        return decode(
             self.target,
             self.drafter,
-            make_verifier(request.sampling),
-            self.prompt_ids(request),
-            max_new_tokens=request.max_new_tokens,
+            make_verifier(sampling),
+            prompt_ids,
+            max_new_tokens=max_new_tokens,
             gamma=self.gamma,
-            sampling=request.sampling,
+            sampling=sampling,
             stop_token_ids=self.stop_token_ids,
             generator=generator,
             stats=stats,
         )
-        return TextStream(token_chunks, self.tokenizer, request.stop, self.stop_token_ids, stats)
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         stream = self.stream(request)
@@ -92,6 +110,15 @@ class Engine:
             pass
         assert stream.result is not None
         return stream.result
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, chat: bool) -> list[int]:
+    """Token ids of `prompt`, as a single user turn in the chat template when `chat` and there is one."""
+    if chat and tokenizer.chat_template:
+        messages = [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False).input_ids
+    return tokenizer(prompt).input_ids
 
 
 def warmed_up(runner: ModelRunner) -> ModelRunner:

@@ -1,0 +1,1 @@
+"""`swarmspec bench`: every decoding method against the `transformers` peers, Spec-Bench style."""

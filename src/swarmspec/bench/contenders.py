@@ -1,0 +1,162 @@
+"""What the benchmark times: every swarmspec decoding method and the `transformers` peers, behind one
+small interface, on the same loaded target (and drafter) weights.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel
+
+from swarmspec.config import EngineConfig
+from swarmspec.engine import Engine, stop_token_ids
+from swarmspec.metrics import DecodeStats
+from swarmspec.models.loading import LoadedModel, check_same_vocabulary
+from swarmspec.sampling import SamplingConfig
+
+# transformers' documented example value; it has no default (prompt lookup is off unless set).
+HF_PROMPT_LOOKUP_TOKENS = 10
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One timed generation. Counters follow `metrics.DecodeStats`: the prefill is a target forward."""
+
+    token_ids: list[int]
+    wall_s: float
+    target_forwards: int
+    drafted_tokens: int
+    accepted_tokens: int
+
+
+class Contender(ABC):
+    """A way of generating with the target: a swarmspec method or a `transformers` baseline."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @abstractmethod
+    def generate(
+        self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig, seed: int
+    ) -> Outcome: ...
+
+
+class SwarmspecMethod(Contender):
+    def __init__(self, name: str, engine: Engine) -> None:
+        super().__init__(name)
+        self.engine = engine
+
+    def generate(
+        self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig, seed: int
+    ) -> Outcome:
+        stats = DecodeStats()
+        token_ids: list[int] = []
+        start = time.perf_counter()
+        for chunk in self.engine.token_chunks(prompt_ids, max_new_tokens, sampling, seed, stats):
+            token_ids.extend(chunk)
+        wall_s = time.perf_counter() - start
+        return Outcome(token_ids, wall_s, stats.target_forwards, stats.drafted_tokens, stats.accepted_tokens)
+
+
+class HFBaseline(Contender):
+    """`model.generate`, plain, with an assistant model, or with prompt lookup.
+
+    transformers reports no speculation counters, so a forward pre-hook on the target records the
+    tokens fed to each forward. Every forward after the first feeds the newest committed token plus the
+    candidates (the first feeds the prompt plus candidates), so candidates = fed tokens - prompt -
+    (forwards - 1); every forward commits its accepted candidates plus one token of its own, so
+    accepted = new tokens - forwards. For plain `generate` both give 0 drafted and 0 accepted.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        target: LoadedModel,
+        assistant: PreTrainedModel | None = None,
+        prompt_lookup_tokens: int | None = None,
+    ) -> None:
+        super().__init__(name)
+        self.model: PreTrainedModel = target.model
+        self.eos_token_ids = sorted(stop_token_ids(target))
+        self.pad_token_id = target.tokenizer.pad_token_id
+        self.assistant = assistant
+        self.prompt_lookup_tokens = prompt_lookup_tokens
+
+    def generate(
+        self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig, seed: int
+    ) -> Outcome:
+        fed_tokens: list[int] = []
+
+        def count(_module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            fed_tokens.append(input_ids.shape[-1])
+
+        config = hf_generation_config(sampling, max_new_tokens, self.eos_token_ids, self.pad_token_id)
+        config.prompt_lookup_num_tokens = self.prompt_lookup_tokens
+        input_ids = torch.tensor([prompt_ids])
+        hook = self.model.register_forward_pre_hook(count, with_kwargs=True)
+        try:
+            torch.manual_seed(seed)  # transformers samples from the global RNG
+            start = time.perf_counter()
+            with torch.inference_mode():
+                output = self.model.generate(
+                    input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    generation_config=config,
+                    assistant_model=self.assistant,
+                )
+            wall_s = time.perf_counter() - start
+        finally:
+            hook.remove()
+        token_ids = output[0, len(prompt_ids) :].tolist()
+        forwards = len(fed_tokens)
+        drafted = sum(fed_tokens) - len(prompt_ids) - (forwards - 1)
+        accepted = max(len(token_ids) - forwards, 0)
+        return Outcome(token_ids, wall_s, forwards, drafted, accepted)
+
+
+def hf_generation_config(
+    sampling: SamplingConfig, max_new_tokens: int, eos_token_ids: list[int], pad_token_id: int | None
+) -> GenerationConfig:
+    """The same decoding rule as swarmspec's, spelled out in full so no checkpoint default sneaks in."""
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_ids,
+        pad_token_id=pad_token_id,
+        repetition_penalty=1.0,
+        do_sample=not sampling.greedy,
+    )
+    if not sampling.greedy:
+        config.temperature = sampling.temperature
+        config.top_k = sampling.top_k  # 0 turns top-k off, as in swarmspec
+        config.top_p = sampling.top_p
+    return config
+
+
+def build_contenders(
+    methods: Sequence[str],
+    baselines: Sequence[str],
+    target: LoadedModel,
+    draft_model: LoadedModel,
+    gamma: int,
+) -> list[Contender]:
+    """Methods, then baselines (names as `BenchConfig` validated them), sharing one copy of the weights."""
+    check_same_vocabulary(target, draft_model)
+    contenders: list[Contender] = []
+    for method in methods:
+        config = EngineConfig(target=target.spec, drafter=draft_model.spec, method=method, gamma=gamma)
+        contenders.append(SwarmspecMethod(method, Engine.from_models(config, target, draft_model)))
+    peers = {
+        "hf-generate": HFBaseline("hf-generate", target),
+        "hf-assisted": HFBaseline("hf-assisted", target, assistant=draft_model.model),
+        "hf-prompt-lookup": HFBaseline(
+            "hf-prompt-lookup", target, prompt_lookup_tokens=HF_PROMPT_LOOKUP_TOKENS
+        ),
+    }
+    contenders += [peers[name] for name in baselines]
+    return contenders

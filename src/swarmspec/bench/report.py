@@ -1,0 +1,202 @@
+"""The benchmark's arithmetic and its report: JSON (everything), Markdown (tables), PNG (speedup plot).
+
+Pure functions over recorded runs, so the figures can be checked on a fake timing set.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+OVERALL = "overall"
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One timed generation of one question by one contender."""
+
+    question_id: str
+    family: str
+    contender: str
+    repeat: int
+    token_ids: list[int]
+    wall_s: float
+    target_forwards: int
+    drafted_tokens: int
+    accepted_tokens: int
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One contender on one task family (or `overall`)."""
+
+    contender: str
+    family: str
+    questions: int
+    new_tokens: float  # sum over questions of the median over repeats
+    wall_s: float  # likewise
+    tokens_per_s: float
+    speedup: float | None  # tokens/s over the reference's on the same questions; None without reference
+    mean_accepted_tokens: float  # tokens committed per target forward, all repeats
+    acceptance_rate: float | None  # accepted / drafted tokens, all repeats; None when nothing was drafted
+    identical: bool | None  # every output token-identical to the reference's; None when sampling
+
+
+def summarize(records: Sequence[RunRecord], reference: str | None, greedy: bool) -> list[Row]:
+    """Rows per contender (in first-seen order) and family, then `overall` per contender.
+
+    Per question, wall time and new tokens are medians over repeats; a family's tokens/s is the total of
+    those medians (tokens over seconds), so long answers weigh as much as they cost. Speedup divides by
+    the reference's tokens/s on the same questions; with greedy decoding every output is compared with
+    the reference's output for the same question.
+    """
+    contenders = list(dict.fromkeys(r.contender for r in records))
+    families = list(dict.fromkeys(r.family for r in records))
+    reference_ids = {
+        r.question_id: r.token_ids for r in records if r.contender == reference and r.repeat == 0
+    }
+
+    def row(contender: str, family: str) -> Row | None:
+        runs = [r for r in records if r.contender == contender and family in (OVERALL, r.family)]
+        if not runs:
+            return None
+        by_question: dict[str, list[RunRecord]] = {}
+        for r in runs:
+            by_question.setdefault(r.question_id, []).append(r)
+        new_tokens = sum(statistics.median(r.new_tokens for r in rs) for rs in by_question.values())
+        wall_s = sum(statistics.median(r.wall_s for r in rs) for rs in by_question.values())
+        forwards = sum(r.target_forwards for r in runs)
+        drafted = sum(r.drafted_tokens for r in runs)
+        identical = None
+        if greedy and reference_ids:
+            identical = all(r.token_ids == reference_ids.get(r.question_id) for r in runs)
+        return Row(
+            contender=contender,
+            family=family,
+            questions=len(by_question),
+            new_tokens=new_tokens,
+            wall_s=wall_s,
+            tokens_per_s=new_tokens / wall_s if wall_s > 0 else 0.0,
+            speedup=None,
+            mean_accepted_tokens=sum(r.new_tokens for r in runs) / forwards if forwards else 0.0,
+            acceptance_rate=sum(r.accepted_tokens for r in runs) / drafted if drafted else None,
+            identical=identical,
+        )
+
+    rows = [r for f in [*families, OVERALL] for c in contenders if (r := row(c, f)) is not None]
+    speed = {(r.contender, r.family): r.tokens_per_s for r in rows}
+    return [
+        Row(**{**asdict(r), "speedup": r.tokens_per_s / speed[(reference, r.family)]})
+        if (reference, r.family) in speed and speed[(reference, r.family)] > 0
+        else r
+        for r in rows
+    ]
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+
+def markdown_tables(rows: Sequence[Row], reference: str | None) -> str:
+    """The overall table, then speedup by task family, then every figure per family."""
+    ref = reference or "none"
+    yes_no = {True: "yes", False: "**NO**", None: "n/a"}
+    header = (
+        f"| contender | tokens/s | speedup vs {ref} | mean accepted tokens / target forward "
+        f"| acceptance rate | identical to {ref} |\n|---|---|---|---|---|---|"
+    )
+
+    def line(r: Row, first: str) -> str:
+        return (
+            f"| {first} | {r.tokens_per_s:.2f} | {_fmt(r.speedup, '.2f', 'x')} "
+            f"| {r.mean_accepted_tokens:.2f} "
+            f"| {_fmt(None if r.acceptance_rate is None else r.acceptance_rate * 100, '.1f', '%')} "
+            f"| {yes_no[r.identical]} |"
+        )
+
+    overall = [r for r in rows if r.family == OVERALL]
+    families = list(dict.fromkeys(r.family for r in rows if r.family != OVERALL))
+    contenders = [r.contender for r in overall]
+    cell = {(r.contender, r.family): r for r in rows}
+    questions = overall[0].questions if overall else 0
+    parts = [f"**Overall** ({questions} questions)\n", header, *(line(r, r.contender) for r in overall)]
+    parts += [
+        f"\n**Speedup vs {ref} by task family** (tokens/s in parentheses)\n",
+        "| contender | " + " | ".join(families) + f" | {OVERALL} |",
+        "|---" * (len(families) + 2) + "|",
+    ]
+    for c in contenders:
+        cells = [
+            f"{_fmt(cell[c, f].speedup, '.2f', 'x')} ({cell[c, f].tokens_per_s:.2f})"
+            if (c, f) in cell
+            else "-"
+            for f in [*families, OVERALL]
+        ]
+        parts.append(f"| {c} | " + " | ".join(cells) + " |")
+    parts += ["\n**Per task family**\n", header.replace("| contender |", "| family / contender |", 1)]
+    parts += [line(r, f"{r.family} / {r.contender}") for r in rows if r.family != OVERALL]
+    return "\n".join(parts) + "\n"
+
+
+def plot_speedups(rows: Sequence[Row], reference: str | None, path: Path) -> None:
+    """Grouped bars: speedup vs the reference per task family, one bar per contender."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    families = list(dict.fromkeys(r.family for r in rows))  # families first, `overall` last
+    contenders = list(dict.fromkeys(r.contender for r in rows))
+    speedup = {(r.contender, r.family): r.speedup or 0.0 for r in rows}
+    width = 0.8 / len(contenders)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(families) * max(1, len(contenders) / 3)), 4.5))
+    for i, contender in enumerate(contenders):
+        xs = [j + (i - (len(contenders) - 1) / 2) * width for j in range(len(families))]
+        ax.bar(xs, [speedup.get((contender, f), 0.0) for f in families], width, label=contender)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(families)), families, rotation=20)
+    ax.set_ylabel(f"speedup vs {reference or 'none'} (tokens/s ratio)")
+    ax.set_title("swarmspec bench: speedup by task family")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(
+    out_dir: Path,
+    meta: dict[str, Any],
+    records: Sequence[RunRecord],
+    rows: Sequence[Row],
+    reference: str | None,
+) -> dict[str, Path]:
+    """bench.json (meta, rows, every run with its tokens), bench.md and speedup.png in `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = {"json": "bench.json", "markdown": "bench.md", "plot": "speedup.png"}
+    paths = {kind: out_dir / name for kind, name in names.items()}
+    payload = {
+        "meta": meta,
+        "rows": [asdict(r) for r in rows],
+        "runs": [asdict(r) for r in records],
+    }
+    paths["json"].write_text(json.dumps(payload, indent=1))
+    paths["markdown"].write_text(
+        f"# swarmspec bench\n\n{markdown_meta(meta)}\n{markdown_tables(rows, reference)}"
+    )
+    plot_speedups(rows, reference, paths["plot"])
+    return paths
+
+
+def markdown_meta(meta: dict[str, Any]) -> str:
+    lines = [f"- {key}: `{value}`" for key, value in meta.items() if not isinstance(value, dict | list)]
+    for name, profile in meta.get("cost_profiles", {}).items():
+        lines.append(f"- cost profile {name}: {profile}")
+    return "\n".join(lines) + "\n"

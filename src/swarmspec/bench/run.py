@@ -1,0 +1,163 @@
+"""Run the benchmark: load the models once, time every contender on every question, interleaved, and
+write the report.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from tqdm import tqdm
+
+from swarmspec.bench.contenders import Contender, build_contenders
+from swarmspec.bench.questions import Question, load_questions, select_questions
+from swarmspec.bench.report import Row, RunRecord, markdown_tables, summarize, write_report
+from swarmspec.config import BenchConfig
+from swarmspec.engine import encode_prompt
+from swarmspec.errors import InvalidRequestError
+from swarmspec.models.loading import LoadedModel, load_model, split_spec
+from swarmspec.models.registry import resolve_model
+from swarmspec.profile import CostProfile, device_name
+from swarmspec.sampling import SamplingConfig
+
+WARMUP_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    rows: list[Row]
+    markdown: str
+    paths: dict[str, Path]
+
+
+def time_contenders(
+    contenders: Sequence[Contender],
+    questions: Sequence[tuple[Question, list[int]]],
+    *,
+    repeats: int,
+    max_new_tokens: int,
+    sampling: SamplingConfig,
+    seed: int,
+    progress: bool = True,
+) -> list[RunRecord]:
+    """Time every contender on every (question, prompt ids), interleaved A B C A B C per question.
+
+    Interleaving spreads machine drift (other jobs, thermal state) over all contenders alike. Each
+    contender first generates a few tokens untimed, so one-time set-up costs stay out of the figures.
+    """
+    first_prompt = questions[0][1]
+    for contender in contenders:
+        contender.generate(first_prompt, WARMUP_TOKENS, sampling, seed)
+    records: list[RunRecord] = []
+    total = len(questions) * repeats * len(contenders)
+    with tqdm(total=total, desc="bench", unit="run", file=sys.stderr, disable=not progress) as bar:
+        for index, (question, prompt_ids) in enumerate(questions):
+            for repeat in range(repeats):
+                for contender in contenders:
+                    bar.set_postfix_str(f"{question.family} #{question.question_id} {contender.name}")
+                    outcome = contender.generate(prompt_ids, max_new_tokens, sampling, seed + index)
+                    records.append(
+                        RunRecord(
+                            question_id=question.question_id,
+                            family=question.family,
+                            contender=contender.name,
+                            repeat=repeat,
+                            token_ids=outcome.token_ids,
+                            wall_s=outcome.wall_s,
+                            target_forwards=outcome.target_forwards,
+                            drafted_tokens=outcome.drafted_tokens,
+                            accepted_tokens=outcome.accepted_tokens,
+                        )
+                    )
+                    bar.update()
+    return records
+
+
+def reference_contender(names: Sequence[str]) -> str | None:
+    """Speedups and token identity are against `hf-generate`, else swarmspec's own `ar`."""
+    return next((name for name in ("hf-generate", "ar") if name in names), None)
+
+
+def run_bench(config: BenchConfig, command_line: str | None = None) -> BenchResult:
+    questions = select_questions(load_questions(config.questions), config.categories, config.per_category)
+    for spec in (config.target, config.drafter):  # fail on a bad name before loading any weights
+        resolve_model(split_spec(spec)[1])
+    out_dir = Path(config.out or f"bench-results/{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+
+    print(f"loading {config.target} and {config.drafter} ...", file=sys.stderr, flush=True)
+    target = load_model(config.target)
+    draft_model = load_model(config.drafter)
+    prompts = [(q, encode_prompt(target.tokenizer, q.prompt, chat=True)) for q in questions]
+    limit = target.model.config.max_position_embeddings
+    for question, ids in prompts:
+        if len(ids) + config.max_new_tokens > limit:
+            raise InvalidRequestError(
+                f"question {question.question_id}: prompt ({len(ids)} tokens) + max_new_tokens "
+                f"({config.max_new_tokens}) exceeds the target's context of {limit} tokens"
+            )
+    contenders = build_contenders(config.methods, config.baselines, target, draft_model, config.gamma)
+    names = [c.name for c in contenders]
+    families = sorted({q.family for q in questions})
+    print(
+        f"{len(questions)} questions ({', '.join(families)}) x {len(contenders)} contenders "
+        f"({', '.join(names)}) x {config.repeats} repeats, {config.max_new_tokens} new tokens",
+        file=sys.stderr,
+        flush=True,
+    )
+    started = time.time()
+    records = time_contenders(
+        contenders,
+        prompts,
+        repeats=config.repeats,
+        max_new_tokens=config.max_new_tokens,
+        sampling=config.sampling,
+        seed=config.seed,
+    )
+    reference = reference_contender(names)
+    rows = summarize(records, reference, greedy=config.sampling.greedy)
+    meta = run_metadata(config, target, draft_model, command_line, time.time() - started)
+    paths = write_report(out_dir, meta, records, rows, reference)
+    return BenchResult(rows, markdown_tables(rows, reference), paths)
+
+
+def run_metadata(
+    config: BenchConfig,
+    target: LoadedModel,
+    draft_model: LoadedModel,
+    command_line: str | None,
+    elapsed_s: float,
+) -> dict[str, Any]:
+    """Everything needed to reproduce the run and read its figures."""
+    device = device_name()
+    profiles: dict[str, str] = {}
+    for model in (target, draft_model):
+        profile = CostProfile.load(model.spec, device)
+        if profile is None:
+            profiles[model.spec] = f"not measured here (run: swarmspec profile --target {model.spec})"
+            continue
+        ks = [k for k in (1, 2, 4, config.gamma + 1, 8, 16, 32) if k in profile.latency_ms]
+        cells = ", ".join(f"t({k}) {profile.latency_ms[k]:.0f} ms" for k in sorted(set(ks)))
+        profiles[model.spec] = f"{cells} ({profile.context_len} cached tokens, median of {profile.repeats})"
+    return {
+        "command": command_line or shlex.join(sys.argv),
+        "device": device,
+        "target": target.spec,
+        "drafter": draft_model.spec,
+        "swarmspec": importlib.metadata.version("swarmspec"),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "elapsed_s": round(elapsed_s, 1),
+        "config": asdict(config),
+        "cost_profiles": profiles,
+    }
