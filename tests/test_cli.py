@@ -28,6 +28,16 @@ from swarmspec.cli import main
             "no model 'no-such-model'",
         ),
         (["fetch", "no-such-model"], "unknown model 'no-such-model'"),
+        (["bench", "--questions", "/no/such/q.jsonl"], "question file /no/such/q.jsonl does not exist"),
+        (["bench", "--methods", "ar,beam"], "unknown methods or baselines: beam"),
+        (["bench", "--baselines", "vllm"], "unknown methods or baselines: vllm"),
+        (["bench", "--methods", "", "--baselines", ""], "nothing to benchmark"),
+        (["bench", "--repeats", "0"], "repeats must be >= 1"),
+        (["bench", "--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+        (["bench", "--per-category", "0"], "--per-category must be >= 1"),
+        (["bench", "--categories", "poetry"], "unknown categories poetry"),
+        (["bench", "--temperature", "-1"], "temperature must be"),
+        (["bench", "--drafter", "no-such-model"], "no model 'no-such-model'"),
     ],
 )
 def test_user_errors(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,114 @@
+"""Every contender on tiny random models: swarmspec methods and the real `transformers` baselines agree
+token for token under greedy decoding, their counters add up, and a broken verifier shows in the report.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+import swarmspec.engine
+from swarmspec.bench.contenders import build_contenders, hf_generation_config
+from swarmspec.bench.questions import Question
+from swarmspec.bench.report import OVERALL, summarize
+from swarmspec.bench.run import reference_contender, time_contenders
+from swarmspec.config import BASELINES, METHODS
+from swarmspec.drafters.base import Draft
+from swarmspec.models.loading import LoadedModel
+from swarmspec.sampling import SamplingConfig
+from swarmspec.verify import Verdict
+
+from tiny_models import tiny_qwen2
+
+VOCAB = 96
+EOS = 1
+
+
+def tiny_loaded(name: str, seed: int, layers: int = 2) -> LoadedModel:
+    """A tiny random Qwen2 with a real (word-level) fast tokenizer over its vocabulary."""
+    word_level = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token="t0", eos_token=f"t{EOS}")
+    model = tiny_qwen2(seed, vocab_size=VOCAB, layers=layers)
+    model.generation_config.eos_token_id = EOS
+    return LoadedModel(name, model, tokenizer)
+
+
+def prompts(count: int, length: int = 12) -> list[tuple[Question, list[int]]]:
+    generator = torch.Generator().manual_seed(count)
+    return [
+        (Question(str(i), "code" if i % 2 else "rag", "code" if i % 2 else "rag", "-"),
+         torch.randint(2, VOCAB, (length,), generator=generator).tolist())
+        for i in range(count)
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("drafter_seed", [0, 5], ids=["agreeing-drafter", "random-drafter"])
+def test_all_contenders_greedy_identical_to_hf_generate(drafter_seed: int) -> None:
+    target = tiny_loaded("tiny-target", seed=0)
+    draft_model = tiny_loaded("tiny-drafter", seed=drafter_seed, layers=2 if drafter_seed == 0 else 1)
+    contenders = build_contenders(METHODS, BASELINES, target, draft_model, gamma=4)
+    assert [c.name for c in contenders] == [*METHODS, *BASELINES]
+    greedy = SamplingConfig()
+    records = time_contenders(
+        contenders, prompts(4), repeats=2, max_new_tokens=30, sampling=greedy, seed=0, progress=False
+    )
+    assert len(records) == 4 * 2 * len(contenders)
+    rows = {(r.contender, r.family): r for r in summarize(records, "hf-generate", greedy=True)}
+    assert all(row.identical for row in rows.values()), [r for r in rows.values() if not r.identical]
+
+    for r in records:
+        if r.contender in ("ar", "hf-generate"):
+            assert (r.target_forwards, r.drafted_tokens, r.accepted_tokens) == (r.new_tokens, 0, 0)
+        assert 0 <= r.accepted_tokens <= r.drafted_tokens
+        assert r.new_tokens == r.target_forwards + r.accepted_tokens  # each forward adds one own token
+    chain, assisted = rows["chain", OVERALL], rows["hf-assisted", OVERALL]
+    assert assisted.acceptance_rate is not None and chain.acceptance_rate is not None
+    if drafter_seed == 0:  # the drafter is the target: everything drafted is accepted
+        assert chain.acceptance_rate == 1.0 and chain.mean_accepted_tokens > 4
+        assert assisted.acceptance_rate == 1.0
+
+
+def accept_every_draft_token(draft: Draft, target_logits: torch.Tensor, generator) -> Verdict:
+    """A deliberately broken verifier: it trusts the drafter completely."""
+    return Verdict(len(draft), int(target_logits[len(draft)].argmax()))
+
+
+def test_broken_verifier_shows_as_not_identical(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(swarmspec.engine, "make_verifier", lambda sampling: accept_every_draft_token)
+    target, draft_model = tiny_loaded("tiny-target", seed=0), tiny_loaded("tiny-drafter", seed=5, layers=1)
+    contenders = build_contenders(["chain"], ["hf-generate"], target, draft_model, gamma=4)
+    greedy = SamplingConfig()
+    records = time_contenders(
+        contenders, prompts(2), repeats=1, max_new_tokens=20, sampling=greedy, seed=0, progress=False
+    )
+    chain = {r.family: r for r in summarize(records, "hf-generate", greedy=True) if r.contender == "chain"}
+    assert chain[OVERALL].identical is False
+
+
+def test_sampling_runs_every_contender_with_seeded_outputs() -> None:
+    target, draft_model = tiny_loaded("tiny-target", seed=0), tiny_loaded("tiny-drafter", seed=0)
+    contenders = build_contenders(METHODS, BASELINES, target, draft_model, gamma=3)
+    sampling = SamplingConfig(temperature=0.8, top_k=20, top_p=0.9)
+    runs = [
+        time_contenders(contenders, prompts(2), repeats=1, max_new_tokens=16, sampling=sampling, seed=7,
+                        progress=False)
+        for _ in range(2)
+    ]  # fmt: skip
+    assert [r.token_ids for r in runs[0]] == [r.token_ids for r in runs[1]]  # same seed, same draws
+    assert all(row.identical is None for row in summarize(runs[0], "hf-generate", greedy=False))
+
+
+def test_hf_generation_config_spells_out_the_decoding_rule() -> None:
+    greedy = hf_generation_config(SamplingConfig(), 64, [EOS], 0)
+    assert (greedy.do_sample, greedy.max_new_tokens, greedy.repetition_penalty) == (False, 64, 1.0)
+    sampled = hf_generation_config(SamplingConfig(temperature=0.7, top_k=0, top_p=0.9), 8, [EOS], 0)
+    assert (sampled.do_sample, sampled.temperature, sampled.top_k, sampled.top_p) == (True, 0.7, 0, 0.9)
+
+
+def test_reference_is_hf_generate_else_ar() -> None:
+    assert reference_contender(["chain", "ar", "hf-generate"]) == "hf-generate"
+    assert reference_contender(["chain", "ar"]) == "ar"
+    assert reference_contender(["chain"]) is None
