@@ -13,6 +13,12 @@ from pathlib import Path
 from typing import Any
 
 OVERALL = "overall"
+HOW_TO_READ = (
+    "tokens/s: new tokens / wall time, prefill included; per question the median over repeats, per "
+    "family the total of those. Speedup: tokens/s over the reference's, measured in the same run. Mean "
+    "accepted tokens / target forward: committed tokens per target forward, the prefill counted (plain "
+    "decoding: 1.00). Acceptance rate: accepted / drafted tokens."
+)
 
 
 @dataclass(frozen=True)
@@ -165,7 +171,7 @@ def plot_speedups(rows: Sequence[Row], reference: str | None, path: Path) -> Non
     ax.set_xticks(range(len(families)), families, rotation=20)
     ax.set_ylabel(f"speedup vs {reference or 'none'} (tokens/s ratio)")
     ax.set_title("swarmspec bench: speedup by task family")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # never over a bar
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -189,7 +195,7 @@ def write_report(
     }
     paths["json"].write_text(json.dumps(payload, indent=1))
     paths["markdown"].write_text(
-        f"# swarmspec bench\n\n{markdown_meta(meta)}\n{markdown_tables(rows, reference)}"
+        f"# swarmspec bench\n\n{markdown_meta(meta)}\n{HOW_TO_READ}\n\n{markdown_tables(rows, reference)}"
     )
     plot_speedups(rows, reference, paths["plot"])
     return paths

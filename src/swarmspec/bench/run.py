@@ -158,6 +158,10 @@ def run_metadata(
         "python": platform.python_version(),
         "platform": platform.platform(),
         "elapsed_s": round(elapsed_s, 1),
+        "max_new_tokens": config.max_new_tokens,
+        "repeats": config.repeats,
+        "gamma": config.gamma,
+        "sampling": "greedy" if config.sampling.greedy else str(config.sampling),
         "config": asdict(config),
         "cost_profiles": profiles,
     }

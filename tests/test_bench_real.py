@@ -1,0 +1,37 @@
+"""`swarmspec bench` end to end on the real packaged models: a tiny run writes a complete report.
+
+Slow: loads the 1.5B target and the 0.5B drafter. Figures are not asserted (timing belongs to the
+benchmark, not the tests); token identity with `hf-generate` is.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from swarmspec.cli import main
+from swarmspec.config import BASELINES, METHODS
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_report_complete_and_identical(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "report"
+    args = ["bench", "--categories", "qa,translation", "--per-category", "1", "--max-new-tokens", "12"]
+    assert main([*args, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "**Overall** (2 questions)" in printed and f"json: {out / 'bench.json'}" in printed
+
+    report = json.loads((out / "bench.json").read_text())
+    assert report["meta"]["command"].startswith("swarmspec bench --categories qa,translation")
+    assert report["meta"]["max_new_tokens"] == 12
+    overall = {r["contender"]: r for r in report["rows"] if r["family"] == "overall"}
+    assert list(overall) == [*METHODS, *BASELINES]
+    assert all(row["identical"] is True for row in report["rows"])
+    assert overall["hf-generate"]["speedup"] == 1.0
+    assert {r["family"] for r in report["runs"]} == {"qa", "translation"}
+    assert all(0 < len(r["token_ids"]) <= 12 for r in report["runs"])
+    assert (out / "speedup.png").stat().st_size > 0
+    assert "| contender | qa | translation | overall |" in (out / "bench.md").read_text()
