@@ -116,7 +116,7 @@ class HFBaseline(Contender):
         token_ids = output[0, len(prompt_ids) :].tolist()
         forwards = len(fed_tokens)
         drafted = sum(fed_tokens) - len(prompt_ids) - (forwards - 1)
-        accepted = max(len(token_ids) - forwards, 0)
+        accepted = len(token_ids) - forwards
         return Outcome(token_ids, wall_s, forwards, drafted, accepted)
 
 

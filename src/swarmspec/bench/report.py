@@ -163,7 +163,7 @@ def plot_speedups(rows: Sequence[Row], reference: str | None, path: Path) -> Non
     contenders = list(dict.fromkeys(r.contender for r in rows))
     speedup = {(r.contender, r.family): r.speedup or 0.0 for r in rows}
     width = 0.8 / len(contenders)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(families) * max(1, len(contenders) / 3)), 4.5))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(families) * len(contenders) + 2), 4.5))
     for i, contender in enumerate(contenders):
         xs = [j + (i - (len(contenders) - 1) / 2) * width for j in range(len(families))]
         ax.bar(xs, [speedup.get((contender, f), 0.0) for f in families], width, label=contender)
