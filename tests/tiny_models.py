@@ -87,10 +87,21 @@ class TrigramLM(ModelRunner):
     def next_logits(self, sequence: list[int]) -> torch.Tensor:  # [V]
         return self.table[sequence[-2], sequence[-1]]
 
-    def forward(self, input_ids: torch.Tensor, num_logits: int) -> torch.Tensor:
-        self.tokens.extend(input_ids.tolist())
-        n = len(self.tokens)
-        return torch.stack([self.next_logits(self.tokens[: n - i]) for i in reversed(range(num_logits))])
+    def forward(
+        self, input_ids: torch.Tensor, num_logits: int, tree_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        new = input_ids.tolist()
+        k = len(new)
+        sees = tree_mask if tree_mask is not None else torch.ones(k, k, dtype=torch.bool).tril()
+        rows = [
+            self.next_logits(self.tokens + [new[j] for j in range(k) if sees[i, j]])
+            for i in range(k - num_logits, k)
+        ]
+        self.tokens.extend(new)
+        return torch.stack(rows)
+
+    def compact(self, keep_len: int, keep_positions: list[int]) -> None:
+        self.tokens = self.tokens[:keep_len] + [self.tokens[p] for p in keep_positions]
 
     def rollback(self, keep_len: int) -> None:
         del self.tokens[keep_len:]

@@ -30,8 +30,18 @@ class ModelRunner(ABC):
         self,
         input_ids: torch.Tensor,  # [k] tokens that follow the cached ones
         num_logits: int,
+        tree_mask: torch.Tensor | None = None,  # [k, k] bool: [i, j] = token j is token i or its ancestor
     ) -> torch.Tensor:  # [n=num_logits, V] float32 logits of the last num_logits input positions
-        """Run the k tokens on top of the cache and append them to it."""
+        """Run the k tokens on top of the cache and append them to it.
+
+        Without a tree mask the tokens form a chain; with one, a token tree (see `tree.TokenTree`) read
+        in one forward: each token attends to the cache and its ancestors only.
+        """
+
+    @abstractmethod
+    def compact(self, keep_len: int, keep_positions: list[int]) -> None:
+        """Keep the first `keep_len` cached tokens and then those at `keep_positions` (ascending, all
+        >= keep_len), in that order; drop the rest. After a tree forward: keep the accepted path."""
 
     @abstractmethod
     def rollback(self, keep_len: int) -> None:
@@ -56,17 +66,38 @@ class HFRunner(ModelRunner):
         return self.cache.get_seq_length()
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, num_logits: int) -> torch.Tensor:
-        if self.cached_len + input_ids.shape[0] > self.max_length:
+    def forward(
+        self, input_ids: torch.Tensor, num_logits: int, tree_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        cached_len, k = self.cached_len, input_ids.shape[0]
+        if cached_len + k > self.max_length:
             raise ValueError(f"sequence would exceed the model's {self.max_length} positions")
+        tree_inputs = {}
+        if tree_mask is not None:
+            # Every new token sees the whole cache plus its ancestors, at position cached_len + depth.
+            allowed = torch.cat([torch.ones(k, cached_len, dtype=torch.bool), tree_mask], dim=1)
+            dtype = self.model.dtype if self.model.dtype.is_floating_point else torch.float32
+            mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+            depth = tree_mask.sum(dim=-1) - 1  # ancestors, itself excluded
+            tree_inputs = {"attention_mask": mask[None, None], "position_ids": (cached_len + depth)[None]}
         out = self.model(
             input_ids=input_ids.unsqueeze(0),
             past_key_values=self.cache,
             use_cache=True,
             # The LM head is the largest matmul for one row; skip it for rows nobody reads (prefill).
             logits_to_keep=num_logits,
+            **tree_inputs,
         )
         return out.logits[0].float()
+
+    @torch.inference_mode()  # the cache holds inference tensors
+    def compact(self, keep_len: int, keep_positions: list[int]) -> None:
+        # Move the kept entries down into the slots right after the prefix, then drop the tail.
+        end = keep_len + len(keep_positions)
+        for layer in self.cache.layers:
+            layer.keys[..., keep_len:end, :] = layer.keys[..., keep_positions, :]
+            layer.values[..., keep_len:end, :] = layer.values[..., keep_positions, :]
+        self.rollback(end)
 
     def rollback(self, keep_len: int) -> None:
         drop = self.cached_len - keep_len

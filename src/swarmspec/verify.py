@@ -17,6 +17,7 @@ import torch
 
 from swarmspec.drafters.base import Draft
 from swarmspec.sampling import SamplingConfig, logits_to_probs, sample
+from swarmspec.tree import TokenTree
 
 
 @dataclass(frozen=True)
@@ -62,12 +63,17 @@ def verify_speculative_sampling(
     accepted_len = int(accepted.cumprod(dim=0).sum())
     if accepted_len == k:
         return Verdict(k, int(sample(target_probs[k], generator)))
-    residual = (target_probs[accepted_len] - draft_probs[accepted_len]).clamp_min(0.0)  # [V]
-    residual_mass = residual.sum()
-    # A rejection implies target(x) < draft(x), so the residual has mass; the guard only catches
-    # float round-off when target and draft are equal up to rounding.
-    corrected = residual / residual_mass if residual_mass > 0 else target_probs[accepted_len]
+    corrected = residual_after_rejection(target_probs[accepted_len], draft_probs[accepted_len])
     return Verdict(accepted_len, int(sample(corrected, generator)))
+
+
+def residual_after_rejection(target_p: torch.Tensor, draft_q: torch.Tensor) -> torch.Tensor:  # [V]
+    """norm(max(0, p - q)): what the target distribution leaves once a token drawn from q is rejected."""
+    residual = (target_p - draft_q).clamp_min(0.0)
+    mass = residual.sum()
+    # A rejection implies p(x) < q(x), so the residual has mass; the guard only catches float
+    # round-off when p and q are equal up to rounding.
+    return residual / mass if mass > 0 else target_p
 
 
 # The decode loop takes any function of this shape, chosen once per request (tests inject broken ones).
@@ -89,3 +95,63 @@ def make_verifier(sampling: SamplingConfig) -> Verifier:
         )
 
     return verify
+
+
+@dataclass(frozen=True)
+class TreeVerdict:
+    path: list[int]  # accepted nodes, root's child first (the root itself is committed already)
+    next_token: int  # the target's token after the last accepted node
+
+
+def verify_tree_greedy(tree: TokenTree, target_logits: torch.Tensor) -> TreeVerdict:  # logits [n, V]
+    """From the root, follow the child equal to the target's argmax; stop where no child matches.
+
+    Row i of target_logits is the target's distribution for the token after node i (its ancestors and
+    itself read in order), so a chain reduces to `verify_greedy`.
+    """
+    target_tokens = target_logits.argmax(dim=-1).tolist()  # [n]
+    tokens = tree.tokens.tolist()
+    path: list[int] = []
+    node = 0
+    while True:
+        match = next((c for c in tree.children(node) if tokens[c] == target_tokens[node]), None)
+        if match is None:
+            return TreeVerdict(path, target_tokens[node])
+        path.append(match)
+        node = match
+
+
+def verify_tree_sampling(
+    tree: TokenTree,
+    target_probs: torch.Tensor,  # [n, V]
+    generator: torch.Generator | None,
+) -> TreeVerdict:
+    """Multi-step speculative sampling (SpecInfer): the output follows target_probs exactly.
+
+    At a node, its children are tried in random order. Child s, sampled from its drafter's distribution
+    q_s, is accepted with probability min(1, p(s) / q_s(s)); on rejection p becomes norm(max(0, p - q_s))
+    and the next child is tried. When every child is rejected, the next token is drawn from what is left
+    of p. Each child must have been sampled from the distribution stored for it in `tree.draft_probs`.
+    """
+    if tree.draft_probs is None and len(tree) > 1:
+        raise ValueError("tree sampling verification needs the distribution each node was sampled from")
+    tokens = tree.tokens.tolist()
+    path: list[int] = []
+    node = 0
+    while True:
+        p = target_probs[node]
+        children = tree.children(node)
+        order = torch.randperm(len(children), generator=generator).tolist()
+        accepted = None
+        for child in (children[i] for i in order):
+            assert tree.draft_probs is not None
+            q = tree.draft_probs[child]
+            token = tokens[child]
+            if float(torch.rand((), generator=generator, dtype=p.dtype)) * q[token] < p[token]:
+                accepted = child
+                break
+            p = residual_after_rejection(p, q)
+        if accepted is None:
+            return TreeVerdict(path, int(sample(p, generator)))
+        path.append(accepted)
+        node = accepted
