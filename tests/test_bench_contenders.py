@@ -15,10 +15,10 @@ from swarmspec.bench.questions import Question
 from swarmspec.bench.report import OVERALL, summarize
 from swarmspec.bench.run import reference_contender, time_contenders
 from swarmspec.config import BASELINES, METHODS
-from swarmspec.drafters.base import Draft
 from swarmspec.models.loading import LoadedModel
 from swarmspec.sampling import SamplingConfig
-from swarmspec.verify import Verdict
+from swarmspec.tree import TokenTree
+from swarmspec.verify import TreeVerdict
 
 from tiny_models import tiny_qwen2
 
@@ -71,9 +71,9 @@ def test_all_contenders_greedy_identical_to_hf_generate(drafter_seed: int) -> No
         assert assisted.acceptance_rate == 1.0
 
 
-def accept_every_draft_token(draft: Draft, target_logits: torch.Tensor, generator) -> Verdict:
+def accept_every_draft_token(tree: TokenTree, target_logits: torch.Tensor, generator) -> TreeVerdict:
     """A deliberately broken verifier: it trusts the drafter completely."""
-    return Verdict(len(draft), int(target_logits[len(draft)].argmax()))
+    return TreeVerdict(list(range(1, len(tree))), int(target_logits[-1].argmax()))
 
 
 def test_broken_verifier_shows_as_not_identical(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,7 +13,8 @@ from swarmspec.drafters.model import ModelDrafter
 from swarmspec.models.loading import pack_linears_onednn
 from swarmspec.runner import HFRunner
 from swarmspec.sampling import SamplingConfig
-from swarmspec.verify import Verdict, verify_greedy
+from swarmspec.tree import TokenTree
+from swarmspec.verify import TreeVerdict, Verdict, verify_greedy
 
 from tiny_models import run_decode, tiny_qwen2
 
@@ -102,12 +103,12 @@ def test_scripted_partial_acceptance(script: list[int | None]) -> None:
     assert stats.drafted_tokens > stats.accepted_tokens or None in script
 
 
-def greedy_accepting_one_extra(draft: Draft, target_logits: torch.Tensor, generator) -> Verdict:
+def greedy_accepting_one_extra(tree: TokenTree, target_logits: torch.Tensor, generator) -> TreeVerdict:
     """A deliberately broken verifier: it keeps one draft token past the first mismatch."""
-    verdict = verify_greedy(draft.tokens, target_logits)
-    if verdict.accepted_len < len(draft):
-        return Verdict(verdict.accepted_len + 1, verdict.next_token)
-    return verdict
+    verdict = verify_greedy(tree.tokens[1:], target_logits)
+    if verdict.accepted_len < len(tree) - 1:
+        verdict = Verdict(verdict.accepted_len + 1, verdict.next_token)
+    return TreeVerdict.of_chain(verdict)
 
 
 def test_broken_verifier_is_caught() -> None:

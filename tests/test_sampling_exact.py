@@ -14,11 +14,12 @@ import torch
 from scipy.stats import chisquare
 
 from swarmspec.decode import decode
-from swarmspec.drafters.base import Draft
 from swarmspec.drafters.model import ModelDrafter
 from swarmspec.metrics import DecodeStats
 from swarmspec.sampling import SamplingConfig, logits_to_probs
-from swarmspec.verify import Verdict, Verifier, make_verifier, verify_speculative_sampling
+from swarmspec.speculate import ChainSpeculation
+from swarmspec.tree import TokenTree
+from swarmspec.verify import TreeVerdict, Verdict, Verifier, make_verifier, verify_speculative_sampling
 
 from tiny_models import TrigramLM
 
@@ -50,7 +51,7 @@ def sampled_counts(verifier: Verifier, sampling: SamplingConfig, gamma: int) -> 
     counts = torch.zeros(vocab**NEW_TOKENS, dtype=torch.float64)
     for _ in range(SAMPLES):
         tokens = decode(
-            target, drafter, verifier, PROMPT,
+            target, ChainSpeculation(drafter), verifier, PROMPT,
             max_new_tokens=NEW_TOKENS + 1, gamma=gamma, sampling=sampling,
             stop_token_ids=frozenset(), generator=generator, stats=DecodeStats(),
         )  # fmt: skip
@@ -77,21 +78,25 @@ def p_value(counts: torch.Tensor, exact: torch.Tensor) -> float:
 def broken(rule: str, sampling: SamplingConfig) -> Verifier:
     """Deliberately wrong acceptance rules, each a classic bug."""
 
-    def verify(draft: Draft, target_logits: torch.Tensor, generator: torch.Generator | None) -> Verdict:
-        if len(draft) == 0:
-            return make_verifier(sampling)(draft, target_logits, generator)
+    def verify(
+        tree: TokenTree, target_logits: torch.Tensor, generator: torch.Generator | None
+    ) -> TreeVerdict:
+        if len(tree) == 1:
+            return make_verifier(sampling)(tree, target_logits, generator)
         target_probs = logits_to_probs(target_logits, sampling)
-        assert draft.probs is not None
+        assert tree.draft_probs is not None
+        draft_tokens, draft_probs, k = tree.tokens[1:], tree.draft_probs[1:], len(tree) - 1
         if rule == "target_instead_of_residual":
-            verdict = verify_speculative_sampling(draft.tokens, draft.probs, target_probs, generator)
-            if verdict.accepted_len < len(draft):
+            verdict = verify_speculative_sampling(draft_tokens, draft_probs, target_probs, generator)
+            if verdict.accepted_len < k:
                 resampled = torch.multinomial(target_probs[verdict.accepted_len], 1, generator=generator)
-                return Verdict(verdict.accepted_len, int(resampled))
-            return verdict
+                verdict = Verdict(verdict.accepted_len, int(resampled))
+            return TreeVerdict.of_chain(verdict)
         # "swapped_roles": target and draft distributions swapped (the p/q mix-up), bonus token kept right.
-        k = len(draft)
-        swapped = torch.cat([draft.probs, target_probs[k:]])
-        return verify_speculative_sampling(draft.tokens, target_probs[:k], swapped, generator)
+        swapped = torch.cat([draft_probs, target_probs[k:]])
+        return TreeVerdict.of_chain(
+            verify_speculative_sampling(draft_tokens, target_probs[:k], swapped, generator)
+        )
 
     return verify
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from swarmspec.drafters.base import Draft
 from swarmspec.sampling import SamplingConfig
+from swarmspec.tree import TokenTree
 from swarmspec.verify import Verdict, make_verifier, verify_greedy, verify_speculative_sampling
 
 V = 10
@@ -93,4 +93,4 @@ def test_token_the_target_cannot_emit_is_always_rejected() -> None:
 def test_sampling_verifier_needs_draft_probabilities() -> None:
     verify = make_verifier(SamplingConfig(temperature=1.0))
     with pytest.raises(ValueError, match="distribution each draft token"):
-        verify(Draft.of([1, 2]), torch.zeros(3, V), torch.Generator())
+        verify(TokenTree.chain(0, torch.tensor([1, 2])), torch.zeros(3, V), torch.Generator())

@@ -10,6 +10,7 @@ from swarmspec.drafters.base import Drafter
 from swarmspec.metrics import DecodeStats
 from swarmspec.runner import HFRunner, ModelRunner
 from swarmspec.sampling import SamplingConfig
+from swarmspec.speculate import ChainSpeculation, Speculation
 from swarmspec.verify import Verifier, make_verifier
 
 
@@ -38,7 +39,7 @@ def tiny_qwen2(seed: int, vocab_size: int = 96, layers: int = 2, init_std: float
 
 def run_decode(
     target: Qwen2ForCausalLM,
-    drafter: Drafter | None,
+    drafter: Drafter | Speculation | None,
     prompt: list[int],
     max_new_tokens: int,
     gamma: int = 4,
@@ -52,7 +53,7 @@ def run_decode(
     stats = DecodeStats()
     chunks = decode(
         runner or HFRunner(target),
-        drafter,
+        ChainSpeculation(drafter) if isinstance(drafter, Drafter) else drafter,
         verifier or make_verifier(sampling),
         prompt,
         max_new_tokens=max_new_tokens,

@@ -1,7 +1,8 @@
-"""The decode loop: draft, verify, accept, fix the caches, for one sequence.
+"""The decode loop: speculate a token tree, verify it in one target forward, keep the accepted path.
 
-Plain autoregressive decoding is the same loop with no drafter (an empty draft every step), so the
-baseline runs through exactly the same runner and verifier as speculative decoding.
+A chain of drafted tokens is a tree with one branch; plain autoregressive decoding is the same loop with
+no speculation (a tree that is just the root), so the baseline runs through exactly the same runner and
+verifier as speculative decoding.
 """
 
 from __future__ import annotations
@@ -11,17 +12,18 @@ from collections.abc import Iterator
 
 import torch
 
-from swarmspec.drafters.base import Draft, Drafter
 from swarmspec.errors import InvalidRequestError
 from swarmspec.metrics import DecodeStats
 from swarmspec.runner import ModelRunner
 from swarmspec.sampling import SamplingConfig
+from swarmspec.speculate import Speculation
+from swarmspec.tree import TokenTree
 from swarmspec.verify import Verifier
 
 
 def decode(
     target: ModelRunner,
-    drafter: Drafter | None,
+    speculation: Speculation | None,
     verifier: Verifier,
     prompt_ids: list[int],
     *,
@@ -35,7 +37,7 @@ def decode(
     """Yield the tokens committed by each target forward until a stop token or `max_new_tokens`.
 
     Invariant between steps: the target's cache holds every committed token but the newest one, which
-    the next forward feeds together with the draft.
+    the next forward feeds as the root of the tree. `gamma` bounds the tree's depth.
     """
     if len(prompt_ids) + max_new_tokens > target.max_length:
         raise InvalidRequestError(
@@ -46,7 +48,9 @@ def decode(
     stats.prompt_tokens = len(prompt_ids)
     target.reset()
     prompt_logits = target.forward(torch.tensor(prompt_ids, dtype=torch.int64), num_logits=1)  # [1, V]
-    verdict = verifier(Draft.empty(), prompt_logits, generator)
+    verdict = verifier(
+        TokenTree.chain(prompt_ids[-1], torch.empty(0, dtype=torch.int64)), prompt_logits, generator
+    )
     stats.prefill_s = time.perf_counter() - start
     stats.record_step(drafted=0, accepted=0)
     context = list(prompt_ids)
@@ -61,17 +65,22 @@ def decode(
         if remaining <= 0 or new_tokens[-1] in stop_token_ids:
             return
 
-        # Draft at most remaining - 1 tokens: the target always adds one of its own.
-        max_draft = min(gamma, remaining - 1)
-        draft = drafter.propose(context, max_draft, sampling, generator) if drafter else Draft.empty()
-        # One target forward scores the newest committed token and the draft: row i of target_logits
-        # is the target's distribution for the token after input i.
-        step_input = torch.cat([torch.tensor([context[-1]], dtype=torch.int64), draft.tokens])
-        target_logits = target.forward(step_input, num_logits=len(draft) + 1)  # [k+1, V]
-        verdict = verifier(draft, target_logits, generator)
-        target.rollback(len(context) + verdict.accepted_len)  # drop the rejected draft tokens
-        stats.record_step(drafted=len(draft), accepted=verdict.accepted_len)
-        new_tokens = [*draft.tokens[: verdict.accepted_len].tolist(), verdict.next_token]
+        # Speculate at most remaining - 1 tokens deep: the target always adds one of its own.
+        max_depth = min(gamma, remaining - 1)
+        if speculation is None:
+            tree = TokenTree.chain(context[-1], torch.empty(0, dtype=torch.int64))
+        else:
+            tree = speculation.speculate(context, max_depth, sampling, generator)
+        # One target forward scores every node: row i of target_logits is the target's distribution for
+        # the token after node i (the root, context[-1], is node 0).
+        tree_mask = None if tree.is_chain else tree.ancestor_mask()
+        target_logits = target.forward(tree.tokens, num_logits=len(tree), tree_mask=tree_mask)  # [n, V]
+        verdict = verifier(tree, target_logits, generator)
+        # Keep the root and the accepted path in the cache; drop every other branch.
+        root_position = len(context) - 1
+        target.compact(len(context), [root_position + node for node in verdict.path])
+        stats.record_step(drafted=len(tree) - 1, accepted=len(verdict.path))
+        new_tokens = [*tree.tokens[verdict.path].tolist(), verdict.next_token]
 
 
 def _through_first_stop(tokens: list[int], stop_token_ids: frozenset[int]) -> list[int]:

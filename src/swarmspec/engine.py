@@ -11,13 +11,13 @@ from transformers import PreTrainedTokenizerBase
 
 from swarmspec.config import EngineConfig, GenerationRequest
 from swarmspec.decode import decode
-from swarmspec.drafters.base import Drafter
 from swarmspec.drafters.model import ModelDrafter
 from swarmspec.metrics import DecodeStats
 from swarmspec.models.loading import LoadedModel, check_same_vocabulary, load_model, split_spec
 from swarmspec.models.registry import resolve_model
 from swarmspec.runner import HFRunner, ModelRunner
 from swarmspec.sampling import SamplingConfig
+from swarmspec.speculate import ChainSpeculation, Speculation
 from swarmspec.verify import make_verifier
 
 
@@ -37,13 +37,13 @@ class Engine:
         target: ModelRunner,
         tokenizer: PreTrainedTokenizerBase,
         stop_token_ids: frozenset[int],
-        drafter: Drafter | None,
+        speculation: Speculation | None,
         gamma: int,
     ) -> None:
         self.target = target
         self.tokenizer = tokenizer
         self.stop_token_ids = stop_token_ids
-        self.drafter = drafter
+        self.speculation = speculation  # None: plain autoregressive decoding
         self.gamma = gamma
 
     @classmethod
@@ -60,14 +60,14 @@ class Engine:
         cls, config: EngineConfig, target: LoadedModel, draft_model: LoadedModel | None
     ) -> Engine:
         """An engine over models already loaded: several methods can share one copy of the weights."""
-        drafter = None
+        speculation = None
         if config.method != "ar":
             if draft_model is None:
                 raise ValueError(f"method {config.method!r} needs a draft model")
             check_same_vocabulary(target, draft_model)
-            drafter = ModelDrafter(warmed_up(HFRunner(draft_model.model)))
+            speculation = ChainSpeculation(ModelDrafter(warmed_up(HFRunner(draft_model.model))))
         target_runner = warmed_up(HFRunner(target.model))
-        return cls(target_runner, target.tokenizer, stop_token_ids(target), drafter, config.gamma)
+        return cls(target_runner, target.tokenizer, stop_token_ids(target), speculation, config.gamma)
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         return encode_prompt(self.tokenizer, request.prompt, request.chat)
@@ -93,7 +93,7 @@ class Engine:
         generator = torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(63))
         return decode(
             self.target,
-            self.drafter,
+            self.speculation,
             make_verifier(sampling),
             prompt_ids,
             max_new_tokens=max_new_tokens,

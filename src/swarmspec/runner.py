@@ -94,10 +94,14 @@ class HFRunner(ModelRunner):
     def compact(self, keep_len: int, keep_positions: list[int]) -> None:
         # Move the kept entries down into the slots right after the prefix, then drop the tail.
         end = keep_len + len(keep_positions)
+        if keep_positions != list(range(keep_len, end)):  # a chain's accepted prefix is already in place
+            self._move_entries(keep_len, end, keep_positions)
+        self.rollback(end)
+
+    def _move_entries(self, keep_len: int, end: int, keep_positions: list[int]) -> None:
         for layer in self.cache.layers:
             layer.keys[..., keep_len:end, :] = layer.keys[..., keep_positions, :]
             layer.values[..., keep_len:end, :] = layer.values[..., keep_positions, :]
-        self.rollback(end)
 
     def rollback(self, keep_len: int) -> None:
         drop = self.cached_len - keep_len

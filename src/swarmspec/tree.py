@@ -41,6 +41,11 @@ class TokenTree:
             draft_probs = torch.cat([torch.zeros_like(draft_probs[:1]), draft_probs])
         return cls(tokens, tuple(range(-1, len(draft))), draft_probs)
 
+    @property
+    def is_chain(self) -> bool:
+        """Every node's parent is the node before it: a plain causal forward reads it."""
+        return all(p == i - 1 for i, p in enumerate(self.parents))
+
     def children(self, node: int) -> list[int]:
         return [i for i, p in enumerate(self.parents) if p == node]
 

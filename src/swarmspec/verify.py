@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import torch
 
-from swarmspec.drafters.base import Draft
 from swarmspec.sampling import SamplingConfig, logits_to_probs, sample
 from swarmspec.tree import TokenTree
 
@@ -76,31 +75,15 @@ def residual_after_rejection(target_p: torch.Tensor, draft_q: torch.Tensor) -> t
     return residual / mass if mass > 0 else target_p
 
 
-# The decode loop takes any function of this shape, chosen once per request (tests inject broken ones).
-Verifier = Callable[[Draft, torch.Tensor, torch.Generator | None], Verdict]
-
-
-def make_verifier(sampling: SamplingConfig) -> Verifier:
-    """The verifier for a sampling configuration: greedy matching or speculative sampling."""
-    if sampling.greedy:
-        return lambda draft, target_logits, generator: verify_greedy(draft.tokens, target_logits)
-
-    def verify(draft: Draft, target_logits: torch.Tensor, generator: torch.Generator | None) -> Verdict:
-        if draft.probs is None and len(draft) > 0:
-            raise ValueError("speculative sampling needs the distribution each draft token was sampled from")
-        vocab_size = target_logits.shape[-1]
-        draft_probs = draft.probs if draft.probs is not None else target_logits.new_zeros(0, vocab_size)
-        return verify_speculative_sampling(
-            draft.tokens, draft_probs, logits_to_probs(target_logits, sampling), generator
-        )
-
-    return verify
-
-
 @dataclass(frozen=True)
 class TreeVerdict:
     path: list[int]  # accepted nodes, root's child first (the root itself is committed already)
     next_token: int  # the target's token after the last accepted node
+
+    @classmethod
+    def of_chain(cls, verdict: Verdict) -> TreeVerdict:
+        """A chain verdict as a path through `TokenTree.chain`: nodes 1..accepted_len."""
+        return cls(list(range(1, verdict.accepted_len + 1)), verdict.next_token)
 
 
 def verify_tree_greedy(tree: TokenTree, target_logits: torch.Tensor) -> TreeVerdict:  # logits [n, V]
@@ -155,3 +138,37 @@ def verify_tree_sampling(
             return TreeVerdict(path, int(sample(p, generator)))
         path.append(accepted)
         node = accepted
+
+
+# The decode loop takes any function of this shape, chosen once per request (tests inject broken ones).
+# target_logits is [n, V]: row i scores the token after node i of the tree.
+Verifier = Callable[[TokenTree, torch.Tensor, torch.Generator | None], TreeVerdict]
+
+
+def make_verifier(sampling: SamplingConfig) -> Verifier:
+    """Greedy matching or (multi-step) speculative sampling; chains take the vectorized chain rules."""
+
+    def verify(
+        tree: TokenTree, target_logits: torch.Tensor, generator: torch.Generator | None
+    ) -> TreeVerdict:
+        if len(tree) > 1 and not sampling.greedy and tree.draft_probs is None:
+            raise ValueError("speculative sampling needs the distribution each draft token was sampled from")
+        if tree.is_chain:
+            draft_tokens = tree.tokens[1:]
+            if sampling.greedy:
+                return TreeVerdict.of_chain(verify_greedy(draft_tokens, target_logits))
+            vocab_size = target_logits.shape[-1]
+            draft_probs = (
+                tree.draft_probs[1:]
+                if tree.draft_probs is not None
+                else target_logits.new_zeros(0, vocab_size)
+            )
+            target_probs = logits_to_probs(target_logits, sampling)
+            return TreeVerdict.of_chain(
+                verify_speculative_sampling(draft_tokens, draft_probs, target_probs, generator)
+            )
+        if sampling.greedy:
+            return verify_tree_greedy(tree, target_logits)
+        return verify_tree_sampling(tree, logits_to_probs(target_logits, sampling), generator)
+
+    return verify
