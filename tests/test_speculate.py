@@ -1,0 +1,143 @@
+"""Model-free drafters, merged trees from several drafters, and decoding with them: greedy output equals
+plain decoding, and sampling through a tree of two different drafters keeps the target's distribution."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+import swarmspec.verify
+from swarmspec.decode import decode
+from swarmspec.drafters.base import Draft
+from swarmspec.drafters.lookup import PromptLookupDrafter, SuffixDrafter
+from swarmspec.drafters.model import ModelDrafter
+from swarmspec.metrics import DecodeStats
+from swarmspec.runner import HFRunner
+from swarmspec.sampling import SamplingConfig
+from swarmspec.speculate import MergedTree, merge_drafts
+from swarmspec.verify import make_verifier
+
+from tiny_models import TrigramLM, run_decode, tiny_qwen2
+
+GREEDY = SamplingConfig()
+
+
+def test_prompt_lookup_copies_what_followed_the_latest_match() -> None:
+    drafter = PromptLookupDrafter(vocab_size=50, max_ngram=3)
+    #          0  1  2  3  4  5  6  7  8  9
+    context = [5, 6, 7, 8, 9, 1, 5, 6, 7, 2, 3, 6, 7]
+    # Last 3 tokens (3, 6, 7) never occurred before; last 2 (6, 7) did, latest at 7..8 -> follows 2, 3.
+    assert drafter.propose(context, 4, GREEDY, None).tokens.tolist() == [2, 3, 6, 7]
+    assert drafter.propose(context, 1, GREEDY, None).tokens.tolist() == [2]
+    assert len(drafter.propose([1, 2, 3], 4, GREEDY, None)) == 0  # no earlier occurrence
+    assert len(drafter.propose(context, 0, GREEDY, None)) == 0
+
+
+def test_model_free_drafts_are_point_masses_when_sampling() -> None:
+    draft = PromptLookupDrafter(vocab_size=10).propose([1, 2, 3, 1, 2], 2, SamplingConfig(1.0), None)
+    assert draft.tokens.tolist() == [3, 1]
+    assert draft.probs is not None and torch.equal(draft.probs, torch.eye(10)[[3, 1]])
+
+
+def test_suffix_drafter_reuses_earlier_sequences() -> None:
+    drafter = SuffixDrafter(vocab_size=50, max_ngram=3, min_ngram=2)
+    first = [1, 2, 3, 4, 5, 6, 7]
+    assert len(drafter.propose(first, 3, GREEDY, None)) == 0  # nothing seen yet
+    drafter.propose([*first, 8], 3, GREEDY, None)  # the same sequence grows: not archived yet
+    # A new sequence ending in (3, 4) finds the first one: 5, 6, 7 followed.
+    assert drafter.propose([9, 9, 3, 4], 3, GREEDY, None).tokens.tolist() == [5, 6, 7]
+    assert len(drafter.sequences) == 1 and drafter.sequences[0] == [*first, 8]
+
+
+def test_merge_dedupes_shared_prefixes_when_greedy() -> None:
+    drafts = [Draft.of([1, 2, 3]), Draft.of([1, 2, 4]), Draft.of([5])]
+    tree = merge_drafts(0, drafts, dedupe=True)
+    assert tree.tokens.tolist() == [0, 1, 2, 3, 4, 5]
+    assert tree.parents == (-1, 0, 1, 2, 2, 0)
+    separate = merge_drafts(0, drafts, dedupe=False)
+    assert separate.tokens.tolist() == [0, 1, 2, 3, 1, 2, 4, 5]
+    assert separate.parents == (-1, 0, 1, 2, 0, 4, 5, 0)
+
+
+def test_merge_keeps_each_nodes_distribution() -> None:
+    q1, q2 = torch.softmax(torch.randn(2, 6), -1), torch.softmax(torch.randn(1, 6), -1)
+    tree = merge_drafts(0, [Draft.of([1, 2], q1), Draft.of([1], q2)], dedupe=False)
+    assert tree.draft_probs is not None
+    assert torch.equal(tree.draft_probs[1:], torch.cat([q1, q2]))
+    with pytest.raises(ValueError, match="every drafter must return the distribution"):
+        merge_drafts(0, [Draft.of([1], q2), Draft.of([3])], dedupe=False)
+
+
+@pytest.mark.parametrize(("seed", "gamma"), list(itertools.product(range(4), [1, 3, 6])))
+def test_merged_tree_greedy_equals_autoregressive(seed: int, gamma: int) -> None:
+    target = tiny_qwen2(seed)
+    generator = torch.Generator().manual_seed(seed)
+    # A repetitive prompt gives prompt lookup something to find.
+    prompt = torch.randint(96, (6,), generator=generator).tolist() * 3
+    drafters = [
+        ModelDrafter(HFRunner(tiny_qwen2(seed + 50, layers=1))),
+        ModelDrafter(HFRunner(target)),  # agrees with the target: long accepted paths
+        PromptLookupDrafter(vocab_size=96),
+    ]
+    reference, _ = run_decode(target, None, prompt, 40)
+    output, stats = run_decode(target, MergedTree(drafters), prompt, 40, gamma=gamma)
+    assert output == reference
+    assert stats.accepted_tokens > 0 and stats.target_forwards < 40
+
+
+VOCAB = 4
+PROMPT = [0, 1]
+SAMPLES = 6000
+
+
+def tree_sampling_counts(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts of the first 3 tokens decoded with a tree of two different drafters, and their exact
+    probabilities under the target."""
+    sampling = SamplingConfig(temperature=1.0)
+    target = TrigramLM(seed=1, vocab_size=VOCAB)
+    drafters = [
+        ModelDrafter(TrigramLM(seed=2, vocab_size=VOCAB)),
+        ModelDrafter(TrigramLM(seed=3, vocab_size=VOCAB)),
+    ]
+    speculation = MergedTree(drafters)
+    generator = torch.Generator().manual_seed(seed)
+    counts = torch.zeros(VOCAB**3, dtype=torch.float64)
+    for _ in range(SAMPLES):
+        chunks = decode(
+            target, speculation, make_verifier(sampling), PROMPT,
+            max_new_tokens=4, gamma=2, sampling=sampling,
+            stop_token_ids=frozenset(), generator=generator, stats=DecodeStats(),
+        )  # fmt: skip
+        t1, t2, t3, _ = (t for chunk in chunks for t in chunk)
+        counts[(t1 * VOCAB + t2) * VOCAB + t3] += 1
+    exact = torch.zeros(VOCAB**3, dtype=torch.float64)
+    for t1, t2, t3 in itertools.product(range(VOCAB), repeat=3):
+        p, sequence = 1.0, list(PROMPT)
+        for token in (t1, t2, t3):
+            p *= float(torch.softmax(target.next_logits(sequence), -1)[token])
+            sequence.append(token)
+        exact[(t1 * VOCAB + t2) * VOCAB + t3] = p
+    return counts, exact
+
+
+def tree_p_value(seed: int) -> float:
+    counts, exact = tree_sampling_counts(seed)
+    expected = exact / exact.sum() * counts.sum()
+    keep = expected >= 5
+    observed = torch.cat([counts[keep], counts[~keep].sum().view(1)])
+    expected = torch.cat([expected[keep], expected[~keep].sum().view(1)])
+    return float(chisquare(observed.numpy(), expected.numpy()).pvalue)
+
+
+@pytest.mark.slow
+def test_tree_of_two_drafters_samples_the_target_distribution() -> None:
+    assert tree_p_value(seed=0) > 1e-3
+
+
+@pytest.mark.slow
+def test_tree_with_broken_residual_update_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(swarmspec.verify, "residual_after_rejection", lambda p, q: p)
+    assert tree_p_value(seed=0) < 1e-6
