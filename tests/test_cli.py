@@ -28,6 +28,23 @@ from swarmspec.cli import main
             "no model 'no-such-model'",
         ),
         (["fetch", "no-such-model"], "unknown model 'no-such-model'"),
+        (
+            ["generate", "hi", "--drafter", "prompt-lookup", "--drafter", "suffix"],
+            "chain takes one drafter, got 2",
+        ),
+        (
+            [
+                "generate",
+                "hi",
+                "--method",
+                "tree",
+                "--drafter",
+                "prompt-lookup",
+                "--drafter",
+                "no-such-model",
+            ],
+            "no model 'no-such-model'",
+        ),
         (["bench", "--questions", "/no/such/q.jsonl"], "question file /no/such/q.jsonl does not exist"),
         (["bench", "--methods", "ar,beam"], "unknown methods or baselines: beam"),
         (["bench", "--baselines", "vllm"], "unknown methods or baselines: vllm"),

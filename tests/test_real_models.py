@@ -14,6 +14,7 @@ from swarmspec.engine import Engine, stop_token_ids
 from swarmspec.models.loading import LoadedModel, load_model
 from swarmspec.models.registry import DEFAULT_DRAFTER, DEFAULT_TARGET
 from swarmspec.runner import HFRunner
+from swarmspec.speculate import ChainSpeculation
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +54,8 @@ def test_greedy_equals_transformers_generate(
     target: LoadedModel, hf_reference: dict[str, list[int]], drafter_spec: str | None
 ) -> None:
     drafter = ModelDrafter(HFRunner(load_model(drafter_spec).model)) if drafter_spec else None
-    engine = Engine(HFRunner(target.model), target.tokenizer, stop_token_ids(target), drafter, gamma=4)
+    speculation = ChainSpeculation(drafter) if drafter else None
+    engine = Engine(HFRunner(target.model), target.tokenizer, stop_token_ids(target), speculation, gamma=4)
     for prompt in PROMPTS:
         result = engine.generate(GenerationRequest(prompt, max_new_tokens=NEW_TOKENS))
         assert result.token_ids == hf_reference[prompt], prompt
@@ -66,7 +68,8 @@ def test_onednn_target_equals_transformers_generate(hf_reference: dict[str, list
     """The oneDNN fast path keeps the target's fp32 weights; its greedy output must not change."""
     packed = load_model(f"onednn:{DEFAULT_TARGET}")
     drafter = ModelDrafter(HFRunner(load_model(DEFAULT_DRAFTER).model))
-    engine = Engine(HFRunner(packed.model), packed.tokenizer, stop_token_ids(packed), drafter, gamma=4)
+    speculation = ChainSpeculation(drafter)
+    engine = Engine(HFRunner(packed.model), packed.tokenizer, stop_token_ids(packed), speculation, gamma=4)
     for prompt in PROMPTS:
         result = engine.generate(GenerationRequest(prompt, max_new_tokens=NEW_TOKENS))
         assert result.token_ids == hf_reference[prompt], prompt

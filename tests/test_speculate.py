@@ -11,13 +11,13 @@ from scipy.stats import chisquare
 
 import swarmspec.verify
 from swarmspec.decode import decode
-from swarmspec.drafters.base import Draft
+from swarmspec.drafters.base import Draft, Drafter
 from swarmspec.drafters.lookup import PromptLookupDrafter, SuffixDrafter
 from swarmspec.drafters.model import ModelDrafter
 from swarmspec.metrics import DecodeStats
 from swarmspec.runner import HFRunner
 from swarmspec.sampling import SamplingConfig
-from swarmspec.speculate import MergedTree, merge_drafts
+from swarmspec.speculate import MergedTree, VoteSpeculation, merge_drafts, weighted_vote
 from swarmspec.verify import make_verifier
 
 from tiny_models import TrigramLM, run_decode, tiny_qwen2
@@ -141,3 +141,42 @@ def test_tree_of_two_drafters_samples_the_target_distribution() -> None:
 def test_tree_with_broken_residual_update_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(swarmspec.verify, "residual_after_rejection", lambda p, q: p)
     assert tree_p_value(seed=0) < 1e-6
+
+
+def test_weighted_vote_follows_the_heaviest_branch() -> None:
+    chains = [[1, 2, 3], [1, 2, 4], [5, 6], [1, 7]]
+    assert weighted_vote(chains, [1.0, 1.0, 1.0, 1.0]) == [1, 2, 3]  # 3 votes for 1; then 2 beats 7
+    assert weighted_vote(chains, [0.1, 0.1, 1.0, 0.1]) == [5, 6]  # one heavy drafter outvotes three
+    assert weighted_vote(chains, [1.0, 2.0, 0.0, 0.0]) == [1, 2, 4]
+    assert weighted_vote([[], []], [1.0, 1.0]) == []
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_vote_greedy_equals_autoregressive_and_learns_weights(seed: int) -> None:
+    target = tiny_qwen2(seed)
+    prompt = torch.randint(96, (8,), generator=torch.Generator().manual_seed(seed)).tolist()
+    vote = VoteSpeculation(
+        [ModelDrafter(HFRunner(tiny_qwen2(seed + 50, layers=1))), ModelDrafter(HFRunner(target))]
+    )
+    reference, _ = run_decode(target, None, prompt, 40)
+    output, stats = run_decode(target, vote, prompt, 40, gamma=4)
+    assert output == reference
+    assert vote.weights[1] > vote.weights[0]  # the drafter that agrees with the target gains the say
+    assert stats.accepted_tokens > 0
+
+
+def test_vote_samples_the_heaviest_drafters_own_chain() -> None:
+    q = torch.softmax(torch.randn(2, 4, 6), -1)
+
+    class Fixed(Drafter):
+        def __init__(self, probs: torch.Tensor) -> None:
+            self.probs = probs
+
+        def propose(self, context, max_tokens, sampling, generator) -> Draft:
+            return Draft(self.probs.argmax(-1)[:max_tokens], self.probs[:max_tokens])
+
+    vote = VoteSpeculation([Fixed(q[0]), Fixed(q[1])])
+    vote.weights = [0.2, 0.7]
+    tree = vote.speculate([0, 1], 3, SamplingConfig(temperature=1.0), None)
+    assert tree.is_chain and tree.draft_probs is not None
+    assert torch.equal(tree.draft_probs[1:], q[1, :3])

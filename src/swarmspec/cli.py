@@ -8,8 +8,9 @@ import shlex
 import sys
 import time
 
-from swarmspec.config import METHODS, BenchConfig, EngineConfig, GenerationRequest
+from swarmspec.config import METHODS, BenchConfig, EngineConfig, GenerationRequest, default_drafters
 from swarmspec.errors import SwarmspecError
+from swarmspec.models.registry import DEFAULT_DRAFTER
 from swarmspec.sampling import SamplingConfig
 
 
@@ -36,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--target", default=defaults.target, help="target model (default: %(default)s)")
     gen.add_argument(
         "--drafter",
-        default=defaults.drafter,
-        help="drafter model; prefix int8: to quantize (default: %(default)s)",
+        action="append",
+        help="repeatable: a model (prefix int8: to quantize) or prompt-lookup or suffix (default: chain "
+        f"{','.join(default_drafters('chain'))}; tree and vote {','.join(default_drafters('tree'))})",
     )
     gen.add_argument("--method", choices=METHODS, default=defaults.method, help="default: %(default)s")
     gen.add_argument("--gamma", type=int, default=defaults.gamma, help="tokens drafted per target forward")
@@ -61,12 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(run=run_models)
 
     fetch = commands.add_parser("fetch", help="fetch, verify and convert registered models into the cache")
-    fetch.add_argument("names", nargs="*", default=[defaults.target, defaults.drafter], metavar="MODEL")
+    fetch.add_argument("names", nargs="*", default=[defaults.target, DEFAULT_DRAFTER], metavar="MODEL")
     fetch.set_defaults(run=run_fetch)
 
     prof = commands.add_parser("profile", help="measure forward latency for k new tokens, per model")
     prof.add_argument("--target", default=defaults.target)
-    prof.add_argument("--drafter", action="append", help=f"repeatable (default: {defaults.drafter})")
+    prof.add_argument("--drafter", action="append", help=f"repeatable (default: {DEFAULT_DRAFTER})")
     prof.add_argument("--max-k", type=int, default=32)
     prof.add_argument("--context", type=int, default=256, help="cached tokens under each timed forward")
     prof.add_argument("--repeats", type=int, default=3)
@@ -90,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"default: {','.join(bench_defaults.baselines)}; '' for none",
     )
     bench.add_argument("--target", default=bench_defaults.target)
-    bench.add_argument("--drafter", default=bench_defaults.drafter)
+    bench.add_argument("--drafter", action="append", help="repeatable; default: each method's own")
     bench.add_argument("--gamma", type=int, default=bench_defaults.gamma)
     bench.add_argument("--temperature", type=float, default=bench_defaults.sampling.temperature)
     bench.add_argument("--top-p", type=float, default=bench_defaults.sampling.top_p)
@@ -118,9 +120,11 @@ def run_generate(args: argparse.Namespace) -> int:
         chat=args.chat,
         stop=tuple(args.stop),
     )
-    config = EngineConfig(target=args.target, drafter=args.drafter, method=args.method, gamma=args.gamma)
+    config = EngineConfig(
+        target=args.target, method=args.method, drafters=tuple(args.drafter or ()), gamma=args.gamma
+    )
     start = time.perf_counter()
-    drafter_note = f" with drafter {config.drafter}" if config.method != "ar" else ""
+    drafter_note = f" with drafters {', '.join(config.drafters)}" if config.method != "ar" else ""
     print(f"loading {config.target}{drafter_note} ...", file=sys.stderr, flush=True)
     engine = Engine.load(config)
     print(
@@ -137,7 +141,7 @@ def run_generate(args: argparse.Namespace) -> int:
         summary = {
             "method": config.method,
             "target": config.target,
-            "drafter": config.drafter if config.method != "ar" else None,
+            "drafters": list(config.drafters) if config.method != "ar" else None,
             "gamma": config.gamma if config.method != "ar" else None,
             "text": result.text,
             "token_ids": result.token_ids,
@@ -177,7 +181,7 @@ def run_profile(args: argparse.Namespace) -> int:
         raise SwarmspecError("--max-k, --context and --repeats must be >= 1")
     device = device_name()
     profiles = []
-    for spec in [args.target, *(args.drafter or [EngineConfig().drafter])]:
+    for spec in [args.target, *(args.drafter or [DEFAULT_DRAFTER])]:
         print(f"profiling {spec} on {device} (k = 1..{args.max_k}, {args.repeats} repeats)", file=sys.stderr)
         runner = HFRunner(load_model(spec).model)
         ks = list(range(1, args.max_k + 1))
@@ -202,7 +206,7 @@ def run_bench(args: argparse.Namespace) -> int:
         methods=args.methods,
         baselines=args.baselines,
         target=args.target,
-        drafter=args.drafter,
+        drafters=tuple(args.drafter or ()),
         gamma=args.gamma,
         sampling=SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p),
         seed=args.seed,

@@ -8,7 +8,9 @@ from swarmspec.errors import InvalidRequestError
 from swarmspec.models.registry import DEFAULT_DRAFTER, DEFAULT_TARGET
 from swarmspec.sampling import SamplingConfig
 
-METHODS = ("ar", "chain")
+METHODS = ("ar", "chain", "tree", "vote")
+# Drafters that need no model: n-gram lookup in the prompt and output, suffix match over earlier outputs.
+MODEL_FREE_DRAFTERS = ("prompt-lookup", "suffix")
 # What users of `transformers` pick instead: plain generate, assisted generation, prompt lookup.
 BASELINES = ("hf-generate", "hf-assisted", "hf-prompt-lookup")
 
@@ -17,11 +19,14 @@ BASELINES = ("hf-generate", "hf-assisted", "hf-prompt-lookup")
 class EngineConfig:
     # Registered name, local checkpoint dir, .gguf file or hub id of the model whose output we promise.
     target: str = DEFAULT_TARGET
-    # The drafter for speculative methods: a model spec, optionally prefixed "int8:" to quantize it.
-    drafter: str = DEFAULT_DRAFTER
-    # "ar": plain autoregressive decoding (the baseline); "chain": one drafter proposes gamma tokens.
+    # "ar": plain autoregressive decoding (the baseline); "chain": one drafter proposes gamma tokens;
+    # "tree": every drafter's proposal merged into one token tree; "vote": a weighted vote of the
+    # drafters picks one chain (Minions).
     method: str = "chain"
-    # Tokens drafted per target forward.
+    # Model specs (optionally prefixed "int8:" / "onednn:") or model-free drafters (MODEL_FREE_DRAFTERS).
+    # Empty: the method's default, see `default_drafters`.
+    drafters: tuple[str, ...] = ()
+    # Tokens drafted per target forward: the depth of the speculated chain or tree.
     gamma: int = 4
 
     def __post_init__(self) -> None:
@@ -29,6 +34,28 @@ class EngineConfig:
             raise InvalidRequestError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.gamma < 1:
             raise InvalidRequestError(f"gamma must be >= 1, got {self.gamma}")
+        if not self.drafters:
+            object.__setattr__(self, "drafters", default_drafters(self.method))
+        if self.method == "chain" and len(self.drafters) != 1:
+            raise InvalidRequestError(
+                f"chain takes one drafter, got {len(self.drafters)}; use --method tree or vote for several"
+            )
+
+    @property
+    def model_drafters(self) -> tuple[str, ...]:
+        """The drafters that are models (to resolve and load), without repeats."""
+        if self.method == "ar":
+            return ()
+        return tuple(dict.fromkeys(d for d in self.drafters if d not in MODEL_FREE_DRAFTERS))
+
+
+def default_drafters(method: str) -> tuple[str, ...]:
+    """chain: the packaged 0.5B model; tree and vote: the model plus both model-free drafters."""
+    if method == "ar":
+        return ()
+    if method == "chain":
+        return (DEFAULT_DRAFTER,)
+    return (DEFAULT_DRAFTER, *MODEL_FREE_DRAFTERS)
 
 
 @dataclass(frozen=True)
@@ -65,7 +92,8 @@ class BenchConfig:
     methods: tuple[str, ...] = METHODS
     baselines: tuple[str, ...] = BASELINES
     target: str = DEFAULT_TARGET
-    drafter: str = DEFAULT_DRAFTER
+    # Drafters of every speculative method; empty: each method's default (`default_drafters`).
+    drafters: tuple[str, ...] = ()
     gamma: int = 4
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     # Question i, repeat r is generated with seed + i (the same for every contender and repeat).
@@ -89,3 +117,23 @@ class BenchConfig:
         for name in ("max_new_tokens", "repeats", "gamma"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for method in self.methods:
+            self.engine_config(method)  # validates
+
+    def engine_config(self, method: str) -> EngineConfig:
+        """One method's engine: the given drafters (chain takes the first), else the method's default."""
+        drafters = self.drafters[:1] if method == "chain" else self.drafters
+        return EngineConfig(target=self.target, method=method, drafters=drafters, gamma=self.gamma)
+
+    @property
+    def assistant(self) -> str:
+        """hf-assisted's assistant model: the first model among the drafters, else the default drafter."""
+        return next((d for d in self.drafters if d not in MODEL_FREE_DRAFTERS), DEFAULT_DRAFTER)
+
+    @property
+    def model_drafters(self) -> tuple[str, ...]:
+        """Every drafter model some method or baseline needs, each once."""
+        specs = [s for m in self.methods for s in self.engine_config(m).model_drafters]
+        if "hf-assisted" in self.baselines:
+            specs.append(self.assistant)
+        return tuple(dict.fromkeys(specs))

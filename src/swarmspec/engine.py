@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -11,13 +11,15 @@ from transformers import PreTrainedTokenizerBase
 
 from swarmspec.config import EngineConfig, GenerationRequest
 from swarmspec.decode import decode
+from swarmspec.drafters.base import Drafter
+from swarmspec.drafters.lookup import PromptLookupDrafter, SuffixDrafter
 from swarmspec.drafters.model import ModelDrafter
 from swarmspec.metrics import DecodeStats
 from swarmspec.models.loading import LoadedModel, check_same_vocabulary, load_model, split_spec
 from swarmspec.models.registry import resolve_model
 from swarmspec.runner import HFRunner, ModelRunner
 from swarmspec.sampling import SamplingConfig
-from swarmspec.speculate import ChainSpeculation, Speculation
+from swarmspec.speculate import ChainSpeculation, MergedTree, Speculation, VoteSpeculation
 from swarmspec.verify import make_verifier
 
 
@@ -30,7 +32,7 @@ class GenerationResult:
 
 
 class Engine:
-    """One target and (for speculative methods) one drafter, chosen once at construction."""
+    """One target and (for speculative methods) its speculation over drafters, chosen at construction."""
 
     def __init__(
         self,
@@ -48,24 +50,18 @@ class Engine:
 
     @classmethod
     def load(cls, config: EngineConfig) -> Engine:
-        specs = [config.target, config.drafter] if config.method != "ar" else [config.target]
-        for spec in specs:  # fail on a bad name before loading gigabytes of weights
+        for spec in [config.target, *config.model_drafters]:  # fail on a bad name before loading weights
             resolve_model(split_spec(spec)[1])
         target = load_model(config.target)
-        draft_model = load_model(config.drafter) if config.method != "ar" else None
-        return cls.from_models(config, target, draft_model)
+        draft_models = {spec: load_model(spec) for spec in config.model_drafters}
+        return cls.from_models(config, target, draft_models)
 
     @classmethod
     def from_models(
-        cls, config: EngineConfig, target: LoadedModel, draft_model: LoadedModel | None
+        cls, config: EngineConfig, target: LoadedModel, draft_models: Mapping[str, LoadedModel]
     ) -> Engine:
         """An engine over models already loaded: several methods can share one copy of the weights."""
-        speculation = None
-        if config.method != "ar":
-            if draft_model is None:
-                raise ValueError(f"method {config.method!r} needs a draft model")
-            check_same_vocabulary(target, draft_model)
-            speculation = ChainSpeculation(ModelDrafter(warmed_up(HFRunner(draft_model.model))))
+        speculation = build_speculation(config, target, draft_models)
         target_runner = warmed_up(HFRunner(target.model))
         return cls(target_runner, target.tokenizer, stop_token_ids(target), speculation, config.gamma)
 
@@ -110,6 +106,29 @@ class Engine:
             pass
         assert stream.result is not None
         return stream.result
+
+
+def build_speculation(
+    config: EngineConfig, target: LoadedModel, draft_models: Mapping[str, LoadedModel]
+) -> Speculation | None:
+    """The method's speculation over its drafters; None for plain decoding."""
+    if config.method == "ar":
+        return None
+    vocab_size = target.model.config.vocab_size
+    drafters: list[Drafter] = []
+    for spec in config.drafters:
+        if spec == "prompt-lookup":
+            drafters.append(PromptLookupDrafter(vocab_size))
+        elif spec == "suffix":
+            drafters.append(SuffixDrafter(vocab_size))
+        else:
+            check_same_vocabulary(target, draft_models[spec])
+            drafters.append(ModelDrafter(warmed_up(HFRunner(draft_models[spec].model))))
+    if config.method == "chain":
+        return ChainSpeculation(drafters[0])
+    if config.method == "tree":
+        return MergedTree(drafters)
+    return VoteSpeculation(drafters)
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, chat: bool) -> list[int]:

@@ -1,11 +1,13 @@
 """Speculation: turning drafters' proposals into the token tree the target verifies in one forward.
 
 - `ChainSpeculation`: one drafter's chain (classic speculative decoding).
+- `VoteSpeculation`: several drafters vote, weighted by their running acceptance (Minions).
 - `MergedTree`: several drafters' chains merged into one trie by shared prefixes (SpecInfer's
   merge-based tree); in sampling mode every proposal stays its own branch, since multi-step
   speculative sampling needs each node to be a draw from one drafter's distribution.
 
-Every speculation is told the verdict of its tree afterwards, so adaptive ones can learn.
+Adaptive speculations learn from the context they are given: what the target committed since their
+last proposal.
 """
 
 from __future__ import annotations
@@ -79,3 +81,76 @@ def merge_drafts(root: int, drafts: Sequence[Draft], dedupe: bool) -> TokenTree:
             raise ValueError("in sampling mode every drafter must return the distribution of its tokens")
         draft_probs = torch.cat([torch.zeros_like(probs[0])[None], torch.stack(probs)])
     return TokenTree(torch.tensor(tokens, dtype=torch.int64), tuple(parents), draft_probs)
+
+
+class VoteSpeculation(Speculation):
+    """Collective speculation (Minions): every drafter proposes a chain and a per-position majority
+    vote, weighted by each drafter's running acceptance rate, picks the one chain the target verifies.
+
+    Weights follow weighted-majority learning: after each step a drafter's weight moves towards the
+    share of its draft the target committed, so drafters that keep being rejected lose their say.
+    Verification cost stays that of one chain however many drafters vote.
+
+    Sampling needs every verified token to be a draw from the distribution stored with it, which a
+    token-by-token vote over several drafters' samples is not. There the vote is between drafters: the
+    chain of the heaviest drafter (weights come from earlier steps only) is verified, losslessly.
+    """
+
+    def __init__(self, drafters: Sequence[Drafter], decay: float = 0.8) -> None:
+        if not drafters:
+            raise ValueError("a vote needs at least one drafter")
+        self.drafters = list(drafters)
+        self.decay = decay
+        self.weights = [1.0] * len(drafters)
+        self._last_context: list[int] = []
+        self._last_drafts: list[Draft] = []
+
+    def speculate(self, context, max_depth, sampling, generator) -> TokenTree:
+        self._learn(context)
+        drafts = [d.propose(context, max_depth, sampling, generator) for d in self.drafters]
+        self._last_context, self._last_drafts = list(context), drafts
+        if not sampling.greedy:
+            best = drafts[max(range(len(drafts)), key=self.weights.__getitem__)]
+            return TokenTree.chain(context[-1], best.tokens, best.probs)
+        voted = weighted_vote([d.tokens.tolist() for d in drafts], self.weights)
+        return TokenTree.chain(context[-1], torch.tensor(voted, dtype=torch.int64))
+
+    def _learn(self, context: list[int]) -> None:
+        """Score the previous step's drafts against what the target committed since."""
+        previous = self._last_context
+        if not previous or context[: len(previous)] != previous:  # first step of a sequence
+            return
+        committed = context[len(previous) :]
+        for i, draft in enumerate(self._last_drafts):
+            if len(draft) == 0:
+                continue
+            agreed = common_prefix_len(draft.tokens.tolist(), committed)
+            self.weights[i] = self.decay * self.weights[i] + (1 - self.decay) * agreed / len(draft)
+
+
+def weighted_vote(chains: Sequence[list[int]], weights: Sequence[float]) -> list[int]:
+    """Walk the trie of `chains` from the root, always into the child with the most weight behind it
+    (ties: the earlier chain's token). Each chain's weight counts only while it agrees with the vote."""
+    voted: list[int] = []
+    alive = [i for i, chain in enumerate(chains) if chain]
+    while True:
+        depth = len(voted)
+        support: dict[int, float] = {}
+        for i in alive:
+            if depth < len(chains[i]):
+                token = chains[i][depth]
+                support[token] = support.get(token, 0.0) + weights[i]
+        if not support:
+            return voted
+        winner = max(support, key=support.__getitem__)  # dicts keep first-seen order on ties
+        voted.append(winner)
+        alive = [i for i in alive if depth < len(chains[i]) and chains[i][depth] == winner]
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    length = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        length += 1
+    return length

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,21 +139,24 @@ def hf_generation_config(
 
 
 def build_contenders(
-    methods: Sequence[str],
+    engine_configs: Sequence[EngineConfig],
     baselines: Sequence[str],
     target: LoadedModel,
-    draft_model: LoadedModel,
-    gamma: int,
+    draft_models: Mapping[str, LoadedModel],
+    assistant: LoadedModel | None,
 ) -> list[Contender]:
     """Methods, then baselines (names as `BenchConfig` validated them), sharing one copy of the weights."""
-    check_same_vocabulary(target, draft_model)
-    contenders: list[Contender] = []
-    for method in methods:
-        config = EngineConfig(target=target.spec, drafter=draft_model.spec, method=method, gamma=gamma)
-        contenders.append(SwarmspecMethod(method, Engine.from_models(config, target, draft_model)))
+    contenders: list[Contender] = [
+        SwarmspecMethod(config.method, Engine.from_models(config, target, draft_models))
+        for config in engine_configs
+    ]
+    if "hf-assisted" in baselines:
+        if assistant is None:
+            raise ValueError("hf-assisted needs an assistant model")
+        check_same_vocabulary(target, assistant)
     peers = {
         "hf-generate": HFBaseline("hf-generate", target),
-        "hf-assisted": HFBaseline("hf-assisted", target, assistant=draft_model.model),
+        "hf-assisted": HFBaseline("hf-assisted", target, assistant=assistant.model if assistant else None),
         "hf-prompt-lookup": HFBaseline(
             "hf-prompt-lookup", target, prompt_lookup_tokens=HF_PROMPT_LOOKUP_TOKENS
         ),

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from swarmspec.bench.contenders import Contender, build_contenders
 from swarmspec.bench.questions import Question, load_questions, select_questions
 from swarmspec.bench.report import Row, RunRecord, markdown_tables, summarize, write_report
-from swarmspec.config import BenchConfig
+from swarmspec.config import BenchConfig, EngineConfig
 from swarmspec.engine import encode_prompt
 from swarmspec.errors import InvalidRequestError
 from swarmspec.models.loading import LoadedModel, load_model, split_spec
@@ -89,13 +89,13 @@ def reference_contender(names: Sequence[str]) -> str | None:
 
 def run_bench(config: BenchConfig, command_line: str | None = None) -> BenchResult:
     questions = select_questions(load_questions(config.questions), config.categories, config.per_category)
-    for spec in (config.target, config.drafter):  # fail on a bad name before loading any weights
+    for spec in (config.target, *config.model_drafters):  # fail on a bad name before loading weights
         resolve_model(split_spec(spec)[1])
     out_dir = Path(config.out or f"bench-results/{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
 
-    print(f"loading {config.target} and {config.drafter} ...", file=sys.stderr, flush=True)
+    print(f"loading {', '.join([config.target, *config.model_drafters])} ...", file=sys.stderr, flush=True)
     target = load_model(config.target)
-    draft_model = load_model(config.drafter)
+    draft_models = {spec: load_model(spec) for spec in config.model_drafters}
     prompts = [(q, encode_prompt(target.tokenizer, q.prompt, chat=True)) for q in questions]
     limit = target.model.config.max_position_embeddings
     for question, ids in prompts:
@@ -104,7 +104,9 @@ def run_bench(config: BenchConfig, command_line: str | None = None) -> BenchResu
                 f"question {question.question_id}: prompt ({len(ids)} tokens) + max_new_tokens "
                 f"({config.max_new_tokens}) exceeds the target's context of {limit} tokens"
             )
-    contenders = build_contenders(config.methods, config.baselines, target, draft_model, config.gamma)
+    engine_configs = [config.engine_config(method) for method in config.methods]
+    assistant = draft_models.get(config.assistant)
+    contenders = build_contenders(engine_configs, config.baselines, target, draft_models, assistant)
     names = [c.name for c in contenders]
     families = sorted({q.family for q in questions})
     print(
@@ -124,22 +126,23 @@ def run_bench(config: BenchConfig, command_line: str | None = None) -> BenchResu
     )
     reference = reference_contender(names)
     rows = summarize(records, reference, greedy=config.sampling.greedy)
-    meta = run_metadata(config, target, draft_model, command_line, time.time() - started)
+    meta = run_metadata(config, engine_configs, target, draft_models, command_line, time.time() - started)
     paths = write_report(out_dir, meta, records, rows, reference)
     return BenchResult(rows, markdown_tables(rows, reference), paths)
 
 
 def run_metadata(
     config: BenchConfig,
+    engine_configs: Sequence[EngineConfig],
     target: LoadedModel,
-    draft_model: LoadedModel,
+    draft_models: dict[str, LoadedModel],
     command_line: str | None,
     elapsed_s: float,
 ) -> dict[str, Any]:
     """Everything needed to reproduce the run and read its figures."""
     device = device_name()
     profiles: dict[str, str] = {}
-    for model in (target, draft_model):
+    for model in (target, *draft_models.values()):
         profile = CostProfile.load(model.spec, device)
         if profile is None:
             profiles[model.spec] = f"not measured here (run: swarmspec profile --target {model.spec})"
@@ -151,7 +154,8 @@ def run_metadata(
         "command": command_line or shlex.join(sys.argv),
         "device": device,
         "target": target.spec,
-        "drafter": draft_model.spec,
+        "drafters": "; ".join(f"{c.method}: {', '.join(c.drafters)}" for c in engine_configs if c.drafters),
+        "hf-assisted assistant": config.assistant if "hf-assisted" in config.baselines else "-",
         "swarmspec": importlib.metadata.version("swarmspec"),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
