@@ -28,6 +28,12 @@ from swarmspec.cli import main
             "no model 'no-such-model'",
         ),
         (["fetch", "no-such-model"], "unknown model 'no-such-model'"),
+        (["generate", "hi", "--tree", "3,2"], "--tree widths need --method tree, not chain"),
+        (["generate", "hi", "--method", "tree", "--tree", "3,0"], "tree widths must be >= 1"),
+        (
+            ["generate", "hi", "--method", "tree", "--tree", "2", "--drafter", "prompt-lookup"],
+            "an expansion tree (--tree) needs a model among the drafters",
+        ),
         (
             ["generate", "hi", "--drafter", "prompt-lookup", "--drafter", "suffix"],
             "chain takes one drafter, got 2",

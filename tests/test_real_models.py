@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from swarmspec.config import GenerationRequest
+from swarmspec.config import EngineConfig, GenerationRequest
 from swarmspec.drafters.model import ModelDrafter
 from swarmspec.engine import Engine, stop_token_ids
 from swarmspec.models.loading import LoadedModel, load_model
@@ -73,3 +73,21 @@ def test_onednn_target_equals_transformers_generate(hf_reference: dict[str, list
     for prompt in PROMPTS:
         result = engine.generate(GenerationRequest(prompt, max_new_tokens=NEW_TOKENS))
         assert result.token_ids == hf_reference[prompt], prompt
+
+
+@pytest.mark.parametrize(
+    ("method", "tree_widths"),
+    [("tree", ()), ("tree", (3, 2, 1, 1)), ("vote", ())],
+    ids=["merged", "3-2-1-1", "vote"],
+)
+def test_tree_and_vote_equal_transformers_generate(
+    target: LoadedModel, hf_reference: dict[str, list[int]], method: str, tree_widths: tuple[int, ...]
+) -> None:
+    """Token trees and the vote over the int8 drafter, prompt lookup and suffix matching."""
+    drafters = (f"int8:{DEFAULT_DRAFTER}", "prompt-lookup", "suffix")
+    config = EngineConfig(target=DEFAULT_TARGET, method=method, drafters=drafters, tree_widths=tree_widths)
+    engine = Engine.from_models(config, target, {drafters[0]: load_model(drafters[0])})
+    for prompt in PROMPTS:
+        result = engine.generate(GenerationRequest(prompt, max_new_tokens=NEW_TOKENS))
+        assert result.token_ids == hf_reference[prompt], prompt
+        assert result.stats.accepted_tokens > 0

@@ -4,6 +4,7 @@ plain decoding, and sampling through a tree of two different drafters keeps the 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -17,7 +18,14 @@ from swarmspec.drafters.model import ModelDrafter
 from swarmspec.metrics import DecodeStats
 from swarmspec.runner import HFRunner
 from swarmspec.sampling import SamplingConfig
-from swarmspec.speculate import MergedTree, VoteSpeculation, merge_drafts, weighted_vote
+from swarmspec.speculate import (
+    ExpansionTree,
+    MergedTree,
+    Speculation,
+    VoteSpeculation,
+    merge_drafts,
+    weighted_vote,
+)
 from swarmspec.verify import make_verifier
 
 from tiny_models import TrigramLM, run_decode, tiny_qwen2
@@ -93,16 +101,26 @@ PROMPT = [0, 1]
 SAMPLES = 6000
 
 
-def tree_sampling_counts(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Counts of the first 3 tokens decoded with a tree of two different drafters, and their exact
-    probabilities under the target."""
+def two_drafter_tree() -> Speculation:
+    """Chains of two different drafters, each its own branch."""
+    return MergedTree([ModelDrafter(TrigramLM(seed=s, vocab_size=VOCAB)) for s in (2, 3)])
+
+
+def expansion_tree() -> Speculation:
+    """Two sampled children per node from one drafter, plus a second drafter's chain."""
+    drafter, other = (ModelDrafter(TrigramLM(seed=s, vocab_size=VOCAB)) for s in (2, 3))
+    return ExpansionTree(drafter, [2, 2], [other])
+
+
+SPECULATIONS = {"merged": two_drafter_tree, "expansion": expansion_tree}
+
+
+def tree_sampling_counts(seed: int, make: Callable[[], Speculation]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts of the first 3 tokens decoded with a tree speculation, and their exact probabilities
+    under the target."""
     sampling = SamplingConfig(temperature=1.0)
     target = TrigramLM(seed=1, vocab_size=VOCAB)
-    drafters = [
-        ModelDrafter(TrigramLM(seed=2, vocab_size=VOCAB)),
-        ModelDrafter(TrigramLM(seed=3, vocab_size=VOCAB)),
-    ]
-    speculation = MergedTree(drafters)
+    speculation = make()
     generator = torch.Generator().manual_seed(seed)
     counts = torch.zeros(VOCAB**3, dtype=torch.float64)
     for _ in range(SAMPLES):
@@ -123,8 +141,8 @@ def tree_sampling_counts(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return counts, exact
 
 
-def tree_p_value(seed: int) -> float:
-    counts, exact = tree_sampling_counts(seed)
+def tree_p_value(seed: int, make: Callable[[], Speculation]) -> float:
+    counts, exact = tree_sampling_counts(seed, make)
     expected = exact / exact.sum() * counts.sum()
     keep = expected >= 5
     observed = torch.cat([counts[keep], counts[~keep].sum().view(1)])
@@ -133,14 +151,16 @@ def tree_p_value(seed: int) -> float:
 
 
 @pytest.mark.slow
-def test_tree_of_two_drafters_samples_the_target_distribution() -> None:
-    assert tree_p_value(seed=0) > 1e-3
+@pytest.mark.parametrize("tree", SPECULATIONS)
+def test_tree_sampling_reproduces_the_target_distribution(tree: str) -> None:
+    assert tree_p_value(0, SPECULATIONS[tree]) > 1e-3
 
 
 @pytest.mark.slow
-def test_tree_with_broken_residual_update_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("tree", SPECULATIONS)
+def test_tree_with_broken_residual_update_fails(tree: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(swarmspec.verify, "residual_after_rejection", lambda p, q: p)
-    assert tree_p_value(seed=0) < 1e-6
+    assert tree_p_value(0, SPECULATIONS[tree]) < 1e-6
 
 
 def test_weighted_vote_follows_the_heaviest_branch() -> None:
@@ -180,3 +200,40 @@ def test_vote_samples_the_heaviest_drafters_own_chain() -> None:
     tree = vote.speculate([0, 1], 3, SamplingConfig(temperature=1.0), None)
     assert tree.is_chain and tree.draft_probs is not None
     assert torch.equal(tree.draft_probs[1:], q[1, :3])
+
+
+def test_expansion_tree_shape_and_greedy_children() -> None:
+    draft_model = tiny_qwen2(7)
+    drafter = ModelDrafter(HFRunner(draft_model))
+    context = torch.randint(96, (10,), generator=torch.Generator().manual_seed(7)).tolist()
+    tree = drafter.propose_tree(context, [3, 2], GREEDY, None)
+    assert tree.parents == (-1, 0, 0, 0, 1, 1, 2, 2, 3, 3)
+    assert drafter.runner.cached_len == len(context)  # the speculative nodes left the drafter's cache
+    top3 = HFRunner(draft_model).forward(torch.tensor(context), num_logits=1)[0].topk(3).indices
+    assert tree.tokens[1:4].tolist() == top3.tolist()
+    for node in (1, 2, 3):  # each child's top 2 under its own branch
+        branch = torch.tensor([*context, int(tree.tokens[node])])
+        top2 = HFRunner(draft_model).forward(branch, num_logits=1)[0].topk(2).indices
+        assert tree.tokens[tree.children(node)].tolist() == top2.tolist()
+
+
+@pytest.mark.parametrize(
+    ("seed", "widths"), list(itertools.product(range(3), [(3, 2, 1, 1), (2, 2), (1, 1, 1), (4,)]))
+)
+def test_expansion_tree_greedy_equals_autoregressive(seed: int, widths: tuple[int, ...]) -> None:
+    target = tiny_qwen2(seed)
+    prompt = torch.randint(96, (6,), generator=torch.Generator().manual_seed(seed)).tolist() * 2
+    drafter = ModelDrafter(HFRunner(tiny_qwen2(seed + 50, layers=1)))
+    speculation = ExpansionTree(drafter, widths, [PromptLookupDrafter(vocab_size=96)])
+    reference, _ = run_decode(target, None, prompt, 40)
+    output, _ = run_decode(target, speculation, prompt, 40, gamma=4)
+    assert output == reference
+
+
+def test_expansion_tree_with_the_target_as_drafter_accepts_full_depth() -> None:
+    target = tiny_qwen2(2)
+    prompt = torch.randint(96, (8,), generator=torch.Generator().manual_seed(2)).tolist()
+    speculation = ExpansionTree(ModelDrafter(HFRunner(target)), [2, 2, 2])
+    output, stats = run_decode(target, speculation, prompt, 41, gamma=3)
+    assert output == run_decode(target, None, prompt, 41)[0]
+    assert stats.target_forwards == 1 + 40 // 4  # prefill, then 3 accepted + 1 per forward

@@ -94,8 +94,10 @@ class TrigramLM(ModelRunner):
         new = input_ids.tolist()
         k = len(new)
         sees = tree_mask if tree_mask is not None else torch.ones(k, k, dtype=torch.bool).tril()
+        root = len(self.tokens) + k - sees.shape[1]
+        block = self.tokens[root:] + new  # the tree's nodes, root first
         rows = [
-            self.next_logits(self.tokens + [new[j] for j in range(k) if sees[i, j]])
+            self.next_logits(self.tokens[:root] + [block[j] for j in range(len(block)) if sees[i, j]])
             for i in range(k - num_logits, k)
         ]
         self.tokens.extend(new)

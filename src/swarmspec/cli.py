@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--method", choices=METHODS, default=defaults.method, help="default: %(default)s")
     gen.add_argument("--gamma", type=int, default=defaults.gamma, help="tokens drafted per target forward")
+    gen.add_argument("--tree", type=int_list, default=(), help="tree widths per depth, e.g. 3,2,1,1")
     request = GenerationRequest(prompt="-")
     gen.add_argument("--max-new-tokens", type=int, default=request.max_new_tokens)
     gen.add_argument("--temperature", type=float, default=request.sampling.temperature, help="0 = greedy")
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--target", default=bench_defaults.target)
     bench.add_argument("--drafter", action="append", help="repeatable; default: each method's own")
     bench.add_argument("--gamma", type=int, default=bench_defaults.gamma)
+    bench.add_argument("--tree", type=int_list, default=(), help="the tree method's widths, e.g. 3,2,1,1")
     bench.add_argument("--temperature", type=float, default=bench_defaults.sampling.temperature)
     bench.add_argument("--top-p", type=float, default=bench_defaults.sampling.top_p)
     bench.add_argument("--top-k", type=int, default=bench_defaults.sampling.top_k)
@@ -106,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def comma_list(text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(item) for item in comma_list(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -121,7 +130,11 @@ def run_generate(args: argparse.Namespace) -> int:
         stop=tuple(args.stop),
     )
     config = EngineConfig(
-        target=args.target, method=args.method, drafters=tuple(args.drafter or ()), gamma=args.gamma
+        target=args.target,
+        method=args.method,
+        drafters=tuple(args.drafter or ()),
+        gamma=args.gamma,
+        tree_widths=args.tree,
     )
     start = time.perf_counter()
     drafter_note = f" with drafters {', '.join(config.drafters)}" if config.method != "ar" else ""
@@ -208,6 +221,7 @@ def run_bench(args: argparse.Namespace) -> int:
         target=args.target,
         drafters=tuple(args.drafter or ()),
         gamma=args.gamma,
+        tree_widths=args.tree,
         sampling=SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p),
         seed=args.seed,
         repeats=args.repeats,

@@ -28,6 +28,9 @@ class EngineConfig:
     drafters: tuple[str, ...] = ()
     # Tokens drafted per target forward: the depth of the speculated chain or tree.
     gamma: int = 4
+    # tree only: children per node at each depth (e.g. 3,2,1,1) expanded from the first model drafter,
+    # the other drafters' chains merged in; empty: every drafter's chain merged into one trie.
+    tree_widths: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -40,6 +43,13 @@ class EngineConfig:
             raise InvalidRequestError(
                 f"chain takes one drafter, got {len(self.drafters)}; use --method tree or vote for several"
             )
+        if self.tree_widths:
+            if self.method != "tree":
+                raise InvalidRequestError(f"--tree widths need --method tree, not {self.method}")
+            if min(self.tree_widths) < 1:
+                raise InvalidRequestError(f"tree widths must be >= 1, got {list(self.tree_widths)}")
+            if not self.model_drafters:
+                raise InvalidRequestError("an expansion tree (--tree) needs a model among the drafters")
 
     @property
     def model_drafters(self) -> tuple[str, ...]:
@@ -95,6 +105,8 @@ class BenchConfig:
     # Drafters of every speculative method; empty: each method's default (`default_drafters`).
     drafters: tuple[str, ...] = ()
     gamma: int = 4
+    # The tree method's widths (see EngineConfig.tree_widths).
+    tree_widths: tuple[int, ...] = ()
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     # Question i, repeat r is generated with seed + i (the same for every contender and repeat).
     seed: int = 0
@@ -123,7 +135,10 @@ class BenchConfig:
     def engine_config(self, method: str) -> EngineConfig:
         """One method's engine: the given drafters (chain takes the first), else the method's default."""
         drafters = self.drafters[:1] if method == "chain" else self.drafters
-        return EngineConfig(target=self.target, method=method, drafters=drafters, gamma=self.gamma)
+        widths = self.tree_widths if method == "tree" else ()
+        return EngineConfig(
+            target=self.target, method=method, drafters=drafters, gamma=self.gamma, tree_widths=widths
+        )
 
     @property
     def assistant(self) -> str:

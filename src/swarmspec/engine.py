@@ -19,7 +19,13 @@ from swarmspec.models.loading import LoadedModel, check_same_vocabulary, load_mo
 from swarmspec.models.registry import resolve_model
 from swarmspec.runner import HFRunner, ModelRunner
 from swarmspec.sampling import SamplingConfig
-from swarmspec.speculate import ChainSpeculation, MergedTree, Speculation, VoteSpeculation
+from swarmspec.speculate import (
+    ChainSpeculation,
+    ExpansionTree,
+    MergedTree,
+    Speculation,
+    VoteSpeculation,
+)
 from swarmspec.verify import make_verifier
 
 
@@ -115,7 +121,7 @@ def build_speculation(
     if config.method == "ar":
         return None
     vocab_size = target.model.config.vocab_size
-    drafters: list[Drafter] = []
+    drafters: list[Drafter] = []  # in the order given
     for spec in config.drafters:
         if spec == "prompt-lookup":
             drafters.append(PromptLookupDrafter(vocab_size))
@@ -126,6 +132,10 @@ def build_speculation(
             drafters.append(ModelDrafter(warmed_up(HFRunner(draft_models[spec].model))))
     if config.method == "chain":
         return ChainSpeculation(drafters[0])
+    if config.method == "tree" and config.tree_widths:
+        expander = next(d for d in drafters if isinstance(d, ModelDrafter))
+        others = [d for d in drafters if d is not expander]
+        return ExpansionTree(expander, config.tree_widths, others)
     if config.method == "tree":
         return MergedTree(drafters)
     return VoteSpeculation(drafters)

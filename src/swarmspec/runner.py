@@ -30,12 +30,14 @@ class ModelRunner(ABC):
         self,
         input_ids: torch.Tensor,  # [k] tokens that follow the cached ones
         num_logits: int,
-        tree_mask: torch.Tensor | None = None,  # [k, k] bool: [i, j] = token j is token i or its ancestor
+        tree_mask: torch.Tensor | None = None,  # [k, m] bool, m >= k: see below
     ) -> torch.Tensor:  # [n=num_logits, V] float32 logits of the last num_logits input positions
         """Run the k tokens on top of the cache and append them to it.
 
-        Without a tree mask the tokens form a chain; with one, a token tree (see `tree.TokenTree`) read
-        in one forward: each token attends to the cache and its ancestors only.
+        Without a tree mask the tokens form a chain. With one, they are nodes of a token tree (see
+        `tree.TokenTree`) whose first m - k nodes, starting with the root, are the last cached tokens:
+        [i, j] says whether new token i sees tree node j (itself and its ancestors). Everything cached
+        before the root is seen by all; a node's position is the root's plus its depth.
         """
 
     @abstractmethod
@@ -74,12 +76,12 @@ class HFRunner(ModelRunner):
             raise ValueError(f"sequence would exceed the model's {self.max_length} positions")
         tree_inputs = {}
         if tree_mask is not None:
-            # Every new token sees the whole cache plus its ancestors, at position cached_len + depth.
-            allowed = torch.cat([torch.ones(k, cached_len, dtype=torch.bool), tree_mask], dim=1)
+            root_position = cached_len + k - tree_mask.shape[1]
+            allowed = torch.cat([torch.ones(k, root_position, dtype=torch.bool), tree_mask], dim=1)
             dtype = self.model.dtype if self.model.dtype.is_floating_point else torch.float32
             mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
             depth = tree_mask.sum(dim=-1) - 1  # ancestors, itself excluded
-            tree_inputs = {"attention_mask": mask[None, None], "position_ids": (cached_len + depth)[None]}
+            tree_inputs = {"attention_mask": mask[None, None], "position_ids": (root_position + depth)[None]}
         out = self.model(
             input_ids=input_ids.unsqueeze(0),
             past_key_values=self.cache,

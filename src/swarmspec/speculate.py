@@ -2,6 +2,7 @@
 
 - `ChainSpeculation`: one drafter's chain (classic speculative decoding).
 - `VoteSpeculation`: several drafters vote, weighted by their running acceptance (Minions).
+- `ExpansionTree`: one draft model's top-k (or sampled) children per depth, other drafters merged in.
 - `MergedTree`: several drafters' chains merged into one trie by shared prefixes (SpecInfer's
   merge-based tree); in sampling mode every proposal stays its own branch, since multi-step
   speculative sampling needs each node to be a draw from one drafter's distribution.
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from swarmspec.drafters.base import Draft, Drafter
+from swarmspec.drafters.model import ModelDrafter
 from swarmspec.sampling import SamplingConfig
 from swarmspec.tree import TokenTree
 
@@ -58,11 +60,34 @@ class MergedTree(Speculation):
         return merge_drafts(context[-1], drafts, dedupe=sampling.greedy)
 
 
+class ExpansionTree(Speculation):
+    """SpecInfer's expansion-based tree from one draft model (`widths[d]` children per node at depth d,
+    e.g. 3,2,1,1), with the other drafters' chains merged in."""
+
+    def __init__(self, drafter: ModelDrafter, widths: Sequence[int], others: Sequence[Drafter] = ()) -> None:
+        if not widths or min(widths) < 1:
+            raise ValueError(f"tree widths must be >= 1, got {list(widths)}")
+        self.drafter = drafter
+        self.widths = list(widths)
+        self.others = list(others)
+
+    def speculate(self, context, max_depth, sampling, generator) -> TokenTree:
+        tree = self.drafter.propose_tree(context, self.widths[:max_depth], sampling, generator)
+        drafts = [d.propose(context, max_depth, sampling, generator) for d in self.others]
+        return merge_into(tree, drafts, dedupe=sampling.greedy)
+
+
 def merge_drafts(root: int, drafts: Sequence[Draft], dedupe: bool) -> TokenTree:
-    """One tree from several chains. With `dedupe`, chains share nodes along common prefixes (a trie);
-    without, each chain is a separate branch under the root, keeping its own distributions."""
-    tokens, parents, probs = [root], [-1], []
-    children: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
+    """One tree from several chains under `root`; see `merge_into`."""
+    return merge_into(TokenTree.chain(root, torch.empty(0, dtype=torch.int64)), drafts, dedupe)
+
+
+def merge_into(tree: TokenTree, drafts: Sequence[Draft], dedupe: bool) -> TokenTree:
+    """Add chains below the root of `tree`. With `dedupe`, a chain shares existing nodes along common
+    prefixes (a trie); without, each chain is a separate branch, keeping its own distributions."""
+    tokens, parents = tree.tokens.tolist(), list(tree.parents)
+    probs = [] if tree.draft_probs is None else list(tree.draft_probs[1:])
+    children = {(p, t): i for i, (p, t) in enumerate(zip(parents, tokens, strict=True)) if i > 0}
     for draft in drafts:
         node = 0
         for i, token in enumerate(draft.tokens.tolist()):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from swarmspec.drafters.base import Draft, Drafter
 from swarmspec.runner import ModelRunner
-from swarmspec.sampling import SamplingConfig, choose_tokens
+from swarmspec.sampling import SamplingConfig, choose_tokens, logits_to_probs
+from swarmspec.tree import TokenTree
 
 
 class ModelDrafter(Drafter):
@@ -42,6 +45,47 @@ class ModelDrafter(Drafter):
             if i + 1 < max_tokens:
                 logits = self._run(token.view(1))
         return Draft(torch.stack(tokens), torch.stack(probs) if probs else None)
+
+    def propose_tree(
+        self,
+        context: list[int],
+        widths: Sequence[int],
+        sampling: SamplingConfig,
+        generator: torch.Generator | None,
+    ) -> TokenTree:
+        """Expansion-based token tree (SpecInfer): every node at depth d gets widths[d] children.
+
+        Greedy: the top-widths[d] tokens of the node's distribution. Sampling: widths[d] independent
+        draws from it (repeats stay separate children), each child keeping that distribution, as
+        multi-step speculative sampling requires. One drafter forward per depth reads all its nodes.
+        """
+        logits = self._catch_up(context)[None]  # [1, V]: after the root
+        base = self.runner.cached_len  # the root, context[-1], is the last cached token
+        tokens, parents = [context[-1]], [-1]
+        probs: list[torch.Tensor] = [torch.zeros_like(logits[0])]
+        frontier = [0]
+        for depth, width in enumerate(widths):
+            children = []
+            for node, node_logits in zip(frontier, logits, strict=True):
+                if sampling.greedy:
+                    chosen, node_probs = node_logits.topk(width).indices, None
+                else:
+                    node_probs = logits_to_probs(node_logits, sampling)
+                    chosen = torch.multinomial(node_probs, width, replacement=True, generator=generator)
+                for token in chosen.tolist():
+                    tokens.append(token)
+                    parents.append(node)
+                    if node_probs is not None:
+                        probs.append(node_probs)
+                    children.append(len(tokens) - 1)
+            frontier = children
+            if depth + 1 < len(widths):  # leaves need no logits
+                tree = TokenTree(torch.tensor(tokens), tuple(parents))
+                mask = tree.ancestor_mask()[frontier]  # [k, nodes so far]: cached ones are a prefix
+                logits = self.runner.forward(tree.tokens[frontier], num_logits=len(frontier), tree_mask=mask)
+        self.runner.rollback(base)  # the drafter's cache holds the context again, as cached_ids says
+        draft_probs = torch.stack(probs) if len(probs) == len(tokens) else None
+        return TokenTree(torch.tensor(tokens, dtype=torch.int64), tuple(parents), draft_probs)
 
     def _catch_up(self, context: list[int]) -> torch.Tensor:  # [V] logits after the last context token
         shared = 0
