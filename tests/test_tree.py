@@ -9,7 +9,7 @@ from scipy.stats import chisquare
 
 import swarmspec.verify
 from swarmspec.runner import HFRunner
-from swarmspec.tree import TokenTree
+from swarmspec.tree import TokenTree, position_ids
 from swarmspec.verify import verify_greedy, verify_tree_greedy, verify_tree_sampling
 
 from tiny_models import TrigramLM, tiny_qwen2
@@ -23,6 +23,15 @@ from tiny_models import TrigramLM, tiny_qwen2
 #   e(5)
 PARENTS = (-1, 0, 0, 1, 1, 3)
 TOKENS = torch.tensor([10, 11, 12, 13, 14, 15])
+
+
+def path_to(tree: TokenTree, node: int) -> list[int]:
+    """Node indices from the root's child down to `node` (empty for the root)."""
+    path = []
+    while node > 0:
+        path.append(node)
+        node = tree.parents[node]
+    return path[::-1]
 
 
 def hand_tree() -> TokenTree:
@@ -43,9 +52,9 @@ def test_ancestor_mask_and_depths_by_hand() -> None:
         dtype=torch.bool,
     )
     assert torch.equal(tree.ancestor_mask(), expected)
-    assert tree.depths().tolist() == [0, 1, 1, 2, 2, 3]
+    assert position_ids(tree.ancestor_mask(), root_position=10).tolist() == [10, 11, 11, 12, 12, 13]
     assert tree.children(0) == [1, 2] and tree.children(1) == [3, 4] and tree.children(5) == []
-    assert tree.path_to(5) == [1, 3, 5] and tree.path_to(0) == []
+    assert path_to(tree, 5) == [1, 3, 5] and path_to(tree, 0) == []
 
 
 @pytest.mark.parametrize(
@@ -79,7 +88,7 @@ def test_tree_forward_equals_each_branch_run_alone(seed: int) -> None:
     tree_tokens = torch.cat([prompt[-1:], tree.tokens[1:]])  # the root is the newest committed token
     tree_logits = runner.forward(tree_tokens, num_logits=len(tree), tree_mask=tree.ancestor_mask())
     for node in range(len(tree)):
-        branch = torch.cat([prompt, tree_tokens[tree.path_to(node)]])
+        branch = torch.cat([prompt, tree_tokens[path_to(tree, node)]])
         alone = HFRunner(model).forward(branch, num_logits=1)[0]
         torch.testing.assert_close(tree_logits[node], alone, rtol=1e-4, atol=1e-4)
 

@@ -13,6 +13,8 @@ from abc import ABC, abstractmethod
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from swarmspec.tree import position_ids
+
 
 class ModelRunner(ABC):
     """A causal LM with its KV cache for one sequence."""
@@ -80,8 +82,8 @@ class HFRunner(ModelRunner):
             allowed = torch.cat([torch.ones(k, root_position, dtype=torch.bool), tree_mask], dim=1)
             dtype = self.model.dtype if self.model.dtype.is_floating_point else torch.float32
             mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-            depth = tree_mask.sum(dim=-1) - 1  # ancestors, itself excluded
-            tree_inputs = {"attention_mask": mask[None, None], "position_ids": (root_position + depth)[None]}
+            positions = position_ids(tree_mask, root_position)
+            tree_inputs = {"attention_mask": mask[None, None], "position_ids": positions[None]}
         out = self.model(
             input_ids=input_ids.unsqueeze(0),
             past_key_values=self.cache,

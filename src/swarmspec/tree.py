@@ -49,22 +49,13 @@ class TokenTree:
     def children(self, node: int) -> list[int]:
         return [i for i, p in enumerate(self.parents) if p == node]
 
-    def depths(self) -> torch.Tensor:  # [n] int64; the root has depth 0
-        depth = [0] * len(self)
-        for i in range(1, len(self)):
-            depth[i] = depth[self.parents[i]] + 1
-        return torch.tensor(depth, dtype=torch.int64)
-
     def ancestor_mask(self) -> torch.Tensor:  # [n, n] bool: [i, j] = node j is node i or an ancestor
         mask = torch.eye(len(self), dtype=torch.bool)
         for i in range(1, len(self)):
             mask[i] |= mask[self.parents[i]]
         return mask
 
-    def path_to(self, node: int) -> list[int]:
-        """Node indices from the root's first child down to `node` (empty for the root)."""
-        path = []
-        while node > 0:
-            path.append(node)
-            node = self.parents[node]
-        return path[::-1]
+
+def position_ids(tree_mask: torch.Tensor, root_position: int) -> torch.Tensor:  # [k] int64
+    """Positions of tree nodes from their ancestor-mask rows: the root's position plus the depth."""
+    return root_position + tree_mask.sum(dim=-1) - 1  # ancestors, itself excluded

@@ -150,16 +150,14 @@ def build_contenders(
         SwarmspecMethod(config.method, Engine.from_models(config, target, draft_models))
         for config in engine_configs
     ]
-    if "hf-assisted" in baselines:
-        if assistant is None:
-            raise ValueError("hf-assisted needs an assistant model")
-        check_same_vocabulary(target, assistant)
-    peers = {
-        "hf-generate": HFBaseline("hf-generate", target),
-        "hf-assisted": HFBaseline("hf-assisted", target, assistant=assistant.model if assistant else None),
-        "hf-prompt-lookup": HFBaseline(
-            "hf-prompt-lookup", target, prompt_lookup_tokens=HF_PROMPT_LOOKUP_TOKENS
-        ),
-    }
-    contenders += [peers[name] for name in baselines]
+    for name in baselines:
+        if name == "hf-assisted":
+            if assistant is None:
+                raise ValueError("hf-assisted needs an assistant model")
+            check_same_vocabulary(target, assistant)
+            contenders.append(HFBaseline(name, target, assistant=assistant.model))
+        elif name == "hf-prompt-lookup":
+            contenders.append(HFBaseline(name, target, prompt_lookup_tokens=HF_PROMPT_LOOKUP_TOKENS))
+        else:
+            contenders.append(HFBaseline(name, target))
     return contenders

@@ -13,7 +13,19 @@ from swarmspec.drafters.base import Draft, Drafter
 from swarmspec.sampling import SamplingConfig
 
 
-class PromptLookupDrafter(Drafter):
+class NgramDrafter(Drafter):
+    """Shared by the model-free drafters: n-gram lengths to try, longest first, and the vocabulary size
+    their one-hot sampling rows need."""
+
+    def __init__(self, vocab_size: int, max_ngram: int, min_ngram: int) -> None:
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.vocab_size = vocab_size
+        self.max_ngram = max_ngram
+        self.min_ngram = min_ngram
+
+
+class PromptLookupDrafter(NgramDrafter):
     """Prompt lookup decoding: find the latest earlier occurrence of the context's last n tokens
     (n from `max_ngram` down to `min_ngram`) in the prompt and output so far, and propose what followed.
 
@@ -21,11 +33,7 @@ class PromptLookupDrafter(Drafter):
     """
 
     def __init__(self, vocab_size: int, max_ngram: int = 3, min_ngram: int = 1) -> None:
-        if not 1 <= min_ngram <= max_ngram:
-            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
-        self.vocab_size = vocab_size
-        self.max_ngram = max_ngram
-        self.min_ngram = min_ngram
+        super().__init__(vocab_size, max_ngram, min_ngram)
 
     def propose(
         self,
@@ -61,7 +69,7 @@ def point_mass_draft(tokens: list[int], vocab_size: int, sampling: SamplingConfi
     return Draft(draft.tokens, torch.nn.functional.one_hot(draft.tokens, vocab_size).float())
 
 
-class SuffixDrafter(Drafter):
+class SuffixDrafter(NgramDrafter):
     """Suffix matching over earlier sequences of this process (SuffixDecoding-like).
 
     Every finished sequence (prompt and output) is indexed by its n-grams; a draft is what followed the
@@ -71,11 +79,7 @@ class SuffixDrafter(Drafter):
     """
 
     def __init__(self, vocab_size: int, max_ngram: int = 4, min_ngram: int = 2) -> None:
-        if not 1 <= min_ngram <= max_ngram:
-            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
-        self.vocab_size = vocab_size
-        self.max_ngram = max_ngram
-        self.min_ngram = min_ngram
+        super().__init__(vocab_size, max_ngram, min_ngram)
         self.sequences: list[list[int]] = []
         self.index: dict[tuple[int, ...], tuple[int, int]] = {}  # n-gram -> (sequence, end position)
         self.current: list[int] = []
