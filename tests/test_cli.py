@@ -28,11 +28,14 @@ from swarmspec.cli import main
             "no model 'no-such-model'",
         ),
         (["fetch", "no-such-model"], "unknown model 'no-such-model'"),
-        (["generate", "hi", "--tree", "3,2"], "--tree widths need --method tree, not chain"),
+        (["generate", "hi", "--tree", "3,2"], "--tree and --tree-budget need --method tree, not chain"),
+        (["generate", "hi", "--tree-budget", "8", "--method", "vote"], "need --method tree, not vote"),
+        (["generate", "hi", "--method", "tree", "--tree", "2", "--tree-budget", "8"], "not both"),
+        (["generate", "hi", "--method", "tree", "--tree-budget", "-1"], "--tree-budget must be >= 1"),
         (["generate", "hi", "--method", "tree", "--tree", "3,0"], "tree widths must be >= 1"),
         (
             ["generate", "hi", "--method", "tree", "--tree", "2", "--drafter", "prompt-lookup"],
-            "an expansion tree (--tree) needs a model among the drafters",
+            "--tree and --tree-budget grow the tree from a model drafter",
         ),
         (
             ["generate", "hi", "--drafter", "prompt-lookup", "--drafter", "suffix"],

@@ -5,6 +5,8 @@ Slow: loads the 1.5B target (fp32, ~7 GB) and the 0.5B drafter, fetched and conv
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -76,16 +78,21 @@ def test_onednn_target_equals_transformers_generate(hf_reference: dict[str, list
 
 
 @pytest.mark.parametrize(
-    ("method", "tree_widths"),
-    [("tree", ()), ("tree", (3, 2, 1, 1)), ("vote", ())],
-    ids=["merged", "3-2-1-1", "vote"],
+    "shape",
+    [
+        {"method": "tree"},
+        {"method": "tree", "tree_widths": (3, 2, 1, 1)},
+        {"method": "tree", "tree_budget": 8},
+        {"method": "vote"},
+    ],
+    ids=["merged", "3-2-1-1", "budget-8", "vote"],
 )
 def test_tree_and_vote_equal_transformers_generate(
-    target: LoadedModel, hf_reference: dict[str, list[int]], method: str, tree_widths: tuple[int, ...]
+    target: LoadedModel, hf_reference: dict[str, list[int]], shape: dict[str, Any]
 ) -> None:
     """Token trees and the vote over the int8 drafter, prompt lookup and suffix matching."""
     drafters = (f"int8:{DEFAULT_DRAFTER}", "prompt-lookup", "suffix")
-    config = EngineConfig(target=DEFAULT_TARGET, method=method, drafters=drafters, tree_widths=tree_widths)
+    config = EngineConfig(target=DEFAULT_TARGET, drafters=drafters, **shape)
     engine = Engine.from_models(config, target, {drafters[0]: load_model(drafters[0])})
     for prompt in PROMPTS:
         result = engine.generate(GenerationRequest(prompt, max_new_tokens=NEW_TOKENS))

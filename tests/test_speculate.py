@@ -26,6 +26,7 @@ from swarmspec.speculate import (
     merge_drafts,
     weighted_vote,
 )
+from swarmspec.tree import FixedWidths, NodeBudget, TokenTree
 from swarmspec.verify import make_verifier
 
 from tiny_models import TrigramLM, run_decode, tiny_qwen2
@@ -109,10 +110,16 @@ def two_drafter_tree() -> Speculation:
 def expansion_tree() -> Speculation:
     """Two sampled children per node from one drafter, plus a second drafter's chain."""
     drafter, other = (ModelDrafter(TrigramLM(seed=s, vocab_size=VOCAB)) for s in (2, 3))
-    return ExpansionTree(drafter, [2, 2], [other])
+    return ExpansionTree(drafter, FixedWidths((2, 2)), [other])
 
 
-SPECULATIONS = {"merged": two_drafter_tree, "expansion": expansion_tree}
+def budget_tree() -> Speculation:
+    """A node-budget tree from one drafter (uneven child counts), plus a second drafter's chain."""
+    drafter, other = (ModelDrafter(TrigramLM(seed=s, vocab_size=VOCAB)) for s in (2, 3))
+    return ExpansionTree(drafter, NodeBudget(budget=4, branch=3), [other])
+
+
+SPECULATIONS = {"merged": two_drafter_tree, "expansion": expansion_tree, "budget": budget_tree}
 
 
 def tree_sampling_counts(seed: int, make: Callable[[], Speculation]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,7 +213,7 @@ def test_expansion_tree_shape_and_greedy_children() -> None:
     draft_model = tiny_qwen2(7)
     drafter = ModelDrafter(HFRunner(draft_model))
     context = torch.randint(96, (10,), generator=torch.Generator().manual_seed(7)).tolist()
-    tree = drafter.propose_tree(context, [3, 2], GREEDY, None)
+    tree = drafter.propose_tree(context, FixedWidths((3, 2)), 4, GREEDY, None)
     assert tree.parents == (-1, 0, 0, 0, 1, 1, 2, 2, 3, 3)
     assert drafter.runner.cached_len == len(context)  # the speculative nodes left the drafter's cache
     top3 = HFRunner(draft_model).forward(torch.tensor(context), num_logits=1)[0].topk(3).indices
@@ -224,7 +231,7 @@ def test_expansion_tree_greedy_equals_autoregressive(seed: int, widths: tuple[in
     target = tiny_qwen2(seed)
     prompt = torch.randint(96, (6,), generator=torch.Generator().manual_seed(seed)).tolist() * 2
     drafter = ModelDrafter(HFRunner(tiny_qwen2(seed + 50, layers=1)))
-    speculation = ExpansionTree(drafter, widths, [PromptLookupDrafter(vocab_size=96)])
+    speculation = ExpansionTree(drafter, FixedWidths(widths), [PromptLookupDrafter(vocab_size=96)])
     reference, _ = run_decode(target, None, prompt, 40)
     output, _ = run_decode(target, speculation, prompt, 40, gamma=4)
     assert output == reference
@@ -233,7 +240,57 @@ def test_expansion_tree_greedy_equals_autoregressive(seed: int, widths: tuple[in
 def test_expansion_tree_with_the_target_as_drafter_accepts_full_depth() -> None:
     target = tiny_qwen2(2)
     prompt = torch.randint(96, (8,), generator=torch.Generator().manual_seed(2)).tolist()
-    speculation = ExpansionTree(ModelDrafter(HFRunner(target)), [2, 2, 2])
+    speculation = ExpansionTree(ModelDrafter(HFRunner(target)), FixedWidths((2, 2, 2)))
     output, stats = run_decode(target, speculation, prompt, 41, gamma=3)
     assert output == run_decode(target, None, prompt, 41)[0]
     assert stats.target_forwards == 1 + 40 // 4  # prefill, then 3 accepted + 1 per forward
+
+
+def test_node_budget_takes_the_most_confident_children_and_keeps_depth() -> None:
+    budget = NodeBudget(budget=6, branch=3)
+    assert budget.levels(4) == 4 and NodeBudget(budget=2).levels(4) == 2
+    root = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    # Depth 0 of 4: 6 nodes, 3 deeper levels need one each -> up to 3 children, the root's top 3.
+    assert budget.child_counts(0, 4, 0, [1.0], root) == [3]
+    # Depth 1: slot values 0.5*[0.9, 0.1], 0.3*[0.6, 0.4], 0.15*[0.5, 0.5]; 6 - 3 - 2 = 1 child left.
+    dists = torch.tensor([[0.9, 0.1, 0, 0], [0.6, 0.4, 0, 0], [0.5, 0.5, 0, 0]])
+    assert budget.child_counts(1, 4, 3, [0.5, 0.3, 0.15], dists) == [1, 0, 0]
+    # With more budget the next most valuable slots (0.18, 0.12, ...) go to the second node.
+    wide = NodeBudget(budget=20, branch=3)
+    assert wide.child_counts(1, 4, 3, [0.5, 0.3, 0.15], dists) == [1, 2, 0]
+    assert budget.child_counts(3, 4, 6, [0.2], root) == [0]  # the budget is spent
+
+
+@pytest.mark.parametrize(("seed", "budget"), list(itertools.product(range(3), [1, 3, 8, 12])))
+def test_budget_tree_greedy_equals_autoregressive_within_budget(seed: int, budget: int) -> None:
+    target = tiny_qwen2(seed)
+    prompt = torch.randint(96, (6,), generator=torch.Generator().manual_seed(seed)).tolist() * 2
+    drafter = ModelDrafter(HFRunner(tiny_qwen2(seed + 50, layers=1)))
+    context = [*prompt, 3]
+    tree = drafter.propose_tree(context, NodeBudget(budget), 4, GREEDY, None)
+    assert 1 <= len(tree) - 1 <= budget
+    assert max(tree_depths(tree)) == min(budget, 4)  # a node is kept for every level
+    speculation = ExpansionTree(drafter, NodeBudget(budget), [PromptLookupDrafter(vocab_size=96)])
+    reference, _ = run_decode(target, None, prompt, 40)
+    output, _ = run_decode(target, speculation, prompt, 40, gamma=4)
+    assert output == reference
+
+
+def test_budget_tree_of_a_confident_drafter_is_a_long_chain() -> None:
+    target = tiny_qwen2(4)
+    prompt = torch.randint(96, (8,), generator=torch.Generator().manual_seed(4)).tolist()
+    # The target drafting for itself, made confident: every level's best child dwarfs the rest.
+    sharp = ModelDrafter(HFRunner(tiny_qwen2(4)))
+    sharp.runner.model.lm_head.weight.data *= 50
+    tree = sharp.propose_tree(prompt, NodeBudget(budget=5, branch=3), 4, GREEDY, None)
+    assert max(tree_depths(tree)) == 4
+    output, stats = run_decode(target, ExpansionTree(sharp, NodeBudget(5)), prompt, 41, gamma=4)
+    assert output == run_decode(target, None, prompt, 41)[0]
+    assert stats.target_forwards == 1 + 40 // 5  # prefill, then 4 accepted + 1 per forward
+
+
+def tree_depths(tree: TokenTree) -> list[int]:
+    depths = [0] * len(tree)
+    for node in range(1, len(tree)):
+        depths[node] = depths[tree.parents[node]] + 1
+    return depths

@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--method", choices=METHODS, default=defaults.method, help="default: %(default)s")
     gen.add_argument("--gamma", type=int, default=defaults.gamma, help="tokens drafted per target forward")
     gen.add_argument("--tree", type=int_list, default=(), help="tree widths per depth, e.g. 3,2,1,1")
+    gen.add_argument("--tree-budget", type=int, default=0, help="dynamic tree of at most N drafted nodes")
     request = GenerationRequest(prompt="-")
     gen.add_argument("--max-new-tokens", type=int, default=request.max_new_tokens)
     gen.add_argument("--temperature", type=float, default=request.sampling.temperature, help="0 = greedy")
@@ -96,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--drafter", action="append", help="repeatable; default: each method's own")
     bench.add_argument("--gamma", type=int, default=bench_defaults.gamma)
     bench.add_argument("--tree", type=int_list, default=(), help="the tree method's widths, e.g. 3,2,1,1")
+    bench.add_argument("--tree-budget", type=int, default=0, help="the tree method's node budget")
     bench.add_argument("--temperature", type=float, default=bench_defaults.sampling.temperature)
     bench.add_argument("--top-p", type=float, default=bench_defaults.sampling.top_p)
     bench.add_argument("--top-k", type=int, default=bench_defaults.sampling.top_k)
@@ -135,6 +137,7 @@ def run_generate(args: argparse.Namespace) -> int:
         drafters=tuple(args.drafter or ()),
         gamma=args.gamma,
         tree_widths=args.tree,
+        tree_budget=args.tree_budget,
     )
     start = time.perf_counter()
     drafter_note = f" with drafters {', '.join(config.drafters)}" if config.method != "ar" else ""
@@ -222,6 +225,7 @@ def run_bench(args: argparse.Namespace) -> int:
         drafters=tuple(args.drafter or ()),
         gamma=args.gamma,
         tree_widths=args.tree,
+        tree_budget=args.tree_budget,
         sampling=SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p),
         seed=args.seed,
         repeats=args.repeats,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from swarmspec.errors import InvalidRequestError
 from swarmspec.models.registry import DEFAULT_DRAFTER, DEFAULT_TARGET
 from swarmspec.sampling import SamplingConfig
+from swarmspec.tree import FixedWidths, NodeBudget, TreeShape
 
 METHODS = ("ar", "chain", "tree", "vote")
 # Drafters that need no model: n-gram lookup in the prompt and output, suffix match over earlier outputs.
@@ -20,8 +21,9 @@ class EngineConfig:
     # Registered name, local checkpoint dir, .gguf file or hub id of the model whose output we promise.
     target: str = DEFAULT_TARGET
     # "ar": plain autoregressive decoding (the baseline); "chain": one drafter proposes gamma tokens;
-    # "tree": every drafter's proposal merged into one token tree; "vote": a weighted vote of the
-    # drafters picks one chain (Minions).
+    # "tree": every drafter's proposal merged into one token tree (or a tree grown from the first model
+    # drafter, see tree_widths and tree_budget); "vote": a weighted vote of the drafters picks one
+    # chain (Minions).
     method: str = "chain"
     # Model specs (optionally prefixed "int8:" / "onednn:") or model-free drafters (MODEL_FREE_DRAFTERS).
     # Empty: the method's default, see `default_drafters`.
@@ -31,6 +33,9 @@ class EngineConfig:
     # tree only: children per node at each depth (e.g. 3,2,1,1) expanded from the first model drafter,
     # the other drafters' chains merged in; empty: every drafter's chain merged into one trie.
     tree_widths: tuple[int, ...] = ()
+    # tree only: a dynamic tree of at most this many drafted nodes from the first model drafter, the
+    # most confident first (see tree.NodeBudget), the other drafters merged in; 0: off.
+    tree_budget: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -43,13 +48,26 @@ class EngineConfig:
             raise InvalidRequestError(
                 f"chain takes one drafter, got {len(self.drafters)}; use --method tree or vote for several"
             )
-        if self.tree_widths:
+        if self.tree_widths or self.tree_budget:
             if self.method != "tree":
-                raise InvalidRequestError(f"--tree widths need --method tree, not {self.method}")
-            if min(self.tree_widths) < 1:
+                raise InvalidRequestError(f"--tree and --tree-budget need --method tree, not {self.method}")
+            if self.tree_widths and self.tree_budget:
+                raise InvalidRequestError("give either --tree widths or --tree-budget, not both")
+            if self.tree_widths and min(self.tree_widths) < 1:
                 raise InvalidRequestError(f"tree widths must be >= 1, got {list(self.tree_widths)}")
+            if self.tree_budget < 0:
+                raise InvalidRequestError(f"--tree-budget must be >= 1, got {self.tree_budget}")
             if not self.model_drafters:
-                raise InvalidRequestError("an expansion tree (--tree) needs a model among the drafters")
+                raise InvalidRequestError("--tree and --tree-budget grow the tree from a model drafter")
+
+    @property
+    def tree_shape(self) -> TreeShape | None:
+        """The shape of the tree grown from the first model drafter; None: drafters' chains merged."""
+        if self.tree_widths:
+            return FixedWidths(self.tree_widths)
+        if self.tree_budget:
+            return NodeBudget(self.tree_budget)
+        return None
 
     @property
     def model_drafters(self) -> tuple[str, ...]:
@@ -105,8 +123,9 @@ class BenchConfig:
     # Drafters of every speculative method; empty: each method's default (`default_drafters`).
     drafters: tuple[str, ...] = ()
     gamma: int = 4
-    # The tree method's widths (see EngineConfig.tree_widths).
+    # The tree method's widths or node budget (see EngineConfig.tree_widths and tree_budget).
     tree_widths: tuple[int, ...] = ()
+    tree_budget: int = 0
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     # Question i, repeat r is generated with seed + i (the same for every contender and repeat).
     seed: int = 0
@@ -135,9 +154,14 @@ class BenchConfig:
     def engine_config(self, method: str) -> EngineConfig:
         """One method's engine: the given drafters (chain takes the first), else the method's default."""
         drafters = self.drafters[:1] if method == "chain" else self.drafters
-        widths = self.tree_widths if method == "tree" else ()
+        is_tree = method == "tree"
         return EngineConfig(
-            target=self.target, method=method, drafters=drafters, gamma=self.gamma, tree_widths=widths
+            target=self.target,
+            method=method,
+            drafters=drafters,
+            gamma=self.gamma,
+            tree_widths=self.tree_widths if is_tree else (),
+            tree_budget=self.tree_budget if is_tree else 0,
         )
 
     @property

@@ -132,10 +132,10 @@ def build_speculation(
             drafters.append(ModelDrafter(warmed_up(HFRunner(draft_models[spec].model))))
     if config.method == "chain":
         return ChainSpeculation(drafters[0])
-    if config.method == "tree" and config.tree_widths:
+    if config.method == "tree" and config.tree_shape is not None:
         expander = next(d for d in drafters if isinstance(d, ModelDrafter))
         others = [d for d in drafters if d is not expander]
-        return ExpansionTree(expander, config.tree_widths, others)
+        return ExpansionTree(expander, config.tree_shape, others)
     if config.method == "tree":
         return MergedTree(drafters)
     return VoteSpeculation(drafters)

@@ -2,7 +2,8 @@
 
 - `ChainSpeculation`: one drafter's chain (classic speculative decoding).
 - `VoteSpeculation`: several drafters vote, weighted by their running acceptance (Minions).
-- `ExpansionTree`: one draft model's top-k (or sampled) children per depth, other drafters merged in.
+- `ExpansionTree`: one draft model's top-k (or sampled) children per node, in a fixed shape or within a
+  node budget (most confident first), other drafters merged in.
 - `MergedTree`: several drafters' chains merged into one trie by shared prefixes (SpecInfer's
   merge-based tree); in sampling mode every proposal stays its own branch, since multi-step
   speculative sampling needs each node to be a draw from one drafter's distribution.
@@ -21,7 +22,7 @@ import torch
 from swarmspec.drafters.base import Draft, Drafter
 from swarmspec.drafters.model import ModelDrafter
 from swarmspec.sampling import SamplingConfig
-from swarmspec.tree import TokenTree
+from swarmspec.tree import TokenTree, TreeShape
 
 
 class Speculation(ABC):
@@ -61,18 +62,16 @@ class MergedTree(Speculation):
 
 
 class ExpansionTree(Speculation):
-    """SpecInfer's expansion-based tree from one draft model (`widths[d]` children per node at depth d,
-    e.g. 3,2,1,1), with the other drafters' chains merged in."""
+    """A tree grown from one draft model in the given shape (fixed widths per depth, e.g. 3,2,1,1, or a
+    node budget), with the other drafters' chains merged in."""
 
-    def __init__(self, drafter: ModelDrafter, widths: Sequence[int], others: Sequence[Drafter] = ()) -> None:
-        if not widths or min(widths) < 1:
-            raise ValueError(f"tree widths must be >= 1, got {list(widths)}")
+    def __init__(self, drafter: ModelDrafter, shape: TreeShape, others: Sequence[Drafter] = ()) -> None:
         self.drafter = drafter
-        self.widths = list(widths)
+        self.shape = shape
         self.others = list(others)
 
     def speculate(self, context, max_depth, sampling, generator) -> TokenTree:
-        tree = self.drafter.propose_tree(context, self.widths[:max_depth], sampling, generator)
+        tree = self.drafter.propose_tree(context, self.shape, max_depth, sampling, generator)
         drafts = [d.propose(context, max_depth, sampling, generator) for d in self.others]
         return merge_into(tree, drafts, dedupe=sampling.greedy)
 

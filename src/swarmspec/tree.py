@@ -10,6 +10,7 @@ The target reads all nodes in one forward: each attends to the cached context an
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -59,3 +60,78 @@ class TokenTree:
 def position_ids(tree_mask: torch.Tensor, root_position: int) -> torch.Tensor:  # [k] int64
     """Positions of tree nodes from their ancestor-mask rows: the root's position plus the depth."""
     return root_position + tree_mask.sum(dim=-1) - 1  # ancestors, itself excluded
+
+
+class TreeShape(ABC):
+    """How a draft model grows a tree level by level (`ModelDrafter.propose_tree`): how many children
+    each node of the newest level gets.
+
+    The counts may depend only on what is known before the level is drawn (the nodes so far and their
+    distributions), never on the children themselves: in sampling mode a node's children must then be
+    independent draws from its distribution, which multi-step speculative sampling needs to be lossless.
+    """
+
+    @abstractmethod
+    def levels(self, max_depth: int) -> int:
+        """How deep the tree grows when speculation allows `max_depth`."""
+
+    @abstractmethod
+    def child_counts(
+        self,
+        depth: int,  # of the children to add: 0 is the root's children
+        max_depth: int,  # levels the tree grows in all: `levels` of the speculation's depth
+        drafted: int,  # nodes below the root so far
+        path_confidences: list[float],  # [f] of the frontier nodes: product of drafter probs from the root
+        dists: torch.Tensor,  # [f, V] the drafter's distribution after each frontier node
+    ) -> list[int]:  # [f]
+        """Children for each frontier node."""
+
+
+@dataclass(frozen=True)
+class FixedWidths(TreeShape):
+    """SpecInfer's expansion-based tree: every node at depth d gets widths[d] children (e.g. 3,2,1,1)."""
+
+    widths: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not self.widths or min(self.widths) < 1:
+            raise ValueError(f"tree widths must be >= 1, got {list(self.widths)}")
+
+    def levels(self, max_depth: int) -> int:
+        return min(len(self.widths), max_depth)
+
+    def child_counts(self, depth, max_depth, drafted, path_confidences, dists) -> list[int]:
+        return [self.widths[depth]] * len(path_confidences)
+
+
+@dataclass(frozen=True)
+class NodeBudget(TreeShape):
+    """A dynamic tree of at most `budget` drafted nodes, the most probable first.
+
+    Level by level, a frontier node's j-th child is worth its path confidence times the j-th largest
+    probability of its distribution; each level takes the most valuable children, at most `branch` of
+    them, and leaves one node for each deeper level so the tree can still reach `max_depth`. Confident
+    drafts thus grow into a long chain, uncertain ones into siblings near the root.
+    """
+
+    budget: int
+    branch: int = 3
+
+    def __post_init__(self) -> None:
+        if self.budget < 1 or self.branch < 1:
+            raise ValueError(f"a node budget and branch must be >= 1, got {self.budget} and {self.branch}")
+
+    def levels(self, max_depth: int) -> int:
+        return min(self.budget, max_depth)
+
+    def child_counts(self, depth, max_depth, drafted, path_confidences, dists) -> list[int]:
+        deeper_levels = max_depth - depth - 1
+        take = min(self.branch, self.budget - drafted - deeper_levels)
+        counts = [0] * len(path_confidences)
+        if take <= 0:
+            return counts
+        top = dists.topk(min(take, dists.shape[-1]), dim=-1).values  # [f, take], descending per row
+        values = torch.tensor(path_confidences)[:, None] * top
+        for slot in values.flatten().topk(min(take, values.numel())).indices.tolist():
+            counts[slot // top.shape[1]] += 1
+        return counts

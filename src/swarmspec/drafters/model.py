@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from swarmspec.drafters.base import Draft, Drafter
 from swarmspec.runner import ModelRunner
 from swarmspec.sampling import SamplingConfig, choose_tokens, logits_to_probs
-from swarmspec.tree import TokenTree
+from swarmspec.tree import TokenTree, TreeShape
 
 
 class ModelDrafter(Drafter):
@@ -49,42 +47,52 @@ class ModelDrafter(Drafter):
     def propose_tree(
         self,
         context: list[int],
-        widths: Sequence[int],
+        shape: TreeShape,
+        max_depth: int,
         sampling: SamplingConfig,
         generator: torch.Generator | None,
     ) -> TokenTree:
-        """Expansion-based token tree (SpecInfer): every node at depth d gets widths[d] children.
+        """A token tree grown level by level, `shape` saying how many children each node gets.
 
-        Greedy: the top-widths[d] tokens of the node's distribution. Sampling: widths[d] independent
-        draws from it (repeats stay separate children), each child keeping that distribution, as
-        multi-step speculative sampling requires. One drafter forward per depth reads all its nodes.
+        Greedy: a node's n children are the n most probable tokens of its distribution. Sampling: n
+        independent draws from it (repeats stay separate children), each child keeping that distribution,
+        as multi-step speculative sampling requires. One drafter forward per level reads all its nodes.
         """
         logits = self._catch_up(context)[None]  # [1, V]: after the root
         base = self.runner.cached_len  # the root, context[-1], is the last cached token
         tokens, parents = [context[-1]], [-1]
         probs: list[torch.Tensor] = [torch.zeros_like(logits[0])]
+        path_confidences = [1.0]
         frontier = [0]
-        for depth, width in enumerate(widths):
+        levels = shape.levels(max_depth)
+        for depth in range(levels):
+            # Greedy drafting has no distribution; its confidence is the drafter's plain softmax.
+            dists = logits.softmax(dim=-1) if sampling.greedy else logits_to_probs(logits, sampling)
+            counts = shape.child_counts(
+                depth, levels, len(tokens) - 1, [path_confidences[n] for n in frontier], dists
+            )
             children = []
-            for node, node_logits in zip(frontier, logits, strict=True):
+            for node, dist, count in zip(frontier, dists, counts, strict=True):
+                if count == 0:
+                    continue
                 if sampling.greedy:
-                    chosen, node_probs = node_logits.topk(width).indices, None
+                    chosen = dist.topk(count).indices
                 else:
-                    node_probs = logits_to_probs(node_logits, sampling)
-                    chosen = torch.multinomial(node_probs, width, replacement=True, generator=generator)
+                    chosen = torch.multinomial(dist, count, replacement=True, generator=generator)
                 for token in chosen.tolist():
                     tokens.append(token)
                     parents.append(node)
-                    if node_probs is not None:
-                        probs.append(node_probs)
+                    probs.append(dist)
+                    path_confidences.append(path_confidences[node] * dist[token].item())
                     children.append(len(tokens) - 1)
             frontier = children
-            if depth + 1 < len(widths):  # leaves need no logits
-                tree = TokenTree(torch.tensor(tokens), tuple(parents))
-                mask = tree.ancestor_mask()[frontier]  # [k, nodes so far]: cached ones are a prefix
-                logits = self.runner.forward(tree.tokens[frontier], num_logits=len(frontier), tree_mask=mask)
+            if not frontier or depth + 1 == levels:  # leaves need no logits
+                break
+            tree = TokenTree(torch.tensor(tokens), tuple(parents))
+            mask = tree.ancestor_mask()[frontier]  # [k, nodes so far]: cached ones are a prefix
+            logits = self.runner.forward(tree.tokens[frontier], num_logits=len(frontier), tree_mask=mask)
         self.runner.rollback(base)  # the drafter's cache holds the context again, as cached_ids says
-        draft_probs = torch.stack(probs) if len(probs) == len(tokens) else None
+        draft_probs = None if sampling.greedy else torch.stack(probs)
         return TokenTree(torch.tensor(tokens, dtype=torch.int64), tuple(parents), draft_probs)
 
     def _catch_up(self, context: list[int]) -> torch.Tensor:  # [V] logits after the last context token
