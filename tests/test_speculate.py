@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -215,7 +216,6 @@ def test_expansion_tree_shape_and_greedy_children() -> None:
     context = torch.randint(96, (10,), generator=torch.Generator().manual_seed(7)).tolist()
     tree = drafter.propose_tree(context, FixedWidths((3, 2)), 4, GREEDY, None)
     assert tree.parents == (-1, 0, 0, 0, 1, 1, 2, 2, 3, 3)
-    assert drafter.runner.cached_len == len(context)  # the speculative nodes left the drafter's cache
     top3 = HFRunner(draft_model).forward(torch.tensor(context), num_logits=1)[0].topk(3).indices
     assert tree.tokens[1:4].tolist() == top3.tolist()
     for node in (1, 2, 3):  # each child's top 2 under its own branch
@@ -294,3 +294,28 @@ def tree_depths(tree: TokenTree) -> list[int]:
     for node in range(1, len(tree)):
         depths[node] = depths[tree.parents[node]] + 1
     return depths
+
+
+def test_drafter_keeps_the_accepted_paths_cache_entries() -> None:
+    """After a tree, the drafter compacts its cache to the accepted path instead of re-running it: its
+    next tree equals a fresh drafter's, and only the target's own next token is fed."""
+    context = torch.randint(96, (10,), generator=torch.Generator().manual_seed(3)).tolist()
+    drafter = ModelDrafter(HFRunner(tiny_qwen2(3)))
+    tree = drafter.propose_tree(context, FixedWidths((2, 2, 2)), 3, GREEDY, None)
+    second = tree.children(0)[1]
+    grandchild = tree.children(second)[0]  # depth 2: run by the drafter, so cached
+    accepted = [int(tree.tokens[second]), int(tree.tokens[grandchild])]
+    fed: list[int] = []
+    forward = drafter.runner.forward
+
+    def counting_forward(input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        fed.append(len(input_ids))
+        return forward(input_ids, **kwargs)
+
+    drafter.runner.forward = counting_forward  # type: ignore[method-assign]
+    next_context = [*context, *accepted, 7]
+    shape = FixedWidths((2, 2))
+    kept = drafter.propose_tree(next_context, shape, 2, GREEDY, None)
+    assert fed[0] == 1  # the catch-up forward reads only the token after the accepted path
+    fresh = ModelDrafter(HFRunner(tiny_qwen2(3))).propose_tree(next_context, shape, 2, GREEDY, None)
+    assert kept.tokens.tolist() == fresh.tokens.tolist() and kept.parents == fresh.parents

@@ -15,12 +15,15 @@ class ModelDrafter(Drafter):
 
     The drafter keeps the ids its cache holds and, on each call, rolls back to the longest prefix the
     cache shares with the new context, so rejected drafts are discarded and whatever the target
-    committed since the last call is caught up in one forward.
+    committed since the last call is caught up in one forward. A tree's nodes stay cached until the
+    next call, which keeps the entries of the path the target accepted (compaction) and drops the rest.
     """
 
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
         self.cached_ids: list[int] = []
+        # The last tree's nodes that sit in the cache after `cached_ids`: (parent, token) -> cache slot.
+        self.cached_tree: dict[tuple[int, int], int] | None = None
 
     def propose(
         self,
@@ -64,6 +67,7 @@ class ModelDrafter(Drafter):
         probs: list[torch.Tensor] = [torch.zeros_like(logits[0])]
         path_confidences = [1.0]
         frontier = [0]
+        slots = {0: base - 1}  # node -> cache position, for the nodes the drafter has run
         levels = shape.levels(max_depth)
         for depth in range(levels):
             # Greedy drafting has no distribution; its confidence is the drafter's plain softmax.
@@ -90,12 +94,17 @@ class ModelDrafter(Drafter):
                 break
             tree = TokenTree(torch.tensor(tokens), tuple(parents))
             mask = tree.ancestor_mask()[frontier]  # [k, nodes so far]: cached ones are a prefix
+            slots.update((node, self.runner.cached_len + i) for i, node in enumerate(frontier))
             logits = self.runner.forward(tree.tokens[frontier], num_logits=len(frontier), tree_mask=mask)
-        self.runner.rollback(base)  # the drafter's cache holds the context again, as cached_ids says
+        self.cached_tree = {}
+        for node in sorted(slots)[1:]:  # a repeated sample: its first copy serves
+            self.cached_tree.setdefault((slots[parents[node]], tokens[node]), slots[node])
         draft_probs = None if sampling.greedy else torch.stack(probs)
         return TokenTree(torch.tensor(tokens, dtype=torch.int64), tuple(parents), draft_probs)
 
     def _catch_up(self, context: list[int]) -> torch.Tensor:  # [V] logits after the last context token
+        if self.cached_tree is not None:
+            self._keep_accepted_path(context)
         shared = 0
         limit = min(len(self.cached_ids), len(context) - 1)  # always rerun >= 1 token to get logits
         while shared < limit and self.cached_ids[shared] == context[shared]:
@@ -103,6 +112,22 @@ class ModelDrafter(Drafter):
         self.runner.rollback(shared)
         del self.cached_ids[shared:]
         return self._run(torch.tensor(context[shared:], dtype=torch.int64))
+
+    def _keep_accepted_path(self, context: list[int]) -> None:
+        """Compact the last tree's cached nodes to those along `context` (what the target accepted)."""
+        tree, self.cached_tree = self.cached_tree, None
+        assert tree is not None
+        base = len(self.cached_ids)
+        path: list[int] = []
+        if context[:base] == self.cached_ids:
+            slot = base - 1  # the root
+            for token in context[base:]:
+                slot = tree.get((slot, token), -1)
+                if slot < 0:
+                    break
+                path.append(slot)
+        self.runner.compact(base, path)
+        self.cached_ids.extend(context[base : base + len(path)])
 
     def _run(self, input_ids: torch.Tensor) -> torch.Tensor:  # [V] logits after the last input token
         logits = self.runner.forward(input_ids, num_logits=1)[0]
