@@ -59,6 +59,8 @@ from swarmspec.cli import main
         (["bench", "--baselines", "vllm"], "unknown methods or baselines: vllm"),
         (["bench", "--methods", "", "--baselines", ""], "nothing to benchmark"),
         (["bench", "--repeats", "0"], "repeats must be >= 1"),
+        (["bench", "--methods", "chain", "--tree-budget", "8"], "shape the tree method: add it to --methods"),
+        (["bench", "--methods", "tree", "--tree-budget", "0", "--tree", "2,0"], "tree widths must be >= 1"),
         (["bench", "--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
         (["bench", "--per-category", "0"], "--per-category must be >= 1"),
         (["bench", "--categories", "poetry"], "unknown categories poetry"),

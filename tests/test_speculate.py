@@ -27,7 +27,7 @@ from swarmspec.speculate import (
     merge_drafts,
     weighted_vote,
 )
-from swarmspec.tree import FixedWidths, NodeBudget, TokenTree
+from swarmspec.tree import FixedWidths, NodeBudget, TokenTree, TreeShape
 from swarmspec.verify import make_verifier
 
 from tiny_models import TrigramLM, run_decode, tiny_qwen2
@@ -67,9 +67,11 @@ def test_merge_dedupes_shared_prefixes_when_greedy() -> None:
     tree = merge_drafts(0, drafts, dedupe=True)
     assert tree.tokens.tolist() == [0, 1, 2, 3, 4, 5]
     assert tree.parents == (-1, 0, 1, 2, 2, 0)
+    assert tree.proposers == (-1, 0, 0, 0, 1, 2)  # a shared node is credited to its first proposer
     separate = merge_drafts(0, drafts, dedupe=False)
     assert separate.tokens.tolist() == [0, 1, 2, 3, 1, 2, 4, 5]
     assert separate.parents == (-1, 0, 1, 2, 0, 4, 5, 0)
+    assert separate.proposers == (-1, 0, 0, 0, 1, 1, 1, 2)
 
 
 def test_merge_keeps_each_nodes_distribution() -> None:
@@ -96,6 +98,8 @@ def test_merged_tree_greedy_equals_autoregressive(seed: int, gamma: int) -> None
     output, stats = run_decode(target, MergedTree(drafters), prompt, 40, gamma=gamma)
     assert output == reference
     assert stats.accepted_tokens > 0 and stats.target_forwards < 40
+    assert sum(stats.accepted_by_drafter.values()) == stats.accepted_tokens
+    assert stats.accepted_by_drafter[1] > stats.accepted_by_drafter.get(0, 0)  # the agreeing drafter
 
 
 VOCAB = 4
@@ -111,13 +115,13 @@ def two_drafter_tree() -> Speculation:
 def expansion_tree() -> Speculation:
     """Two sampled children per node from one drafter, plus a second drafter's chain."""
     drafter, other = (ModelDrafter(TrigramLM(seed=s, vocab_size=VOCAB)) for s in (2, 3))
-    return ExpansionTree(drafter, FixedWidths((2, 2)), [other])
+    return ExpansionTree([drafter, other], FixedWidths((2, 2)))
 
 
 def budget_tree() -> Speculation:
     """A node-budget tree from one drafter (uneven child counts), plus a second drafter's chain."""
     drafter, other = (ModelDrafter(TrigramLM(seed=s, vocab_size=VOCAB)) for s in (2, 3))
-    return ExpansionTree(drafter, NodeBudget(budget=4, branch=3), [other])
+    return ExpansionTree([other, drafter], NodeBudget(budget=4, branch=3))  # grown from the model one
 
 
 SPECULATIONS = {"merged": two_drafter_tree, "expansion": expansion_tree, "budget": budget_tree}
@@ -191,6 +195,9 @@ def test_vote_greedy_equals_autoregressive_and_learns_weights(seed: int) -> None
     assert output == reference
     assert vote.weights[1] > vote.weights[0]  # the drafter that agrees with the target gains the say
     assert stats.accepted_tokens > 0
+    # Every accepted token is credited to a drafter that proposed it, most to the agreeing one.
+    assert sum(stats.accepted_by_drafter.values()) == stats.accepted_tokens
+    assert stats.accepted_by_drafter[1] > stats.accepted_by_drafter.get(0, 0)
 
 
 def test_vote_samples_the_heaviest_drafters_own_chain() -> None:
@@ -208,6 +215,7 @@ def test_vote_samples_the_heaviest_drafters_own_chain() -> None:
     tree = vote.speculate([0, 1], 3, SamplingConfig(temperature=1.0), None)
     assert tree.is_chain and tree.draft_probs is not None
     assert torch.equal(tree.draft_probs[1:], q[1, :3])
+    assert tree.proposers == (-1, 1, 1, 1)
 
 
 def test_expansion_tree_shape_and_greedy_children() -> None:
@@ -224,14 +232,18 @@ def test_expansion_tree_shape_and_greedy_children() -> None:
         assert tree.tokens[tree.children(node)].tolist() == top2.tolist()
 
 
-@pytest.mark.parametrize(
-    ("seed", "widths"), list(itertools.product(range(3), [(3, 2, 1, 1), (2, 2), (1, 1, 1), (4,)]))
-)
-def test_expansion_tree_greedy_equals_autoregressive(seed: int, widths: tuple[int, ...]) -> None:
+GROWN_SHAPES = [
+    *(FixedWidths(w) for w in [(3, 2, 1, 1), (2, 2), (1, 1, 1), (4,)]),
+    *(NodeBudget(b) for b in [1, 3, 8, 12]),
+]
+
+
+@pytest.mark.parametrize(("seed", "shape"), list(itertools.product(range(3), GROWN_SHAPES)), ids=str)
+def test_grown_tree_greedy_equals_autoregressive(seed: int, shape: TreeShape) -> None:
     target = tiny_qwen2(seed)
     prompt = torch.randint(96, (6,), generator=torch.Generator().manual_seed(seed)).tolist() * 2
     drafter = ModelDrafter(HFRunner(tiny_qwen2(seed + 50, layers=1)))
-    speculation = ExpansionTree(drafter, FixedWidths(widths), [PromptLookupDrafter(vocab_size=96)])
+    speculation = ExpansionTree([PromptLookupDrafter(vocab_size=96), drafter], shape)
     reference, _ = run_decode(target, None, prompt, 40)
     output, _ = run_decode(target, speculation, prompt, 40, gamma=4)
     assert output == reference
@@ -240,7 +252,7 @@ def test_expansion_tree_greedy_equals_autoregressive(seed: int, widths: tuple[in
 def test_expansion_tree_with_the_target_as_drafter_accepts_full_depth() -> None:
     target = tiny_qwen2(2)
     prompt = torch.randint(96, (8,), generator=torch.Generator().manual_seed(2)).tolist()
-    speculation = ExpansionTree(ModelDrafter(HFRunner(target)), FixedWidths((2, 2, 2)))
+    speculation = ExpansionTree([ModelDrafter(HFRunner(target))], FixedWidths((2, 2, 2)))
     output, stats = run_decode(target, speculation, prompt, 41, gamma=3)
     assert output == run_decode(target, None, prompt, 41)[0]
     assert stats.target_forwards == 1 + 40 // 4  # prefill, then 3 accepted + 1 per forward
@@ -262,18 +274,12 @@ def test_node_budget_takes_the_most_confident_children_and_keeps_depth() -> None
 
 
 @pytest.mark.parametrize(("seed", "budget"), list(itertools.product(range(3), [1, 3, 8, 12])))
-def test_budget_tree_greedy_equals_autoregressive_within_budget(seed: int, budget: int) -> None:
-    target = tiny_qwen2(seed)
-    prompt = torch.randint(96, (6,), generator=torch.Generator().manual_seed(seed)).tolist() * 2
+def test_budget_tree_stays_within_budget_and_reaches_full_depth(seed: int, budget: int) -> None:
+    context = torch.randint(96, (13,), generator=torch.Generator().manual_seed(seed)).tolist()
     drafter = ModelDrafter(HFRunner(tiny_qwen2(seed + 50, layers=1)))
-    context = [*prompt, 3]
     tree = drafter.propose_tree(context, NodeBudget(budget), 4, GREEDY, None)
     assert 1 <= len(tree) - 1 <= budget
     assert max(tree_depths(tree)) == min(budget, 4)  # a node is kept for every level
-    speculation = ExpansionTree(drafter, NodeBudget(budget), [PromptLookupDrafter(vocab_size=96)])
-    reference, _ = run_decode(target, None, prompt, 40)
-    output, _ = run_decode(target, speculation, prompt, 40, gamma=4)
-    assert output == reference
 
 
 def test_budget_tree_of_a_confident_drafter_is_a_long_chain() -> None:
@@ -284,7 +290,7 @@ def test_budget_tree_of_a_confident_drafter_is_a_long_chain() -> None:
     sharp.runner.model.lm_head.weight.data *= 50
     tree = sharp.propose_tree(prompt, NodeBudget(budget=5, branch=3), 4, GREEDY, None)
     assert max(tree_depths(tree)) == 4
-    output, stats = run_decode(target, ExpansionTree(sharp, NodeBudget(5)), prompt, 41, gamma=4)
+    output, stats = run_decode(target, ExpansionTree([sharp], NodeBudget(5)), prompt, 41, gamma=4)
     assert output == run_decode(target, None, prompt, 41)[0]
     assert stats.target_forwards == 1 + 40 // 5  # prefill, then 4 accepted + 1 per forward
 

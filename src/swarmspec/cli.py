@@ -153,6 +153,8 @@ def run_generate(args: argparse.Namespace) -> int:
             print(piece, end="", flush=True)
     result = stream.result
     assert result is not None
+    # Drafter indices are positions in config.drafters: every speculation keeps their order.
+    by_drafter = {config.drafters[i]: n for i, n in sorted(result.stats.accepted_by_drafter.items())}
     if args.json:
         summary = {
             "method": config.method,
@@ -163,10 +165,14 @@ def run_generate(args: argparse.Namespace) -> int:
             "token_ids": result.token_ids,
             "finish_reason": result.finish_reason,
             **result.stats.to_dict(),
+            "accepted_by_drafter": by_drafter,
         }
         print(json.dumps(summary))
     else:
         print(f"\n\n{result.stats.summary()}", file=sys.stderr)
+        if config.method != "ar" and len(config.drafters) > 1:
+            shares = ", ".join(f"{spec} {by_drafter.get(spec, 0)}" for spec in config.drafters)
+            print(f"accepted tokens by proposing drafter: {shares}", file=sys.stderr)
     return 0
 
 

@@ -148,6 +148,8 @@ class BenchConfig:
         for name in ("max_new_tokens", "repeats", "gamma"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if (self.tree_widths or self.tree_budget) and "tree" not in self.methods:
+            raise InvalidRequestError("--tree and --tree-budget shape the tree method: add it to --methods")
         for method in self.methods:
             self.engine_config(method)  # validates
 

@@ -79,7 +79,8 @@ def decode(
         # Keep the root and the accepted path in the cache; drop every other branch.
         root_position = len(context) - 1
         target.compact(len(context), [root_position + node for node in verdict.path])
-        stats.record_step(drafted=len(tree) - 1, accepted=len(verdict.path))
+        accepted_by = [] if tree.proposers is None else [tree.proposers[node] for node in verdict.path]
+        stats.record_step(drafted=len(tree) - 1, accepted=len(verdict.path), accepted_by=accepted_by)
         new_tokens = [*tree.tokens[verdict.path].tolist(), verdict.next_token]
 
 

@@ -133,9 +133,7 @@ def build_speculation(
     if config.method == "chain":
         return ChainSpeculation(drafters[0])
     if config.method == "tree" and config.tree_shape is not None:
-        expander = next(d for d in drafters if isinstance(d, ModelDrafter))
-        others = [d for d in drafters if d is not expander]
-        return ExpansionTree(expander, config.tree_shape, others)
+        return ExpansionTree(drafters, config.tree_shape)
     if config.method == "tree":
         return MergedTree(drafters)
     return VoteSpeculation(drafters)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -15,13 +16,18 @@ class DecodeStats:
     target_forwards: int = 0
     drafted_tokens: int = 0
     accepted_tokens: int = 0  # drafted tokens the target accepted (never its own next token)
+    # Accepted tokens per proposing drafter (its index in the method's drafters), where trees record it.
+    accepted_by_drafter: dict[int, int] = field(default_factory=dict)
     prefill_s: float = 0.0
     wall_s: float = 0.0
 
-    def record_step(self, drafted: int, accepted: int) -> None:
+    def record_step(self, drafted: int, accepted: int, accepted_by: Sequence[int] = ()) -> None:
+        """One target forward; `accepted_by`: the proposing drafter of each accepted token, if known."""
         self.target_forwards += 1
         self.drafted_tokens += drafted
         self.accepted_tokens += accepted
+        for drafter in accepted_by:
+            self.accepted_by_drafter[drafter] = self.accepted_by_drafter.get(drafter, 0) + 1
 
     @property
     def tokens_per_s(self) -> float:
@@ -45,7 +51,7 @@ class DecodeStats:
             f"{self.mean_accepted_tokens:.2f} | acceptance rate {rate}"
         )
 
-    def to_dict(self) -> dict[str, float | int | None]:
+    def to_dict(self) -> dict[str, float | int | dict[int, int] | None]:
         return {
             "prompt_tokens": self.prompt_tokens,
             "new_tokens": self.new_tokens,
@@ -57,4 +63,5 @@ class DecodeStats:
             "accepted_tokens": self.accepted_tokens,
             "mean_accepted_tokens": round(self.mean_accepted_tokens, 4),
             "acceptance_rate": None if self.acceptance_rate is None else round(self.acceptance_rate, 4),
+            "accepted_by_drafter": dict(sorted(self.accepted_by_drafter.items())),
         }

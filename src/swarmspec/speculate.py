@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
@@ -26,7 +27,12 @@ from swarmspec.tree import TokenTree, TreeShape
 
 
 class Speculation(ABC):
-    """Builds the tree of candidates after the committed context; its root is the newest token."""
+    """Builds the tree of candidates after the committed context; its root is the newest token.
+
+    `drafters` lists the drafters in a fixed order: a tree's `proposers` index into it.
+    """
+
+    drafters: list[Drafter]
 
     @abstractmethod
     def speculate(
@@ -41,10 +47,10 @@ class Speculation(ABC):
 
 class ChainSpeculation(Speculation):
     def __init__(self, drafter: Drafter) -> None:
-        self.drafter = drafter
+        self.drafters = [drafter]
 
     def speculate(self, context, max_depth, sampling, generator) -> TokenTree:
-        draft = self.drafter.propose(context, max_depth, sampling, generator)
+        draft = self.drafters[0].propose(context, max_depth, sampling, generator)
         return TokenTree.chain(context[-1], draft.tokens, draft.probs)
 
 
@@ -62,32 +68,41 @@ class MergedTree(Speculation):
 
 
 class ExpansionTree(Speculation):
-    """A tree grown from one draft model in the given shape (fixed widths per depth, e.g. 3,2,1,1, or a
-    node budget), with the other drafters' chains merged in."""
+    """A tree grown from the first draft model among `drafters` in the given shape (fixed widths per
+    depth, e.g. 3,2,1,1, or a node budget), with the other drafters' chains merged in."""
 
-    def __init__(self, drafter: ModelDrafter, shape: TreeShape, others: Sequence[Drafter] = ()) -> None:
-        self.drafter = drafter
+    def __init__(self, drafters: Sequence[Drafter], shape: TreeShape) -> None:
+        self.drafters = list(drafters)
         self.shape = shape
-        self.others = list(others)
+        self.grower = next((i for i, d in enumerate(drafters) if isinstance(d, ModelDrafter)), None)
+        if self.grower is None:
+            raise ValueError("a tree grown from a draft model needs a ModelDrafter among the drafters")
 
     def speculate(self, context, max_depth, sampling, generator) -> TokenTree:
-        tree = self.drafter.propose_tree(context, self.shape, max_depth, sampling, generator)
-        drafts = [d.propose(context, max_depth, sampling, generator) for d in self.others]
-        return merge_into(tree, drafts, dedupe=sampling.greedy)
+        grower = self.drafters[self.grower]
+        assert isinstance(grower, ModelDrafter)
+        tree = grower.propose_tree(context, self.shape, max_depth, sampling, generator)
+        tree = replace(tree, proposers=(-1, *[self.grower] * (len(tree) - 1)))
+        others = [i for i in range(len(self.drafters)) if i != self.grower]
+        drafts = [self.drafters[i].propose(context, max_depth, sampling, generator) for i in others]
+        return merge_into(tree, drafts, dedupe=sampling.greedy, proposers=others)
 
 
 def merge_drafts(root: int, drafts: Sequence[Draft], dedupe: bool) -> TokenTree:
-    """One tree from several chains under `root`; see `merge_into`."""
-    return merge_into(TokenTree.chain(root, torch.empty(0, dtype=torch.int64)), drafts, dedupe)
+    """One tree from several chains under `root`, drafts[i] proposed by drafter i; see `merge_into`."""
+    root_only = TokenTree.chain(root, torch.empty(0, dtype=torch.int64))
+    return merge_into(root_only, drafts, dedupe, proposers=range(len(drafts)))
 
 
-def merge_into(tree: TokenTree, drafts: Sequence[Draft], dedupe: bool) -> TokenTree:
-    """Add chains below the root of `tree`. With `dedupe`, a chain shares existing nodes along common
-    prefixes (a trie); without, each chain is a separate branch, keeping its own distributions."""
-    tokens, parents = tree.tokens.tolist(), list(tree.parents)
+def merge_into(tree: TokenTree, drafts: Sequence[Draft], dedupe: bool, proposers: Sequence[int]) -> TokenTree:
+    """Add chains below the root of `tree`, drafts[i] proposed by drafter proposers[i]. With `dedupe`,
+    a chain shares existing nodes along common prefixes (a trie); without, each chain is a separate
+    branch, keeping its own distributions."""
+    assert tree.proposers is not None
+    tokens, parents, by = tree.tokens.tolist(), list(tree.parents), list(tree.proposers)
     probs = [] if tree.draft_probs is None else list(tree.draft_probs[1:])
     children = {(p, t): i for i, (p, t) in enumerate(zip(parents, tokens, strict=True)) if i > 0}
-    for draft in drafts:
+    for draft, proposer in zip(drafts, proposers, strict=True):
         node = 0
         for i, token in enumerate(draft.tokens.tolist()):
             key = (node, token)
@@ -96,6 +111,7 @@ def merge_into(tree: TokenTree, drafts: Sequence[Draft], dedupe: bool) -> TokenT
                 continue
             tokens.append(token)
             parents.append(node)
+            by.append(proposer)
             if draft.probs is not None:
                 probs.append(draft.probs[i])
             node = children[key] = len(tokens) - 1
@@ -104,7 +120,7 @@ def merge_into(tree: TokenTree, drafts: Sequence[Draft], dedupe: bool) -> TokenT
         if len(probs) != len(tokens) - 1:
             raise ValueError("in sampling mode every drafter must return the distribution of its tokens")
         draft_probs = torch.cat([torch.zeros_like(probs[0])[None], torch.stack(probs)])
-    return TokenTree(torch.tensor(tokens, dtype=torch.int64), tuple(parents), draft_probs)
+    return TokenTree(torch.tensor(tokens, dtype=torch.int64), tuple(parents), draft_probs, tuple(by))
 
 
 class VoteSpeculation(Speculation):
@@ -113,7 +129,9 @@ class VoteSpeculation(Speculation):
 
     Weights follow weighted-majority learning: after each step a drafter's weight moves towards the
     share of its draft the target committed, so drafters that keep being rejected lose their say.
-    Verification cost stays that of one chain however many drafters vote.
+    Verification cost stays that of one chain however many drafters vote. (Hanging every losing
+    candidate under it as a side branch would verify exactly the `MergedTree` of the same drafts: the
+    voted chain is one path of their trie.)
 
     Sampling needs every verified token to be a draw from the distribution stored with it, which a
     token-by-token vote over several drafters' samples is not. There the vote is between drafters: the
@@ -134,10 +152,16 @@ class VoteSpeculation(Speculation):
         drafts = [d.propose(context, max_depth, sampling, generator) for d in self.drafters]
         self._last_context, self._last_drafts = list(context), drafts
         if not sampling.greedy:
-            best = drafts[max(range(len(drafts)), key=self.weights.__getitem__)]
-            return TokenTree.chain(context[-1], best.tokens, best.probs)
-        voted = weighted_vote([d.tokens.tolist() for d in drafts], self.weights)
-        return TokenTree.chain(context[-1], torch.tensor(voted, dtype=torch.int64))
+            best = max(range(len(drafts)), key=self.weights.__getitem__)
+            draft = drafts[best]
+            return TokenTree.chain(context[-1], draft.tokens, draft.probs, [best] * len(draft))
+        chains = [d.tokens.tolist() for d in drafts]
+        voted = weighted_vote(chains, self.weights)
+        # Each voted token is credited to the first drafter whose chain leads to it.
+        proposers = [
+            next(i for i, c in enumerate(chains) if c[: k + 1] == voted[: k + 1]) for k in range(len(voted))
+        ]
+        return TokenTree.chain(context[-1], torch.tensor(voted, dtype=torch.int64), None, proposers)
 
     def _learn(self, context: list[int]) -> None:
         """Score the previous step's drafts against what the target committed since."""

@@ -11,6 +11,7 @@ The target reads all nodes in one forward: each attends to the cached context an
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,9 @@ class TokenTree:
     parents: tuple[int, ...]  # [n]; parents[0] == -1, parents[i] < i
     # The distribution each node was sampled from, [n, V] (row 0 unused); None for greedy drafting.
     draft_probs: torch.Tensor | None = None
+    # [n] which drafter proposed each node, an index into the speculation's `drafters` (-1: the root);
+    # where several drafters proposed the same node, the first of them. None: not recorded.
+    proposers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.parents or self.parents[0] != -1:
@@ -30,17 +34,26 @@ class TokenTree:
             raise ValueError(f"{len(self.tokens)} tokens but {len(self.parents)} parents")
         if any(not 0 <= p < i for i, p in enumerate(self.parents) if i > 0):
             raise ValueError(f"every parent must precede its child: {self.parents}")
+        if self.proposers is not None and len(self.proposers) != len(self.parents):
+            raise ValueError(f"{len(self.parents)} nodes but {len(self.proposers)} proposers")
 
     def __len__(self) -> int:
         return len(self.parents)
 
     @classmethod
-    def chain(cls, root: int, draft: torch.Tensor, draft_probs: torch.Tensor | None = None) -> TokenTree:
+    def chain(
+        cls,
+        root: int,
+        draft: torch.Tensor,
+        draft_probs: torch.Tensor | None = None,
+        proposers: Sequence[int] | None = None,  # [k]; None: all by drafter 0
+    ) -> TokenTree:
         """The root followed by a chain of drafted tokens (the draft's probs, [k, V], if sampled)."""
         tokens = torch.cat([torch.tensor([root], dtype=torch.int64), draft])
         if draft_probs is not None:
             draft_probs = torch.cat([torch.zeros_like(draft_probs[:1]), draft_probs])
-        return cls(tokens, tuple(range(-1, len(draft))), draft_probs)
+        by = (-1, *(proposers if proposers is not None else [0] * len(draft)))
+        return cls(tokens, tuple(range(-1, len(draft))), draft_probs, by)
 
     @property
     def is_chain(self) -> bool:
