@@ -121,7 +121,8 @@ def expansion_tree() -> Speculation:
 def budget_tree() -> Speculation:
     """A node-budget tree from one drafter (uneven child counts), plus a second drafter's chain."""
     drafter, other = (ModelDrafter(TrigramLM(seed=s, vocab_size=VOCAB)) for s in (2, 3))
-    return ExpansionTree([other, drafter], NodeBudget(budget=4, branch=3))  # grown from the model one
+    # Grown from `drafter`, the first model among the drafters (index 1), prompt lookup merged in too.
+    return ExpansionTree([PromptLookupDrafter(VOCAB), drafter, other], NodeBudget(budget=4, branch=3))
 
 
 SPECULATIONS = {"merged": two_drafter_tree, "expansion": expansion_tree, "budget": budget_tree}
@@ -273,13 +274,28 @@ def test_node_budget_takes_the_most_confident_children_and_keeps_depth() -> None
     assert budget.child_counts(3, 4, 6, [0.2], root) == [0]  # the budget is spent
 
 
+def test_node_budget_grows_deep_when_confident_and_wide_when_unsure() -> None:
+    tight = NodeBudget(budget=4, branch=3)
+    # Sure: the best child 0.97 and its estimated descendants 0.94, 0.91, 0.89 outbid the siblings.
+    assert tight.child_counts(0, 4, 0, [1.0], torch.tensor([[0.97, 0.01, 0.01, 0.01]])) == [1]
+    # Unsure: siblings 0.3 and 0.2 outbid the estimated descendants 0.16, 0.064, ...
+    assert tight.child_counts(0, 4, 0, [1.0], torch.tensor([[0.4, 0.3, 0.2, 0.1]])) == [3]
+    context = torch.randint(96, (10,), generator=torch.Generator().manual_seed(5)).tolist()
+    for scale, expect_chain in [(50.0, True), (0.01, False)]:  # a sharp and a near-uniform drafter
+        drafter = ModelDrafter(HFRunner(tiny_qwen2(5)))
+        drafter.runner.model.lm_head.weight.data *= scale
+        tree = drafter.propose_tree(context, tight, 4, GREEDY, None)
+        assert len(tree) - 1 == 4 and tree.is_chain == expect_chain
+        assert max(tree_depths(tree)) == (4 if expect_chain else 2)
+
+
 @pytest.mark.parametrize(("seed", "budget"), list(itertools.product(range(3), [1, 3, 8, 12])))
-def test_budget_tree_stays_within_budget_and_reaches_full_depth(seed: int, budget: int) -> None:
+def test_budget_tree_stays_within_budget_and_depth(seed: int, budget: int) -> None:
     context = torch.randint(96, (13,), generator=torch.Generator().manual_seed(seed)).tolist()
     drafter = ModelDrafter(HFRunner(tiny_qwen2(seed + 50, layers=1)))
     tree = drafter.propose_tree(context, NodeBudget(budget), 4, GREEDY, None)
     assert 1 <= len(tree) - 1 <= budget
-    assert max(tree_depths(tree)) == min(budget, 4)  # a node is kept for every level
+    assert max(tree_depths(tree)) <= 4
 
 
 def test_budget_tree_of_a_confident_drafter_is_a_long_chain() -> None:

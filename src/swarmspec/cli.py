@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--method", choices=METHODS, default=defaults.method, help="default: %(default)s")
     gen.add_argument("--gamma", type=int, default=defaults.gamma, help="tokens drafted per target forward")
     gen.add_argument("--tree", type=int_list, default=(), help="tree widths per depth, e.g. 3,2,1,1")
-    gen.add_argument("--tree-budget", type=int, default=0, help="dynamic tree of at most N drafted nodes")
+    gen.add_argument("--tree-budget", type=int, default=0, help="grow a tree of <= N nodes from the model drafter")
     request = GenerationRequest(prompt="-")
     gen.add_argument("--max-new-tokens", type=int, default=request.max_new_tokens)
     gen.add_argument("--temperature", type=float, default=request.sampling.temperature, help="0 = greedy")
@@ -154,7 +154,9 @@ def run_generate(args: argparse.Namespace) -> int:
     result = stream.result
     assert result is not None
     # Drafter indices are positions in config.drafters: every speculation keeps their order.
-    by_drafter = {config.drafters[i]: n for i, n in sorted(result.stats.accepted_by_drafter.items())}
+    by_drafter = dict.fromkeys(config.drafters if config.method != "ar" else (), 0)
+    for index, accepted in result.stats.accepted_by_drafter.items():
+        by_drafter[config.drafters[index]] += accepted
     if args.json:
         summary = {
             "method": config.method,
@@ -171,7 +173,7 @@ def run_generate(args: argparse.Namespace) -> int:
     else:
         print(f"\n\n{result.stats.summary()}", file=sys.stderr)
         if config.method != "ar" and len(config.drafters) > 1:
-            shares = ", ".join(f"{spec} {by_drafter.get(spec, 0)}" for spec in config.drafters)
+            shares = ", ".join(f"{spec} {accepted}" for spec, accepted in by_drafter.items())
             print(f"accepted tokens by proposing drafter: {shares}", file=sys.stderr)
     return 0
 

@@ -56,7 +56,7 @@ class EngineConfig:
             if self.tree_widths and min(self.tree_widths) < 1:
                 raise InvalidRequestError(f"tree widths must be >= 1, got {list(self.tree_widths)}")
             if self.tree_budget < 0:
-                raise InvalidRequestError(f"--tree-budget must be >= 1, got {self.tree_budget}")
+                raise InvalidRequestError(f"--tree-budget must be >= 1 (0: off), got {self.tree_budget}")
             if not self.model_drafters:
                 raise InvalidRequestError("--tree and --tree-budget grow the tree from a model drafter")
 

@@ -129,9 +129,9 @@ class VoteSpeculation(Speculation):
 
     Weights follow weighted-majority learning: after each step a drafter's weight moves towards the
     share of its draft the target committed, so drafters that keep being rejected lose their say.
-    Verification cost stays that of one chain however many drafters vote. (Hanging every losing
-    candidate under it as a side branch would verify exactly the `MergedTree` of the same drafts: the
-    voted chain is one path of their trie.)
+    Verification cost stays that of one chain however many drafters vote. (In greedy mode, hanging
+    every losing candidate under it as a side branch would verify exactly the `MergedTree` of the same
+    drafts: the voted chain is one path of their trie.)
 
     Sampling needs every verified token to be a draw from the distribution stored with it, which a
     token-by-token vote over several drafters' samples is not. There the vote is between drafters: the

@@ -24,7 +24,7 @@ class TokenTree:
     # The distribution each node was sampled from, [n, V] (row 0 unused); None for greedy drafting.
     draft_probs: torch.Tensor | None = None
     # [n] which drafter proposed each node, an index into the speculation's `drafters` (-1: the root);
-    # where several drafters proposed the same node, the first of them. None: not recorded.
+    # where several drafters proposed the same node, the one merged first. None: not recorded.
     proposers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -119,12 +119,15 @@ class FixedWidths(TreeShape):
 
 @dataclass(frozen=True)
 class NodeBudget(TreeShape):
-    """A dynamic tree of at most `budget` drafted nodes, the most probable first.
+    """A dynamic tree of at most `budget` drafted nodes, the most valuable first.
 
-    Level by level, a frontier node's j-th child is worth its path confidence times the j-th largest
-    probability of its distribution; each level takes the most valuable children, at most `branch` of
-    them, and leaves one node for each deeper level so the tree can still reach `max_depth`. Confident
-    drafts thus grow into a long chain, uncertain ones into siblings near the root.
+    A frontier node's j-th child is worth its path confidence times the j-th largest probability of its
+    distribution. The deeper levels are not drawn yet; each is estimated by extending the level's best
+    path once more with that path's own top probability. A level takes its children that rank among the
+    `budget - drafted` most valuable of both (at most `branch` of them). A confident drafter's estimated
+    chain thus outbids its siblings and the tree grows deep; an unsure drafter's siblings win and the
+    tree grows wide near the root. Only the frontier's distributions are read, never the children drawn
+    from them, which keeps sampled trees lossless.
     """
 
     budget: int
@@ -138,13 +141,19 @@ class NodeBudget(TreeShape):
         return min(self.budget, max_depth)
 
     def child_counts(self, depth, max_depth, drafted, path_confidences, dists) -> list[int]:
-        deeper_levels = max_depth - depth - 1
-        take = min(self.branch, self.budget - drafted - deeper_levels)
         counts = [0] * len(path_confidences)
-        if take <= 0:
+        left = self.budget - drafted
+        if left <= 0:
             return counts
-        top = dists.topk(min(take, dists.shape[-1]), dim=-1).values  # [f, take], descending per row
-        values = torch.tensor(path_confidences)[:, None] * top
-        for slot in values.flatten().topk(min(take, values.numel())).indices.tolist():
-            counts[slot // top.shape[1]] += 1
+        width = min(self.branch, dists.shape[-1])
+        top = dists.topk(width, dim=-1).values  # [f, width], descending per row
+        values = torch.tensor(path_confidences, dtype=top.dtype)[:, None] * top  # [f, width]
+        best = int(values[:, 0].argmax())
+        best_value, ratio = float(values[best, 0]), float(top[best, 0])
+        deeper = [(best_value * ratio ** (d + 1), -1) for d in range(max_depth - depth - 1)]
+        here = [(value, slot) for slot, value in enumerate(values.flatten().tolist())]
+        # Ties go to this level (slot >= 0 sorts before -1): the best child always ranks first.
+        ranked = sorted(here + deeper, reverse=True)[:left]
+        for _, slot in [bid for bid in ranked if bid[1] >= 0][: self.branch]:
+            counts[slot // width] += 1
         return counts

@@ -1,4 +1,4 @@
-"""A draft model proposing a chain of tokens, one forward each."""
+"""A draft model proposing a chain of tokens (one forward each) or a tree (one forward per level)."""
 
 from __future__ import annotations
 
@@ -61,6 +61,9 @@ class ModelDrafter(Drafter):
         independent draws from it (repeats stay separate children), each child keeping that distribution,
         as multi-step speculative sampling requires. One drafter forward per level reads all its nodes.
         """
+        levels = shape.levels(max_depth)
+        if levels == 0:  # nothing to draft (the generation's last token): skip the catch-up forward
+            return TokenTree.chain(context[-1], torch.empty(0, dtype=torch.int64))
         logits = self._catch_up(context)[None]  # [1, V]: after the root
         base = self.runner.cached_len  # the root, context[-1], is the last cached token
         tokens, parents = [context[-1]], [-1]
@@ -68,7 +71,6 @@ class ModelDrafter(Drafter):
         path_confidences = [1.0]
         frontier = [0]
         slots = {0: base - 1}  # node -> cache position, for the nodes the drafter has run
-        levels = shape.levels(max_depth)
         for depth in range(levels):
             # Greedy drafting has no distribution; its confidence is the drafter's plain softmax.
             dists = logits.softmax(dim=-1) if sampling.greedy else logits_to_probs(logits, sampling)
@@ -97,8 +99,11 @@ class ModelDrafter(Drafter):
             slots.update((node, self.runner.cached_len + i) for i, node in enumerate(frontier))
             logits = self.runner.forward(tree.tokens[frontier], num_logits=len(frontier), tree_mask=mask)
         self.cached_tree = {}
-        for node in sorted(slots)[1:]:  # a repeated sample: its first copy serves
-            self.cached_tree.setdefault((slots[parents[node]], tokens[node]), slots[node])
+        canonical = {0: base - 1}
+        for node in sorted(slots)[1:]:
+            # Repeated samples under one parent hold equal entries: the first copy stands for all.
+            key = (canonical[parents[node]], tokens[node])
+            canonical[node] = self.cached_tree.setdefault(key, slots[node])
         draft_probs = None if sampling.greedy else torch.stack(probs)
         return TokenTree(torch.tensor(tokens, dtype=torch.int64), tuple(parents), draft_probs)
 
