@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--method", choices=METHODS, default=defaults.method, help="default: %(default)s")
     gen.add_argument("--gamma", type=int, default=defaults.gamma, help="tokens drafted per target forward")
     gen.add_argument("--tree", type=int_list, default=(), help="tree widths per depth, e.g. 3,2,1,1")
-    gen.add_argument("--tree-budget", type=int, default=0, help="grow a tree of <= N nodes from the model drafter")
+    gen.add_argument("--tree-budget", type=int, default=0, help="grow <= N nodes from the model drafter")
     request = GenerationRequest(prompt="-")
     gen.add_argument("--max-new-tokens", type=int, default=request.max_new_tokens)
     gen.add_argument("--temperature", type=float, default=request.sampling.temperature, help="0 = greedy")
