@@ -131,6 +131,13 @@ def run_bench(config: BenchConfig, command_line: str | None = None) -> BenchResu
     return BenchResult(rows, markdown_tables(rows, reference), paths)
 
 
+def tree_description(config: EngineConfig) -> str:
+    shape = config.tree_shape
+    if shape is None:
+        return "every drafter's chain merged into one trie"
+    return f"{shape} grown from the first model drafter, the other drafters' chains merged in"
+
+
 def run_metadata(
     config: BenchConfig,
     engine_configs: Sequence[EngineConfig],
@@ -155,6 +162,7 @@ def run_metadata(
         "device": device,
         "target": target.spec,
         "drafters": "; ".join(f"{c.method}: {', '.join(c.drafters)}" for c in engine_configs if c.drafters),
+        "tree": next((tree_description(c) for c in engine_configs if c.method == "tree"), "-"),
         "hf-assisted assistant": config.assistant if "hf-assisted" in config.baselines else "-",
         "swarmspec": importlib.metadata.version("swarmspec"),
         "torch": torch.__version__,
