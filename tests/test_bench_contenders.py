@@ -86,6 +86,9 @@ def test_all_contenders_greedy_identical_to_hf_generate(drafter_seed: int) -> No
             assert (r.target_forwards, r.drafted_tokens, r.accepted_tokens) == (r.new_tokens, 0, 0)
         assert 0 <= r.accepted_tokens <= r.drafted_tokens
         assert r.new_tokens == r.target_forwards + r.accepted_tokens  # each forward adds one own token
+    for r in records:  # every accepted token of a method is credited to one of its drafters
+        if r.contender in METHODS and r.contender != "ar":
+            assert sum(r.accepted_by_drafter.values()) == r.accepted_tokens
     chain, assisted = rows["chain", OVERALL], rows["hf-assisted", OVERALL]
     assert assisted.acceptance_rate is not None and chain.acceptance_rate is not None
     if drafter_seed == 0:  # the drafter is the target: everything drafted is accepted

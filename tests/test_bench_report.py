@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from swarmspec.bench.report import OVERALL, Row, RunRecord, markdown_tables, summarize, write_report
+from swarmspec.bench.report import (
+    OVERALL,
+    Row,
+    RunRecord,
+    drafter_shares_table,
+    markdown_tables,
+    summarize,
+    write_report,
+)
 
 
 def record(
@@ -98,6 +107,20 @@ def test_markdown_tables() -> None:
     assert "| contender | code | rag | overall |" in text
     assert "| chain | 3.00x (10.00) | 1.60x (8.00) | 2.00x (8.57) |" in text
     assert "| code / chain | 10.00 | 3.00x | 2.50 | 50.0% | yes |" in text
+
+
+def test_drafter_shares_sum_per_family_and_overall() -> None:
+    tree_runs = [
+        replace(record("tree", "q1", "code", 1.0, TEN), accepted_by_drafter={"m": 6, "prompt-lookup": 0}),
+        replace(record("tree", "q2", "rag", 1.0, TEN), accepted_by_drafter={"m": 2, "prompt-lookup": 6}),
+    ]
+    table = drafter_shares_table([*RECORDS, *tree_runs])  # chain and hf-generate record no shares
+    assert table.splitlines()[4:] == [
+        "| overall / tree | m 8 (57%), prompt-lookup 6 (43%) |",
+        "| code / tree | m 6 (100%), prompt-lookup 0 (0%) |",
+        "| rag / tree | m 2 (25%), prompt-lookup 6 (75%) |",
+    ]
+    assert drafter_shares_table(RECORDS) == ""
 
 
 def test_write_report(tmp_path: Path) -> None:

@@ -98,3 +98,4 @@ def test_tree_and_vote_equal_transformers_generate(
         result = engine.generate(GenerationRequest(prompt, max_new_tokens=NEW_TOKENS))
         assert result.token_ids == hf_reference[prompt], prompt
         assert result.stats.accepted_tokens > 0
+        assert sum(result.stats.accepted_by(drafters).values()) == result.stats.accepted_tokens

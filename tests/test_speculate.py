@@ -341,3 +341,13 @@ def test_drafter_keeps_the_accepted_paths_cache_entries() -> None:
     assert fed[0] == 1  # the catch-up forward reads only the token after the accepted path
     fresh = ModelDrafter(HFRunner(tiny_qwen2(3))).propose_tree(next_context, shape, 2, GREEDY, None)
     assert kept.tokens.tolist() == fresh.tokens.tolist() and kept.parents == fresh.parents
+
+
+def test_accepted_tokens_by_drafter_name() -> None:
+    stats = DecodeStats()
+    stats.record_step(drafted=5, accepted=3, accepted_by=[0, 0, 2])
+    stats.record_step(drafted=4, accepted=1, accepted_by=[1])
+    assert stats.accepted_by_drafter == {0: 2, 2: 1, 1: 1}
+    # A name given twice counts both drafters' tokens; every name is listed.
+    assert stats.accepted_by(["m", "suffix", "m", "unused"]) == {"m": 3, "suffix": 1, "unused": 0}
+    assert stats.to_dict()["accepted_by_drafter"] == {0: 2, 1: 1, 2: 1}

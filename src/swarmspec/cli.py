@@ -154,9 +154,7 @@ def run_generate(args: argparse.Namespace) -> int:
     result = stream.result
     assert result is not None
     # Drafter indices are positions in config.drafters: every speculation keeps their order.
-    by_drafter = dict.fromkeys(config.drafters if config.method != "ar" else (), 0)
-    for index, accepted in result.stats.accepted_by_drafter.items():
-        by_drafter[config.drafters[index]] += accepted
+    by_drafter = result.stats.accepted_by(config.drafters if config.method != "ar" else ())
     if args.json:
         summary = {
             "method": config.method,

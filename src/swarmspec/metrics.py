@@ -29,6 +29,14 @@ class DecodeStats:
         for drafter in accepted_by:
             self.accepted_by_drafter[drafter] = self.accepted_by_drafter.get(drafter, 0) + 1
 
+    def accepted_by(self, drafter_names: Sequence[str]) -> dict[str, int]:
+        """Accepted tokens per drafter name (`drafter_names` in the method's drafter order), every name
+        listed, a name given twice counted once with both drafters' tokens."""
+        counts = dict.fromkeys(drafter_names, 0)
+        for index, accepted in self.accepted_by_drafter.items():
+            counts[drafter_names[index]] += accepted
+        return counts
+
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,6 +32,8 @@ class Outcome:
     target_forwards: int
     drafted_tokens: int
     accepted_tokens: int
+    # Accepted tokens per proposing drafter spec (swarmspec methods; transformers does not say).
+    accepted_by_drafter: dict[str, int] = field(default_factory=dict)
 
 
 class Contender(ABC):
@@ -47,9 +49,10 @@ class Contender(ABC):
 
 
 class SwarmspecMethod(Contender):
-    def __init__(self, name: str, engine: Engine) -> None:
+    def __init__(self, name: str, engine: Engine, drafters: Sequence[str] = ()) -> None:
         super().__init__(name)
         self.engine = engine
+        self.drafters = list(drafters)  # the engine's drafter specs, in its speculation's order
 
     def generate(
         self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig, seed: int
@@ -60,7 +63,14 @@ class SwarmspecMethod(Contender):
         for chunk in self.engine.token_chunks(prompt_ids, max_new_tokens, sampling, seed, stats):
             token_ids.extend(chunk)
         wall_s = time.perf_counter() - start
-        return Outcome(token_ids, wall_s, stats.target_forwards, stats.drafted_tokens, stats.accepted_tokens)
+        return Outcome(
+            token_ids,
+            wall_s,
+            stats.target_forwards,
+            stats.drafted_tokens,
+            stats.accepted_tokens,
+            stats.accepted_by(self.drafters),
+        )
 
 
 class HFBaseline(Contender):
@@ -147,7 +157,7 @@ def build_contenders(
 ) -> list[Contender]:
     """Methods, then baselines (names as `BenchConfig` validated them), sharing one copy of the weights."""
     contenders: list[Contender] = [
-        SwarmspecMethod(config.method, Engine.from_models(config, target, draft_models))
+        SwarmspecMethod(config.method, Engine.from_models(config, target, draft_models), config.drafters)
         for config in engine_configs
     ]
     for name in baselines:

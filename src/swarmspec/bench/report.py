@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,8 @@ class RunRecord:
     target_forwards: int
     drafted_tokens: int
     accepted_tokens: int
+    # Accepted tokens per proposing drafter (swarmspec methods only).
+    accepted_by_drafter: dict[str, int] = field(default_factory=dict)
 
     @property
     def new_tokens(self) -> int:
@@ -152,6 +154,40 @@ def markdown_tables(rows: Sequence[Row], reference: str | None) -> str:
     return "\n".join(parts) + "\n"
 
 
+def report_tables(rows: Sequence[Row], records: Sequence[RunRecord], reference: str | None) -> str:
+    """Every table of the report: figures, then who proposed the accepted tokens."""
+    shares = drafter_shares_table(records)
+    return markdown_tables(rows, reference) + (f"\n{shares}" if shares else "")
+
+
+def drafter_shares_table(records: Sequence[RunRecord]) -> str:
+    """Who proposed the accepted tokens, per contender with several drafters: overall, then per family.
+    Empty when no contender has more than one drafter."""
+    totals: dict[tuple[str, str], dict[str, int]] = {}
+    for r in records:
+        if len(r.accepted_by_drafter) < 2:
+            continue
+        for family in (OVERALL, r.family):
+            counts = totals.setdefault((family, r.contender), dict.fromkeys(r.accepted_by_drafter, 0))
+            for drafter, accepted in r.accepted_by_drafter.items():
+                counts[drafter] = counts.get(drafter, 0) + accepted
+    if not totals:
+        return ""
+    lines = [
+        "**Accepted tokens by proposing drafter** (where several drafters proposed a node, the first "
+        "merged is credited)\n",
+        "| family / contender | accepted tokens (share) |",
+        "|---|---|",
+    ]
+    for (family, contender), counts in sorted(totals.items(), key=lambda kv: kv[0][0] != OVERALL):
+        total = sum(counts.values())
+        shares = ", ".join(
+            f"{drafter} {n} ({n / total:.0%})" if total else f"{drafter} 0" for drafter, n in counts.items()
+        )
+        lines.append(f"| {family} / {contender} | {shares} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_speedups(rows: Sequence[Row], reference: str | None, path: Path) -> None:
     """Grouped bars: speedup vs the reference per task family, one bar per contender."""
     import matplotlib
@@ -194,9 +230,8 @@ def write_report(
         "runs": [asdict(r) for r in records],
     }
     paths["json"].write_text(json.dumps(payload, indent=1))
-    paths["markdown"].write_text(
-        f"# swarmspec bench\n\n{markdown_meta(meta)}\n{HOW_TO_READ}\n\n{markdown_tables(rows, reference)}"
-    )
+    tables = report_tables(rows, records, reference)
+    paths["markdown"].write_text(f"# swarmspec bench\n\n{markdown_meta(meta)}\n{HOW_TO_READ}\n\n{tables}")
     plot_speedups(rows, reference, paths["plot"])
     return paths
 

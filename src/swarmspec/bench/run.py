@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from swarmspec.bench.contenders import Contender, build_contenders
 from swarmspec.bench.questions import Question, load_questions, select_questions
-from swarmspec.bench.report import Row, RunRecord, markdown_tables, summarize, write_report
+from swarmspec.bench.report import Row, RunRecord, report_tables, summarize, write_report
 from swarmspec.config import BenchConfig, EngineConfig
 from swarmspec.engine import encode_prompt
 from swarmspec.errors import InvalidRequestError
@@ -76,6 +76,7 @@ def time_contenders(
                             target_forwards=outcome.target_forwards,
                             drafted_tokens=outcome.drafted_tokens,
                             accepted_tokens=outcome.accepted_tokens,
+                            accepted_by_drafter=outcome.accepted_by_drafter,
                         )
                     )
                     bar.update()
@@ -128,7 +129,7 @@ def run_bench(config: BenchConfig, command_line: str | None = None) -> BenchResu
     rows = summarize(records, reference, greedy=config.sampling.greedy)
     meta = run_metadata(config, engine_configs, target, draft_models, command_line, time.time() - started)
     paths = write_report(out_dir, meta, records, rows, reference)
-    return BenchResult(rows, markdown_tables(rows, reference), paths)
+    return BenchResult(rows, report_tables(rows, records, reference), paths)
 
 
 def tree_description(config: EngineConfig) -> str:
