@@ -350,4 +350,3 @@ def test_accepted_tokens_by_drafter_name() -> None:
     assert stats.accepted_by_drafter == {0: 2, 2: 1, 1: 1}
     # A name given twice counts both drafters' tokens; every name is listed.
     assert stats.accepted_by(["m", "suffix", "m", "unused"]) == {"m": 3, "suffix": 1, "unused": 0}
-    assert stats.to_dict()["accepted_by_drafter"] == {0: 2, 1: 1, 2: 1}

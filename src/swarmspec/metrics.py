@@ -59,7 +59,7 @@ class DecodeStats:
             f"{self.mean_accepted_tokens:.2f} | acceptance rate {rate}"
         )
 
-    def to_dict(self) -> dict[str, float | int | dict[int, int] | None]:
+    def to_dict(self) -> dict[str, float | int | None]:
         return {
             "prompt_tokens": self.prompt_tokens,
             "new_tokens": self.new_tokens,
@@ -71,5 +71,4 @@ class DecodeStats:
             "accepted_tokens": self.accepted_tokens,
             "mean_accepted_tokens": round(self.mean_accepted_tokens, 4),
             "acceptance_rate": None if self.acceptance_rate is None else round(self.acceptance_rate, 4),
-            "accepted_by_drafter": dict(sorted(self.accepted_by_drafter.items())),
         }

@@ -74,18 +74,18 @@ class ExpansionTree(Speculation):
     def __init__(self, drafters: Sequence[Drafter], shape: TreeShape) -> None:
         self.drafters = list(drafters)
         self.shape = shape
-        self.grower = next((i for i, d in enumerate(drafters) if isinstance(d, ModelDrafter)), None)
-        if self.grower is None:
+        growers = [i for i, d in enumerate(drafters) if isinstance(d, ModelDrafter)]
+        if not growers:
             raise ValueError("a tree grown from a draft model needs a ModelDrafter among the drafters")
+        self.grower_index = growers[0]
+        self.grower: ModelDrafter = self.drafters[self.grower_index]  # type: ignore[assignment]
+        self.others = [i for i in range(len(drafters)) if i != self.grower_index]
 
     def speculate(self, context, max_depth, sampling, generator) -> TokenTree:
-        grower = self.drafters[self.grower]
-        assert isinstance(grower, ModelDrafter)
-        tree = grower.propose_tree(context, self.shape, max_depth, sampling, generator)
-        tree = replace(tree, proposers=(-1, *[self.grower] * (len(tree) - 1)))
-        others = [i for i in range(len(self.drafters)) if i != self.grower]
-        drafts = [self.drafters[i].propose(context, max_depth, sampling, generator) for i in others]
-        return merge_into(tree, drafts, dedupe=sampling.greedy, proposers=others)
+        tree = self.grower.propose_tree(context, self.shape, max_depth, sampling, generator)
+        tree = replace(tree, proposers=(-1, *[self.grower_index] * (len(tree) - 1)))
+        drafts = [self.drafters[i].propose(context, max_depth, sampling, generator) for i in self.others]
+        return merge_into(tree, drafts, dedupe=sampling.greedy, proposers=self.others)
 
 
 def merge_drafts(root: int, drafts: Sequence[Draft], dedupe: bool) -> TokenTree:

@@ -88,7 +88,8 @@ class ModelDrafter(Drafter):
                 for token in chosen.tolist():
                     tokens.append(token)
                     parents.append(node)
-                    probs.append(dist)
+                    if not sampling.greedy:
+                        probs.append(dist)
                     path_confidences.append(path_confidences[node] * dist[token].item())
                     children.append(len(tokens) - 1)
             frontier = children
