@@ -11,7 +11,7 @@ import torch
 from swarmspec.drafters.base import Draft, Drafter
 from swarmspec.drafters.model import ModelDrafter
 from swarmspec.models.loading import pack_linears_onednn
-from swarmspec.runner import HFRunner
+from swarmspec.runners.hf import HFRunner
 from swarmspec.sampling import SamplingConfig
 from swarmspec.tree import TokenTree
 from swarmspec.verify import TreeVerdict, Verdict, verify_greedy

@@ -12,10 +12,10 @@ import torch
 
 from swarmspec.config import EngineConfig, GenerationRequest
 from swarmspec.drafters.model import ModelDrafter
-from swarmspec.engine import Engine, stop_token_ids
+from swarmspec.engine import Engine
 from swarmspec.models.loading import LoadedModel, load_model
 from swarmspec.models.registry import DEFAULT_DRAFTER, DEFAULT_TARGET
-from swarmspec.runner import HFRunner
+from swarmspec.runners.hf import HFRunner
 from swarmspec.speculate import ChainSpeculation
 
 pytestmark = pytest.mark.slow
@@ -36,7 +36,7 @@ def target() -> LoadedModel:
 @pytest.fixture(scope="module")
 def hf_reference(target: LoadedModel) -> dict[str, list[int]]:
     """transformers' own greedy decoding of each prompt, the promise we keep."""
-    engine = Engine(HFRunner(target.model), target.tokenizer, stop_token_ids(target), None, gamma=1)
+    engine = Engine(HFRunner(target.model), target.tokenizer, target.stop_token_ids, None, gamma=1)
     reference = {}
     for prompt in PROMPTS:
         prompt_ids = engine.prompt_ids(GenerationRequest(prompt))
@@ -57,7 +57,7 @@ def test_greedy_equals_transformers_generate(
 ) -> None:
     drafter = ModelDrafter(HFRunner(load_model(drafter_spec).model)) if drafter_spec else None
     speculation = ChainSpeculation(drafter) if drafter else None
-    engine = Engine(HFRunner(target.model), target.tokenizer, stop_token_ids(target), speculation, gamma=4)
+    engine = Engine(HFRunner(target.model), target.tokenizer, target.stop_token_ids, speculation, gamma=4)
     for prompt in PROMPTS:
         result = engine.generate(GenerationRequest(prompt, max_new_tokens=NEW_TOKENS))
         assert result.token_ids == hf_reference[prompt], prompt
@@ -71,7 +71,7 @@ def test_onednn_target_equals_transformers_generate(hf_reference: dict[str, list
     packed = load_model(f"onednn:{DEFAULT_TARGET}")
     drafter = ModelDrafter(HFRunner(load_model(DEFAULT_DRAFTER).model))
     speculation = ChainSpeculation(drafter)
-    engine = Engine(HFRunner(packed.model), packed.tokenizer, stop_token_ids(packed), speculation, gamma=4)
+    engine = Engine(HFRunner(packed.model), packed.tokenizer, packed.stop_token_ids, speculation, gamma=4)
     for prompt in PROMPTS:
         result = engine.generate(GenerationRequest(prompt, max_new_tokens=NEW_TOKENS))
         assert result.token_ids == hf_reference[prompt], prompt

@@ -17,7 +17,7 @@ from swarmspec.drafters.base import Draft, Drafter
 from swarmspec.drafters.lookup import PromptLookupDrafter, SuffixDrafter
 from swarmspec.drafters.model import ModelDrafter
 from swarmspec.metrics import DecodeStats
-from swarmspec.runner import HFRunner
+from swarmspec.runners.hf import HFRunner
 from swarmspec.sampling import SamplingConfig
 from swarmspec.speculate import (
     ExpansionTree,

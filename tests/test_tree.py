@@ -8,7 +8,7 @@ import torch
 from scipy.stats import chisquare
 
 import swarmspec.verify
-from swarmspec.runner import HFRunner
+from swarmspec.runners.hf import HFRunner
 from swarmspec.tree import TokenTree, position_ids
 from swarmspec.verify import verify_greedy, verify_tree_greedy, verify_tree_sampling
 

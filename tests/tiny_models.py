@@ -8,7 +8,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from swarmspec.decode import decode
 from swarmspec.drafters.base import Drafter
 from swarmspec.metrics import DecodeStats
-from swarmspec.runner import HFRunner, ModelRunner
+from swarmspec.runners.base import ModelRunner
+from swarmspec.runners.hf import HFRunner
 from swarmspec.sampling import SamplingConfig
 from swarmspec.speculate import ChainSpeculation, Speculation
 from swarmspec.verify import Verifier, make_verifier

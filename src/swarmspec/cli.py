@@ -8,9 +8,17 @@ import shlex
 import sys
 import time
 
-from swarmspec.config import METHODS, BenchConfig, EngineConfig, GenerationRequest, default_drafters
+from swarmspec.config import (
+    HF_BASELINES,
+    LLAMA_CPP_PREFIX,
+    METHODS,
+    BenchConfig,
+    EngineConfig,
+    GenerationRequest,
+    default_baselines,
+    default_drafters,
+)
 from swarmspec.errors import SwarmspecError
-from swarmspec.models.registry import DEFAULT_DRAFTER
 from swarmspec.sampling import SamplingConfig
 
 
@@ -45,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--gamma", type=int, default=defaults.gamma, help="tokens drafted per target forward")
     gen.add_argument("--tree", type=int_list, default=(), help="tree widths per depth, e.g. 3,2,1,1")
     gen.add_argument("--tree-budget", type=int, default=0, help="grow <= N nodes from the model drafter")
+    add_thread_flags(gen)
     request = GenerationRequest(prompt="-")
     gen.add_argument("--max-new-tokens", type=int, default=request.max_new_tokens)
     gen.add_argument("--temperature", type=float, default=request.sampling.temperature, help="0 = greedy")
@@ -65,12 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(run=run_models)
 
     fetch = commands.add_parser("fetch", help="fetch, verify and convert registered models into the cache")
-    fetch.add_argument("names", nargs="*", default=[defaults.target, DEFAULT_DRAFTER], metavar="MODEL")
+    fetch.add_argument(
+        "names",
+        nargs="*",
+        default=[defaults.target, *default_drafters("chain", defaults.target)],
+        metavar="MODEL",
+    )
     fetch.set_defaults(run=run_fetch)
 
     prof = commands.add_parser("profile", help="measure forward latency for k new tokens, per model")
     prof.add_argument("--target", default=defaults.target)
-    prof.add_argument("--drafter", action="append", help=f"repeatable (default: {DEFAULT_DRAFTER})")
+    prof.add_argument("--drafter", action="append", help="repeatable (default: the chain's drafter)")
     prof.add_argument("--max-k", type=int, default=32)
     prof.add_argument("--context", type=int, default=256, help="cached tokens under each timed forward")
     prof.add_argument("--repeats", type=int, default=3)
@@ -90,14 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--baselines",
         type=comma_list,
-        default=bench_defaults.baselines,
-        help=f"default: {','.join(bench_defaults.baselines)}; '' for none",
+        default=None,
+        help=f"default for a llamacpp: target: {','.join(default_baselines(LLAMA_CPP_PREFIX))}, else "
+        f"{','.join(HF_BASELINES)}; '' for none",
     )
     bench.add_argument("--target", default=bench_defaults.target)
     bench.add_argument("--drafter", action="append", help="repeatable; default: each method's own")
     bench.add_argument("--gamma", type=int, default=bench_defaults.gamma)
     bench.add_argument("--tree", type=int_list, default=(), help="the tree method's widths, e.g. 3,2,1,1")
     bench.add_argument("--tree-budget", type=int, default=0, help="the tree method's node budget")
+    add_thread_flags(bench)
     bench.add_argument("--temperature", type=float, default=bench_defaults.sampling.temperature)
     bench.add_argument("--top-p", type=float, default=bench_defaults.sampling.top_p)
     bench.add_argument("--top-k", type=int, default=bench_defaults.sampling.top_k)
@@ -106,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", help="report directory (default: bench-results/<UTC time>)")
     bench.set_defaults(run=run_bench)
     return parser
+
+
+def add_thread_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target-threads", type=int, default=0, help="llama.cpp threads (0: every core)")
+    parser.add_argument("--drafter-threads", type=int, default=0, help="llama.cpp threads (0: every core)")
 
 
 def comma_list(text: str) -> tuple[str, ...]:
@@ -138,6 +159,8 @@ def run_generate(args: argparse.Namespace) -> int:
         gamma=args.gamma,
         tree_widths=args.tree,
         tree_budget=args.tree_budget,
+        target_threads=args.target_threads,
+        drafter_threads=args.drafter_threads,
     )
     start = time.perf_counter()
     drafter_note = f" with drafters {', '.join(config.drafters)}" if config.method != "ar" else ""
@@ -187,25 +210,29 @@ def run_models(args: argparse.Namespace) -> int:
 
 
 def run_fetch(args: argparse.Namespace) -> int:
-    from swarmspec.models.registry import fetch
+    from swarmspec.models.registry import fetch, fetch_gguf
 
-    for name in args.names:
-        print(f"{name}: {fetch(name)}")
+    for name in args.names:  # llama.cpp needs the verified GGUF only; PyTorch the converted checkpoint
+        path = (
+            fetch_gguf(name.removeprefix(LLAMA_CPP_PREFIX))
+            if name.startswith(LLAMA_CPP_PREFIX)
+            else fetch(name)
+        )
+        print(f"{name}: {path}")
     return 0
 
 
 def run_profile(args: argparse.Namespace) -> int:
     from swarmspec.models.loading import load_model
     from swarmspec.profile import CostProfile, device_name, format_table, measure_forward_latency
-    from swarmspec.runner import HFRunner
 
     if args.max_k < 1 or args.context < 1 or args.repeats < 1:
         raise SwarmspecError("--max-k, --context and --repeats must be >= 1")
     device = device_name()
     profiles = []
-    for spec in [args.target, *(args.drafter or [DEFAULT_DRAFTER])]:
+    for spec in [args.target, *(args.drafter or default_drafters("chain", args.target))]:
         print(f"profiling {spec} on {device} (k = 1..{args.max_k}, {args.repeats} repeats)", file=sys.stderr)
-        runner = HFRunner(load_model(spec).model)
+        runner = load_model(spec).new_runner()
         ks = list(range(1, args.max_k + 1))
         latency = measure_forward_latency(runner, ks, args.context, args.repeats, label=spec)
         profile = CostProfile(spec, device, args.context, args.repeats, latency)
@@ -232,6 +259,8 @@ def run_bench(args: argparse.Namespace) -> int:
         gamma=args.gamma,
         tree_widths=args.tree,
         tree_budget=args.tree_budget,
+        target_threads=args.target_threads,
+        drafter_threads=args.drafter_threads,
         sampling=SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p),
         seed=args.seed,
         repeats=args.repeats,

@@ -13,13 +13,20 @@ METHODS = ("ar", "chain", "tree", "vote")
 # Drafters that need no model: n-gram lookup in the prompt and output, suffix match over earlier outputs.
 MODEL_FREE_DRAFTERS = ("prompt-lookup", "suffix")
 # What users of `transformers` pick instead: plain generate, assisted generation, prompt lookup.
-BASELINES = ("hf-generate", "hf-assisted", "hf-prompt-lookup")
+HF_BASELINES = ("hf-generate", "hf-assisted", "hf-prompt-lookup")
+# What users of llama.cpp pick instead (llama-cpp-python, same GGUF and threads): plain decoding and
+# its prompt lookup. Only for a llama.cpp target.
+LLAMA_CPP_BASELINES = ("llama-cpp", "llama-cpp-prompt-lookup")
+BASELINES = (*HF_BASELINES, *LLAMA_CPP_BASELINES)
+# Model specs with this prefix run on llama.cpp (see models.loading.VARIANTS).
+LLAMA_CPP_PREFIX = "llamacpp:"
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    # Registered name, local checkpoint dir, .gguf file or hub id of the model whose output we promise.
-    target: str = DEFAULT_TARGET
+    # Registered name, local checkpoint dir, .gguf file or hub id of the model whose output we promise;
+    # prefixed "llamacpp:" (a registered name or .gguf file) it runs on llama.cpp.
+    target: str = LLAMA_CPP_PREFIX + DEFAULT_TARGET
     # "ar": plain autoregressive decoding (the baseline); "chain": one drafter proposes gamma tokens;
     # "tree": every drafter's proposal merged into one token tree (or a tree grown from the first model
     # drafter, see tree_widths and tree_budget); "vote": a weighted vote of the drafters picks one
@@ -36,14 +43,19 @@ class EngineConfig:
     # tree only: a dynamic tree of at most this many drafted nodes from the first model drafter, the
     # most confident first (see tree.NodeBudget), the other drafters merged in; 0: off.
     tree_budget: int = 0
+    # llama.cpp threads of the target's runner and of each draft model's runner; 0: every core.
+    target_threads: int = 0
+    drafter_threads: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise InvalidRequestError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.gamma < 1:
             raise InvalidRequestError(f"gamma must be >= 1, got {self.gamma}")
+        if self.target_threads < 0 or self.drafter_threads < 0:
+            raise InvalidRequestError("thread counts must be >= 1 (0: every core)")
         if not self.drafters:
-            object.__setattr__(self, "drafters", default_drafters(self.method))
+            object.__setattr__(self, "drafters", default_drafters(self.method, self.target))
         if self.method == "chain" and len(self.drafters) != 1:
             raise InvalidRequestError(
                 f"chain takes one drafter, got {len(self.drafters)}; use --method tree or vote for several"
@@ -77,13 +89,22 @@ class EngineConfig:
         return tuple(dict.fromkeys(d for d in self.drafters if d not in MODEL_FREE_DRAFTERS))
 
 
-def default_drafters(method: str) -> tuple[str, ...]:
-    """chain: the packaged 0.5B model; tree and vote: the model plus both model-free drafters."""
+def default_baselines(target: str) -> tuple[str, ...]:
+    """A llama.cpp target's peers are llama.cpp's own plus plain transformers; else transformers'."""
+    if target.startswith(LLAMA_CPP_PREFIX):
+        return (*LLAMA_CPP_BASELINES, "hf-generate")
+    return HF_BASELINES
+
+
+def default_drafters(method: str, target: str = "") -> tuple[str, ...]:
+    """chain: the packaged 0.5B model (on the target's backend); tree and vote: the model plus both
+    model-free drafters."""
+    model = LLAMA_CPP_PREFIX + DEFAULT_DRAFTER if target.startswith(LLAMA_CPP_PREFIX) else DEFAULT_DRAFTER
     if method == "ar":
         return ()
     if method == "chain":
-        return (DEFAULT_DRAFTER,)
-    return (DEFAULT_DRAFTER, *MODEL_FREE_DRAFTERS)
+        return (model,)
+    return (model, *MODEL_FREE_DRAFTERS)
 
 
 @dataclass(frozen=True)
@@ -118,8 +139,9 @@ class BenchConfig:
     per_category: int | None = None
     max_new_tokens: int = 128
     methods: tuple[str, ...] = METHODS
-    baselines: tuple[str, ...] = BASELINES
-    target: str = DEFAULT_TARGET
+    # None: the target backend's peers, see `default_baselines`.
+    baselines: tuple[str, ...] | None = None
+    target: str = LLAMA_CPP_PREFIX + DEFAULT_TARGET
     # Drafters of every speculative method; empty: each method's default (`default_drafters`).
     drafters: tuple[str, ...] = ()
     gamma: int = 4
@@ -127,6 +149,9 @@ class BenchConfig:
     tree_widths: tuple[int, ...] = ()
     tree_budget: int = 0
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # llama.cpp threads of the target (and the llama.cpp baselines) and of each draft model; 0: every core.
+    target_threads: int = 0
+    drafter_threads: int = 0
     # Question i, repeat r is generated with seed + i (the same for every contender and repeat).
     seed: int = 0
     # Timed runs per question and contender; figures are medians over them.
@@ -135,6 +160,14 @@ class BenchConfig:
     out: str | None = None
 
     def __post_init__(self) -> None:
+        if self.baselines is None:
+            object.__setattr__(self, "baselines", default_baselines(self.target))
+        assert self.baselines is not None
+        if not self.target.startswith(LLAMA_CPP_PREFIX) and set(self.baselines) & set(LLAMA_CPP_BASELINES):
+            raise InvalidRequestError(
+                f"{', '.join(LLAMA_CPP_BASELINES)} run the target's GGUF: give a llama.cpp target "
+                f"(--target {LLAMA_CPP_PREFIX}{self.target})"
+            )
         unknown = [m for m in self.methods if m not in METHODS] + [
             b for b in self.baselines if b not in BASELINES
         ]
@@ -164,12 +197,22 @@ class BenchConfig:
             gamma=self.gamma,
             tree_widths=self.tree_widths if is_tree else (),
             tree_budget=self.tree_budget if is_tree else 0,
+            target_threads=self.target_threads,
+            drafter_threads=self.drafter_threads,
         )
+
+    @property
+    def hf_target(self) -> str | None:
+        """The PyTorch model the transformers baselines run when the target runs on llama.cpp."""
+        if self.target.startswith(LLAMA_CPP_PREFIX) and set(self.baselines or ()) & set(HF_BASELINES):
+            return self.target.removeprefix(LLAMA_CPP_PREFIX)
+        return None
 
     @property
     def assistant(self) -> str:
         """hf-assisted's assistant model: the first model among the drafters, else the default drafter."""
-        return next((d for d in self.drafters if d not in MODEL_FREE_DRAFTERS), DEFAULT_DRAFTER)
+        first = next((d for d in self.drafters if d not in MODEL_FREE_DRAFTERS), DEFAULT_DRAFTER)
+        return first.removeprefix(LLAMA_CPP_PREFIX)  # transformers runs it
 
     @property
     def model_drafters(self) -> tuple[str, ...]:

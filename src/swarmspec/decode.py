@@ -14,7 +14,7 @@ import torch
 
 from swarmspec.errors import InvalidRequestError
 from swarmspec.metrics import DecodeStats
-from swarmspec.runner import ModelRunner
+from swarmspec.runners.base import ModelRunner
 from swarmspec.sampling import SamplingConfig
 from swarmspec.speculate import Speculation
 from swarmspec.tree import TokenTree

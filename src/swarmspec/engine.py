@@ -15,9 +15,8 @@ from swarmspec.drafters.base import Drafter
 from swarmspec.drafters.lookup import PromptLookupDrafter, SuffixDrafter
 from swarmspec.drafters.model import ModelDrafter
 from swarmspec.metrics import DecodeStats
-from swarmspec.models.loading import LoadedModel, check_same_vocabulary, load_model, split_spec
-from swarmspec.models.registry import resolve_model
-from swarmspec.runner import HFRunner, ModelRunner
+from swarmspec.models.loading import LoadedModel, check_same_vocabulary, check_spec, load_model
+from swarmspec.runners.base import ModelRunner
 from swarmspec.sampling import SamplingConfig
 from swarmspec.speculate import (
     ChainSpeculation,
@@ -57,7 +56,7 @@ class Engine:
     @classmethod
     def load(cls, config: EngineConfig) -> Engine:
         for spec in [config.target, *config.model_drafters]:  # fail on a bad name before loading weights
-            resolve_model(split_spec(spec)[1])
+            check_spec(spec)
         target = load_model(config.target)
         draft_models = {spec: load_model(spec) for spec in config.model_drafters}
         return cls.from_models(config, target, draft_models)
@@ -68,8 +67,8 @@ class Engine:
     ) -> Engine:
         """An engine over models already loaded: several methods can share one copy of the weights."""
         speculation = build_speculation(config, target, draft_models)
-        target_runner = warmed_up(HFRunner(target.model))
-        return cls(target_runner, target.tokenizer, stop_token_ids(target), speculation, config.gamma)
+        target_runner = warmed_up(target.new_runner(config.target_threads or None))
+        return cls(target_runner, target.tokenizer, target.stop_token_ids, speculation, config.gamma)
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         return encode_prompt(self.tokenizer, request.prompt, request.chat)
@@ -120,7 +119,7 @@ def build_speculation(
     """The method's speculation over its drafters; None for plain decoding."""
     if config.method == "ar":
         return None
-    vocab_size = target.model.config.vocab_size
+    vocab_size = target.vocab_size
     drafters: list[Drafter] = []  # in the order given
     for spec in config.drafters:
         if spec == "prompt-lookup":
@@ -129,7 +128,8 @@ def build_speculation(
             drafters.append(SuffixDrafter(vocab_size))
         else:
             check_same_vocabulary(target, draft_models[spec])
-            drafters.append(ModelDrafter(warmed_up(HFRunner(draft_models[spec].model))))
+            runner = draft_models[spec].new_runner(config.drafter_threads or None)
+            drafters.append(ModelDrafter(warmed_up(runner)))
     if config.method == "chain":
         return ChainSpeculation(drafters[0])
     if config.method == "tree" and config.tree_shape is not None:
@@ -157,14 +157,6 @@ def warmed_up(runner: ModelRunner) -> ModelRunner:
     runner.forward(torch.zeros(1, dtype=torch.int64), num_logits=1)
     runner.reset()
     return runner
-
-
-def stop_token_ids(model: LoadedModel) -> frozenset[int]:
-    """The EOS ids `transformers.generate` stops on: the generation config's, else the tokenizer's."""
-    eos = model.model.generation_config.eos_token_id
-    if eos is None:
-        eos = model.tokenizer.eos_token_id
-    return frozenset([eos] if isinstance(eos, int) else (eos or []))
 
 
 class TextStream:

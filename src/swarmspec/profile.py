@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from swarmspec.models.registry import cache_root
-from swarmspec.runner import ModelRunner
+from swarmspec.runners.base import ModelRunner
 
 
 @dataclass(frozen=True)

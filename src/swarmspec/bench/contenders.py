@@ -1,9 +1,10 @@
-"""What the benchmark times: every swarmspec decoding method and the `transformers` peers, behind one
-small interface, on the same loaded target (and drafter) weights.
+"""What the benchmark times: every swarmspec decoding method, the `transformers` peers and the
+`llama-cpp-python` peers, behind one small interface, on the same loaded target (and drafter) weights.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -14,13 +15,15 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel
 
 from swarmspec.config import EngineConfig
-from swarmspec.engine import Engine, stop_token_ids
+from swarmspec.engine import Engine
 from swarmspec.metrics import DecodeStats
 from swarmspec.models.loading import LoadedModel, check_same_vocabulary
 from swarmspec.sampling import SamplingConfig
 
 # transformers' documented example value; it has no default (prompt lookup is off unless set).
 HF_PROMPT_LOOKUP_TOKENS = 10
+# llama-cpp-python's `LlamaPromptLookupDecoding` default.
+LLAMA_CPP_PROMPT_LOOKUP_TOKENS = 10
 
 
 @dataclass(frozen=True)
@@ -91,8 +94,8 @@ class HFBaseline(Contender):
         prompt_lookup_tokens: int | None = None,
     ) -> None:
         super().__init__(name)
-        self.model: PreTrainedModel = target.model
-        self.eos_token_ids = sorted(stop_token_ids(target))
+        self.model: PreTrainedModel = target.hf_model
+        self.eos_token_ids = sorted(target.stop_token_ids)
         self.pad_token_id = target.tokenizer.pad_token_id
         self.assistant = assistant
         self.prompt_lookup_tokens = prompt_lookup_tokens
@@ -130,6 +133,62 @@ class HFBaseline(Contender):
         return Outcome(token_ids, wall_s, forwards, drafted, accepted)
 
 
+class LlamaCppBaseline(Contender):
+    """Plain decoding through `llama_cpp.Llama` (llama.cpp's defaults, the target's GGUF and thread
+    count), optionally with its prompt-lookup drafter (`LlamaPromptLookupDecoding`).
+
+    Counters as for `HFBaseline`, from the tokens fed to each `Llama.eval` call (one llama_decode per
+    call for anything up to `n_batch` tokens).
+    """
+
+    def __init__(self, name: str, target: LoadedModel, threads: int | None, prompt_lookup: bool) -> None:
+        super().__init__(name)
+        from llama_cpp import Llama
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+        draft = LlamaPromptLookupDecoding(num_pred_tokens=LLAMA_CPP_PROMPT_LOOKUP_TOKENS)
+        threads = threads or os.cpu_count() or 1
+        self.llama = Llama(
+            model_path=str(target.gguf_path),
+            n_ctx=target.max_length,
+            n_threads=threads,
+            n_threads_batch=threads,
+            draft_model=draft if prompt_lookup else None,
+            verbose=False,
+        )
+        self.stop_token_ids = target.stop_token_ids
+        self.fed_tokens: list[int] = []
+        evaluate = self.llama.eval
+
+        def counted_eval(tokens: Sequence[int]) -> None:
+            self.fed_tokens.append(len(tokens))
+            evaluate(tokens)
+
+        self.llama.eval = counted_eval  # type: ignore[method-assign]
+
+    def generate(
+        self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig, seed: int
+    ) -> Outcome:
+        self.fed_tokens = []
+        token_ids: list[int] = []
+        start = time.perf_counter()
+        self.llama.reset()  # no reuse of the previous run's cache: every run pays its own prefill
+        self.llama.set_seed(seed)
+        settings = (
+            {"temp": 0.0, "top_k": 1, "top_p": 1.0}
+            if sampling.greedy
+            else {"temp": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p}
+        )
+        for token in self.llama.generate(prompt_ids, repeat_penalty=1.0, min_p=0.0, **settings):
+            token_ids.append(token)
+            if token in self.stop_token_ids or len(token_ids) >= max_new_tokens:
+                break
+        wall_s = time.perf_counter() - start
+        forwards = len(self.fed_tokens)
+        drafted = sum(self.fed_tokens) - len(prompt_ids) - (forwards - 1)
+        return Outcome(token_ids, wall_s, forwards, drafted, len(token_ids) - forwards)
+
+
 def hf_generation_config(
     sampling: SamplingConfig, max_new_tokens: int, eos_token_ids: list[int], pad_token_id: int | None
 ) -> GenerationConfig:
@@ -154,20 +213,29 @@ def build_contenders(
     target: LoadedModel,
     draft_models: Mapping[str, LoadedModel],
     assistant: LoadedModel | None,
+    hf_target: LoadedModel | None = None,
+    threads: int | None = None,
 ) -> list[Contender]:
-    """Methods, then baselines (names as `BenchConfig` validated them), sharing one copy of the weights."""
+    """Methods, then baselines (names as `BenchConfig` validated them), sharing one copy of the weights.
+
+    The transformers baselines run on `hf_target` (the PyTorch model of a llama.cpp target), else on the
+    target; the llama.cpp baselines on the target's GGUF with `threads` threads."""
     contenders: list[Contender] = [
         SwarmspecMethod(config.method, Engine.from_models(config, target, draft_models), config.drafters)
         for config in engine_configs
     ]
+    hf_target = hf_target or target
     for name in baselines:
         if name == "hf-assisted":
             if assistant is None:
                 raise ValueError("hf-assisted needs an assistant model")
-            check_same_vocabulary(target, assistant)
-            contenders.append(HFBaseline(name, target, assistant=assistant.model))
+            check_same_vocabulary(hf_target, assistant)
+            contenders.append(HFBaseline(name, hf_target, assistant=assistant.hf_model))
         elif name == "hf-prompt-lookup":
-            contenders.append(HFBaseline(name, target, prompt_lookup_tokens=HF_PROMPT_LOOKUP_TOKENS))
+            contenders.append(HFBaseline(name, hf_target, prompt_lookup_tokens=HF_PROMPT_LOOKUP_TOKENS))
+        elif name == "hf-generate":
+            contenders.append(HFBaseline(name, hf_target))
         else:
-            contenders.append(HFBaseline(name, target))
+            lookup = name == "llama-cpp-prompt-lookup"
+            contenders.append(LlamaCppBaseline(name, target, threads, prompt_lookup=lookup))
     return contenders

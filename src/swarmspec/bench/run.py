@@ -24,8 +24,7 @@ from swarmspec.bench.report import Row, RunRecord, report_tables, summarize, wri
 from swarmspec.config import BenchConfig, EngineConfig
 from swarmspec.engine import encode_prompt
 from swarmspec.errors import InvalidRequestError
-from swarmspec.models.loading import LoadedModel, load_model, split_spec
-from swarmspec.models.registry import resolve_model
+from swarmspec.models.loading import LoadedModel, check_spec, load_model
 from swarmspec.profile import CostProfile, device_name
 from swarmspec.sampling import SamplingConfig
 
@@ -84,21 +83,24 @@ def time_contenders(
 
 
 def reference_contender(names: Sequence[str]) -> str | None:
-    """Speedups and token identity are against `hf-generate`, else swarmspec's own `ar`."""
-    return next((name for name in ("hf-generate", "ar") if name in names), None)
+    """Speedups and token identity are against plain decoding by the tool users would pick on the
+    target's backend: `llama-cpp` (same GGUF), else `hf-generate`, else swarmspec's own `ar`."""
+    return next((name for name in ("llama-cpp", "hf-generate", "ar") if name in names), None)
 
 
 def run_bench(config: BenchConfig, command_line: str | None = None) -> BenchResult:
     questions = select_questions(load_questions(config.questions), config.categories, config.per_category)
     for spec in (config.target, *config.model_drafters):  # fail on a bad name before loading weights
-        resolve_model(split_spec(spec)[1])
+        check_spec(spec)
     out_dir = Path(config.out or f"bench-results/{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
 
-    print(f"loading {', '.join([config.target, *config.model_drafters])} ...", file=sys.stderr, flush=True)
+    specs = [config.target, *config.model_drafters, *([config.hf_target] if config.hf_target else [])]
+    print(f"loading {', '.join(specs)} ...", file=sys.stderr, flush=True)
     target = load_model(config.target)
     draft_models = {spec: load_model(spec) for spec in config.model_drafters}
+    hf_target = load_model(config.hf_target) if config.hf_target else None
     prompts = [(q, encode_prompt(target.tokenizer, q.prompt, chat=True)) for q in questions]
-    limit = target.model.config.max_position_embeddings
+    limit = target.max_length
     for question, ids in prompts:
         if len(ids) + config.max_new_tokens > limit:
             raise InvalidRequestError(
@@ -107,7 +109,16 @@ def run_bench(config: BenchConfig, command_line: str | None = None) -> BenchResu
             )
     engine_configs = [config.engine_config(method) for method in config.methods]
     assistant = draft_models.get(config.assistant)
-    contenders = build_contenders(engine_configs, config.baselines, target, draft_models, assistant)
+    assert config.baselines is not None
+    contenders = build_contenders(
+        engine_configs,
+        config.baselines,
+        target,
+        draft_models,
+        assistant,
+        hf_target=hf_target,
+        threads=config.target_threads or None,
+    )
     names = [c.name for c in contenders]
     families = sorted({q.family for q in questions})
     print(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from swarmspec.drafters.base import Draft, Drafter
-from swarmspec.runner import ModelRunner
+from swarmspec.runners.base import ModelRunner
 from swarmspec.sampling import SamplingConfig, choose_tokens, logits_to_probs
 from swarmspec.tree import TokenTree, TreeShape
 

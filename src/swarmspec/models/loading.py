@@ -4,23 +4,80 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from swarmspec.errors import ModelNotFoundError, SwarmspecError
-from swarmspec.models.registry import resolve_model
+from swarmspec.models.registry import gguf_file, gguf_tokenizer, resolve_model
+from swarmspec.runners.base import ModelRunner
+from swarmspec.runners.hf import HFRunner
+from swarmspec.runners.llama_cpp import LlamaCppModel
 
 # Prefixes a model spec may carry. "int8" changes the weights (for drafters: losslessness never depends
-# on the drafter); "onednn" keeps the exact fp32 weights and only changes the matmul kernel.
-VARIANTS = ("int8", "onednn")
+# on the drafter); "onednn" keeps the exact fp32 weights and only changes the matmul kernel; "llamacpp"
+# runs the GGUF file itself (quantized weights as stored) on llama.cpp instead of PyTorch.
+VARIANTS = ("int8", "onednn", "llamacpp")
+LLAMA_CPP = "llamacpp"
+# The llama.cpp backend's context (KV cache) size when the model allows that many positions.
+LLAMA_CPP_CONTEXT = 4096
 
 
 @dataclass(frozen=True)
 class LoadedModel:
+    """Weights loaded once (a `transformers` module or a llama.cpp model) and the tokenizer."""
+
     spec: str  # what the user asked for, e.g. "int8:qwen2.5-coder-0.5b-instruct"
-    model: PreTrainedModel
+    model: PreTrainedModel | LlamaCppModel
     tokenizer: PreTrainedTokenizerBase
+
+    @property
+    def backend(self) -> str:
+        return LLAMA_CPP if isinstance(self.model, LlamaCppModel) else "torch"
+
+    @property
+    def vocab_size(self) -> int:
+        """Width of the logits."""
+        if isinstance(self.model, LlamaCppModel):
+            return self.model.vocab_size
+        return self.model.config.vocab_size
+
+    @property
+    def max_length(self) -> int:
+        """The longest sequence (prompt + output) a runner of this model holds."""
+        if isinstance(self.model, LlamaCppModel):
+            return min(LLAMA_CPP_CONTEXT, self.model.context_train)
+        return self.model.config.max_position_embeddings
+
+    @property
+    def stop_token_ids(self) -> frozenset[int]:
+        """The EOS ids `transformers.generate` stops on: the generation config's, else the tokenizer's."""
+        eos = None if isinstance(self.model, LlamaCppModel) else self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return frozenset([eos] if isinstance(eos, int) else (eos or []))
+
+    def new_runner(self, threads: int | None = None) -> ModelRunner:
+        """A runner with an empty cache of its own over these (shared) weights; `threads`: llama.cpp's
+        threads for this runner (default: every core); PyTorch runners share torch's intra-op pool."""
+        if isinstance(self.model, LlamaCppModel):
+            return self.model.new_runner(self.max_length, threads)
+        return HFRunner(self.model)
+
+    @property
+    def gguf_path(self) -> Path:
+        """The GGUF file a llama.cpp model runs from."""
+        if not isinstance(self.model, LlamaCppModel):
+            raise SwarmspecError(f"{self.spec} runs on PyTorch; this needs a llama.cpp model (llamacpp:)")
+        return self.model.path
+
+    @property
+    def hf_model(self) -> PreTrainedModel:
+        """The `transformers` module, for what only PyTorch runs (the transformers baselines)."""
+        if isinstance(self.model, LlamaCppModel):
+            raise SwarmspecError(f"{self.spec} runs on llama.cpp; this needs a PyTorch model")
+        return self.model
 
 
 def split_spec(spec: str) -> tuple[str | None, str]:
@@ -31,9 +88,22 @@ def split_spec(spec: str) -> tuple[str | None, str]:
     return None, spec
 
 
-def load_model(spec: str) -> LoadedModel:
-    """Load a model in float32, exactly as stored; an `int8:` or `onednn:` spec then converts its linears."""
+def check_spec(spec: str) -> None:
+    """Fail on a bad model name before anything is loaded (fetching what the spec needs on the way)."""
     variant, name = split_spec(spec)
+    if variant == LLAMA_CPP:
+        gguf_file(name)
+    else:
+        resolve_model(name)
+
+
+def load_model(spec: str) -> LoadedModel:
+    """Load a model in float32, exactly as stored; an `int8:` or `onednn:` spec then converts its linears;
+    a `llamacpp:` spec loads the GGUF on llama.cpp."""
+    variant, name = split_spec(spec)
+    if variant == LLAMA_CPP:
+        path = gguf_file(name)
+        return LoadedModel(spec, LlamaCppModel(path), gguf_tokenizer(path))
     source = resolve_model(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
@@ -92,11 +162,11 @@ def pack_linears_onednn(model: PreTrainedModel) -> None:
 
 def check_same_vocabulary(target: LoadedModel, drafter: LoadedModel) -> None:
     """Token-level drafting needs one vocabulary: same token ids for the same strings, same logits width."""
-    if target.model.config.vocab_size != drafter.model.config.vocab_size or (
+    if target.vocab_size != drafter.vocab_size or (
         target.tokenizer.get_vocab() != drafter.tokenizer.get_vocab()
     ):
         raise SwarmspecError(
             f"drafter {drafter.spec!r} does not share the target {target.spec!r}'s vocabulary "
-            f"({drafter.model.config.vocab_size} vs {target.model.config.vocab_size} logits); "
+            f"({drafter.vocab_size} vs {target.vocab_size} logits); "
             "choose a drafter of the same model family"
         )

