@@ -22,10 +22,11 @@ lint: install
 install: $(VENV)/.installed
 
 # torch is pinned and installed first: `pip install torch==2.13.0` takes the CPU wheel on this machine,
-# while an unpinned torch would pull a multi-GB CUDA build.
+# while an unpinned torch would pull a multi-GB CUDA build. llama-cpp-python is built from source by pip
+# (for this CPU: GGML_NATIVE is on by default); its multimodal library is not needed.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[models,dev]'
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(BIN)/pip install -q -e '.[models,dev]'
 	touch $@

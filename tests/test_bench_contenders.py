@@ -16,7 +16,7 @@ from swarmspec.bench.contenders import Contender, build_contenders, hf_generatio
 from swarmspec.bench.questions import Question
 from swarmspec.bench.report import OVERALL, summarize
 from swarmspec.bench.run import reference_contender, time_contenders
-from swarmspec.config import BASELINES, METHODS, MODEL_FREE_DRAFTERS, EngineConfig
+from swarmspec.config import HF_BASELINES, METHODS, MODEL_FREE_DRAFTERS, EngineConfig
 from swarmspec.models.loading import LoadedModel
 from swarmspec.sampling import SamplingConfig
 from swarmspec.tree import TokenTree
@@ -71,8 +71,8 @@ def prompts(count: int, length: int = 12) -> list[tuple[Question, list[int]]]:
 def test_all_contenders_greedy_identical_to_hf_generate(drafter_seed: int) -> None:
     target = tiny_loaded("tiny-target", seed=0)
     draft_model = tiny_loaded("tiny-drafter", seed=drafter_seed, layers=2 if drafter_seed == 0 else 1)
-    contenders = contenders_for(METHODS, BASELINES, target, draft_model, gamma=4)
-    assert [c.name for c in contenders] == [*METHODS, *BASELINES]
+    contenders = contenders_for(METHODS, HF_BASELINES, target, draft_model, gamma=4)
+    assert [c.name for c in contenders] == [*METHODS, *HF_BASELINES]
     greedy = SamplingConfig()
     records = time_contenders(
         contenders, prompts(4), repeats=2, max_new_tokens=30, sampling=greedy, seed=0, progress=False
@@ -115,7 +115,7 @@ def test_broken_verifier_shows_as_not_identical(monkeypatch: pytest.MonkeyPatch)
 
 def test_sampling_runs_every_contender_with_seeded_outputs() -> None:
     target, draft_model = tiny_loaded("tiny-target", seed=0), tiny_loaded("tiny-drafter", seed=0)
-    contenders = contenders_for(METHODS, BASELINES, target, draft_model, gamma=3)
+    contenders = contenders_for(METHODS, HF_BASELINES, target, draft_model, gamma=3)
     sampling = SamplingConfig(temperature=0.8, top_k=20, top_p=0.9)
     runs = [
         time_contenders(contenders, prompts(2), repeats=1, max_new_tokens=16, sampling=sampling, seed=7,
@@ -124,7 +124,7 @@ def test_sampling_runs_every_contender_with_seeded_outputs() -> None:
     ]  # fmt: skip
     # Same seed, same draws, for contenders without learned state: tree and vote learn across requests
     # (suffix history, vote weights), which changes their drafts and so their draws, not the distribution.
-    stateless = {"ar", "chain", *BASELINES}
+    stateless = {"ar", "chain", *HF_BASELINES}
     assert [r.token_ids for r in runs[0] if r.contender in stateless] == [
         r.token_ids for r in runs[1] if r.contender in stateless
     ]

@@ -39,7 +39,7 @@ class HFRunner(ModelRunner):
             tree_inputs = {"attention_mask": mask[None, None], "position_ids": positions[None]}
         out = self.model(
             input_ids=input_ids.unsqueeze(0),
-            past_key_values=self.cache,
+            cache=self.cache,
             use_cache=True,
             # The LM head is the largest matmul for one row; skip it for rows nobody reads (prefill).
             logits_to_keep=num_logits,

@@ -100,10 +100,10 @@ class LlamaCppModel:
         _recent_log.clear()
         self.handle = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not self.handle:
-            detail = "".join(_recent_log).strip().splitlines()
+            lines = "".join(_recent_log).strip().splitlines()
+            detail = [line for line in lines if "error" in line] or lines or ["no detail"]
             raise ModelIntegrityError(
-                f"llama.cpp could not load {path} (truncated or corrupt GGUF?): "
-                f"{detail[-1] if detail else 'no detail'}"
+                f"llama.cpp could not load {path} (truncated or corrupt GGUF?): {detail[0]}"
             )
         self.path = path
         vocab = llama_cpp.llama_model_get_vocab(self.handle)

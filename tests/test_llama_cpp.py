@@ -1,0 +1,159 @@
+"""The llama.cpp runner on the real packaged GGUFs: exact logits for chains, trees and kept paths, and
+greedy equality of every method with plain decoding on llama.cpp.
+
+Slow: assembles the packaged GGUFs (seconds) and runs them on llama.cpp. Equality is bit-exact:
+verification must reproduce llama.cpp's own one-token-at-a-time logits (see runners/llama_cpp.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from swarmspec.config import LLAMA_CPP_PREFIX, EngineConfig, GenerationRequest
+from swarmspec.engine import Engine
+from swarmspec.errors import ModelIntegrityError, ModelNotFoundError
+from swarmspec.models.loading import LoadedModel, load_model
+from swarmspec.models.registry import DEFAULT_DRAFTER, DEFAULT_TARGET
+from swarmspec.runners.llama_cpp import EXACT_ROWS, LlamaCppRunner
+from swarmspec.tree import TokenTree
+
+pytestmark = pytest.mark.slow
+
+TARGET = LLAMA_CPP_PREFIX + DEFAULT_TARGET
+DRAFTER = LLAMA_CPP_PREFIX + DEFAULT_DRAFTER
+
+
+@pytest.fixture(scope="module")
+def target() -> LoadedModel:
+    return load_model(TARGET)
+
+
+@pytest.fixture(scope="module")
+def drafter() -> LoadedModel:
+    return load_model(DRAFTER)
+
+
+def context_ids(seed: int, n: int = 60) -> torch.Tensor:
+    return torch.randint(1000, 30000, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def fresh_logits(model: LoadedModel, context: torch.Tensor, tokens: list[int]) -> torch.Tensor:  # [k, V]
+    runner = model.new_runner()
+    runner.forward(context, num_logits=1)
+    return runner.forward(torch.tensor(tokens), num_logits=len(tokens))
+
+
+@pytest.mark.parametrize("spec", [TARGET, DRAFTER])
+def test_chain_forward_equals_one_token_at_a_time(
+    spec: str, target: LoadedModel, drafter: LoadedModel
+) -> None:
+    model = target if spec == TARGET else drafter
+    context = context_ids(1)
+    runner = model.new_runner()
+    logits = runner.forward(context, num_logits=1)
+    tokens, one_by_one = [], []
+    for _ in range(2 * EXACT_ROWS + 2):  # several verification chunks
+        tokens.append(int(logits[-1].argmax()))
+        logits = runner.forward(torch.tensor(tokens[-1:]), num_logits=1)
+        one_by_one.append(logits[0])
+    runner.rollback(len(context))
+    batched = runner.forward(torch.tensor(tokens), num_logits=len(tokens))
+    assert torch.equal(batched, torch.stack(one_by_one))
+
+
+def test_tree_forward_gives_each_node_its_branch_logits(target: LoadedModel) -> None:
+    context = context_ids(2)
+    # Two branches of the root, the first with two children, one leaf three deep: 9 nodes, 3 chunks.
+    parents = (-1, 0, 0, 1, 1, 2, 3, 6, 4)
+    tree = TokenTree(
+        torch.randint(1000, 30000, (len(parents),), generator=torch.Generator().manual_seed(3)), parents
+    )
+    runner = target.new_runner()
+    runner.forward(context, num_logits=1)
+    logits = runner.forward(tree.tokens, num_logits=len(tree), tree_mask=tree.ancestor_mask())
+    for node in range(len(tree)):
+        path = [node]
+        while tree.parents[path[-1]] >= 0:
+            path.append(tree.parents[path[-1]])
+        branch = [int(tree.tokens[i]) for i in reversed(path)]
+        assert torch.equal(logits[node], fresh_logits(target, context, branch)[-1]), f"node {node}"
+
+
+@pytest.mark.parametrize("kept", [[1, 3], [2, 5], []])
+def test_kept_tree_path_equals_a_fresh_forward(kept: list[int], target: LoadedModel) -> None:
+    """Keeping a path (contiguous in the cache or not) and decoding on equals a fresh forward of it."""
+    context = context_ids(4)
+    parents = (-1, 0, 0, 1, 2, 2)
+    tokens = torch.tensor([500, 600, 700, 800, 900, 1000])
+    runner = target.new_runner()
+    runner.forward(context, num_logits=1)
+    runner.forward(tokens, num_logits=len(parents), tree_mask=TokenTree(tokens, parents).ancestor_mask())
+    root = len(context)
+    runner.compact(root + 1, [root + node for node in kept])
+    assert runner.cached_len == root + 1 + len(kept)
+    after = runner.forward(torch.tensor([1234, 4321]), num_logits=2)
+    path = [500, *[int(tokens[n]) for n in kept], 1234, 4321]
+    assert torch.equal(after, fresh_logits(target, context, path)[-2:])
+
+
+def test_drafter_tree_over_cached_levels_equals_branches(drafter: LoadedModel) -> None:
+    """A tree fed level by level on top of cached nodes (how draft models grow trees) sees its branch."""
+    context = context_ids(5)
+    runner = drafter.new_runner()
+    runner.forward(context, num_logits=1)
+    tree = TokenTree(torch.tensor([int(context[-1]), 11, 12, 13, 14, 15]), (-1, 0, 0, 1, 1, 2))
+    mask = tree.ancestor_mask()
+    runner.forward(tree.tokens[1:3], num_logits=2, tree_mask=mask[1:3, :3])  # level 1; the root is cached
+    level2 = runner.forward(tree.tokens[3:], num_logits=3, tree_mask=mask[3:])
+    for row, branch in zip(level2, ([11, 13], [11, 14], [12, 15]), strict=True):
+        assert torch.equal(row, fresh_logits(drafter, context, branch)[-1])
+
+
+PROMPTS = [
+    "Write a Python function that checks whether a string is a palindrome.",
+    "Summarize: The quick brown fox jumps over the lazy dog. The dog sleeps. The fox runs away quickly.",
+    "Translate to French: I would like a cup of coffee, please.",
+    "What is 17 times 23? Explain step by step.",
+]
+CONFIGS = [
+    EngineConfig(target=TARGET, method="chain", gamma=4),
+    EngineConfig(target=TARGET, method="chain", drafters=("prompt-lookup",), gamma=6),
+    EngineConfig(target=TARGET, method="tree", gamma=4),
+    EngineConfig(target=TARGET, method="tree", tree_budget=8, gamma=5),
+    EngineConfig(target=TARGET, method="tree", tree_widths=(2, 2, 1), gamma=3),
+    EngineConfig(target=TARGET, method="vote", gamma=3),
+]
+
+
+def test_every_method_greedy_equals_plain_decoding(target: LoadedModel, drafter: LoadedModel) -> None:
+    draft_models = {DRAFTER: drafter}
+    plain = Engine.from_models(EngineConfig(target=TARGET, method="ar"), target, {})
+    engines = [Engine.from_models(config, target, draft_models) for config in CONFIGS]
+    for prompt in PROMPTS:
+        request = GenerationRequest(prompt, max_new_tokens=40)
+        expected = plain.generate(request).token_ids
+        for config, engine in zip(CONFIGS, engines, strict=True):
+            result = engine.generate(request)
+            assert result.token_ids == expected, (config, prompt)
+            assert result.stats.drafted_tokens > 0 or config.drafters == ("prompt-lookup",)
+
+
+def test_llama_cpp_runner_is_used(target: LoadedModel) -> None:
+    assert isinstance(target.new_runner(), LlamaCppRunner) and target.backend == "llamacpp"
+
+
+def test_bad_gguf_files_give_clear_errors(tmp_path: Path, drafter: LoadedModel) -> None:
+    with pytest.raises(ModelNotFoundError, match="no model .* for llama.cpp"):
+        load_model(f"{LLAMA_CPP_PREFIX}{tmp_path / 'missing.gguf'}")
+    text = tmp_path / "notes.gguf"
+    text.write_text("not weights")
+    with pytest.raises(ModelIntegrityError, match="is not a GGUF file"):
+        load_model(f"{LLAMA_CPP_PREFIX}{text}")
+    truncated = tmp_path / "truncated.gguf"
+    with drafter.gguf_path.open("rb") as source:
+        truncated.write_bytes(source.read(5_000_000))  # the header and tensor table, not the data
+    with pytest.raises(ModelIntegrityError, match=r"could not load .* \(truncated or corrupt GGUF\?\)"):
+        load_model(f"{LLAMA_CPP_PREFIX}{truncated}")
