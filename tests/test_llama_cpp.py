@@ -146,7 +146,7 @@ def test_llama_cpp_runner_is_used(target: LoadedModel) -> None:
 
 
 def test_bad_gguf_files_give_clear_errors(tmp_path: Path, drafter: LoadedModel) -> None:
-    with pytest.raises(ModelNotFoundError, match="no model .* for llama.cpp"):
+    with pytest.raises(ModelNotFoundError, match=r"no model .* for llama.cpp"):
         load_model(f"{LLAMA_CPP_PREFIX}{tmp_path / 'missing.gguf'}")
     text = tmp_path / "notes.gguf"
     text.write_text("not weights")
