@@ -1,5 +1,6 @@
-"""The llama.cpp runner on the real packaged GGUFs: exact logits for chains, trees and kept paths, and
-greedy equality of every method with plain decoding on llama.cpp.
+"""The llama.cpp runner on the real packaged GGUFs: exact logits for chains, trees and kept paths,
+greedy equality of every method with plain decoding on llama.cpp, and speculative sampling through it
+drawing the target's exact distribution.
 
 Slow: assembles the packaged GGUFs (seconds) and runs them on llama.cpp. Equality is bit-exact:
 verification must reproduce llama.cpp's own one-token-at-a-time logits (see runners/llama_cpp.py).
@@ -13,12 +14,20 @@ import pytest
 import torch
 
 from swarmspec.config import LLAMA_CPP_PREFIX, EngineConfig, GenerationRequest
+from swarmspec.decode import decode
+from swarmspec.drafters.model import ModelDrafter
 from swarmspec.engine import Engine
 from swarmspec.errors import ModelIntegrityError, ModelNotFoundError
+from swarmspec.metrics import DecodeStats
 from swarmspec.models.loading import LoadedModel, load_model
 from swarmspec.models.registry import DEFAULT_DRAFTER, DEFAULT_TARGET
 from swarmspec.runners.llama_cpp import EXACT_ROWS, LlamaCppRunner
+from swarmspec.sampling import SamplingConfig, logits_to_probs
+from swarmspec.speculate import ChainSpeculation
 from swarmspec.tree import TokenTree
+from swarmspec.verify import Verifier, make_verifier
+
+from test_sampling_exact import broken, p_value
 
 pytestmark = pytest.mark.slow
 
@@ -157,3 +166,62 @@ def test_bad_gguf_files_give_clear_errors(tmp_path: Path, drafter: LoadedModel) 
         truncated.write_bytes(source.read(5_000_000))  # the header and tensor table, not the data
     with pytest.raises(ModelIntegrityError, match=r"could not load .* \(truncated or corrupt GGUF\?\)"):
         load_model(f"{LLAMA_CPP_PREFIX}{truncated}")
+
+
+SAMPLED_TOKENS = 3  # the first from the prefill, then one step that drafts 2 (it drafts <= remaining - 1)
+SAMPLES = 800
+
+
+def sampled_counts(
+    target: LoadedModel, drafter: LoadedModel, verifier: Verifier, sampling: SamplingConfig, prompt: list[int]
+) -> dict[tuple[int, ...], int]:
+    """How often each sequence of the first SAMPLED_TOKENS tokens was generated."""
+    target_runner, draft = target.new_runner(), ModelDrafter(drafter.new_runner())
+    generator = torch.Generator().manual_seed(99)
+    counts: dict[tuple[int, ...], int] = {}
+    for _ in range(SAMPLES):
+        chunks = decode(
+            target_runner, ChainSpeculation(draft), verifier, prompt,
+            max_new_tokens=SAMPLED_TOKENS + 1, gamma=2, sampling=sampling,
+            stop_token_ids=frozenset(), generator=generator, stats=DecodeStats(),
+        )  # fmt: skip
+        sequence = tuple(t for chunk in chunks for t in chunk)[:SAMPLED_TOKENS]
+        counts[sequence] = counts.get(sequence, 0) + 1
+    return counts
+
+
+def exact_probabilities(
+    target: LoadedModel, sampling: SamplingConfig, prompt: list[int]
+) -> dict[tuple[int, ...], float]:
+    """P(t1, t2, t3) under the target alone, over every continuation its top-k allows."""
+    runner = target.new_runner()
+    probs: dict[tuple[int, ...], float] = {(): 1.0}
+    for _ in range(SAMPLED_TOKENS):
+        longer = {}
+        for sequence, p in probs.items():
+            runner.reset()
+            logits = runner.forward(torch.tensor([*prompt, *sequence]), num_logits=1)[0]
+            dist = logits_to_probs(logits, sampling)
+            for token in dist.nonzero().flatten().tolist():
+                longer[(*sequence, token)] = p * float(dist[token])
+        probs = longer
+    return probs
+
+
+@pytest.mark.parametrize("rule", ["correct", "swapped_roles"])
+def test_sampling_through_llama_cpp_is_the_targets_distribution(
+    rule: str, target: LoadedModel, drafter: LoadedModel
+) -> None:
+    """Speculative sampling on llama.cpp (1.5B target, 0.5B drafter) draws the 1.5B's own distribution
+    of three tokens (chi-squared); a verifier with target and draft distributions swapped fails."""
+    sampling = SamplingConfig(temperature=1.0, top_k=3)
+    prompt = target.tokenizer("def fibonacci(n):").input_ids
+    verifier = make_verifier(sampling) if rule == "correct" else broken(rule, sampling)
+    counts = sampled_counts(target, drafter, verifier, sampling, prompt)
+    exact = exact_probabilities(target, sampling, prompt)
+    cells = sorted(set(exact) | set(counts))
+    p = p_value(
+        torch.tensor([float(counts.get(c, 0)) for c in cells], dtype=torch.float64),
+        torch.tensor([exact.get(c, 0.0) for c in cells], dtype=torch.float64),
+    )
+    assert p > 1e-3 if rule == "correct" else p < 1e-6

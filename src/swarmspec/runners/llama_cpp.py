@@ -46,14 +46,19 @@ EXACT_ROWS = 3
 PROMPT_BATCH = 512
 # Sequences a tree may use at once (one per leaf).
 MAX_SEQUENCES = 64
+# Cache cells beyond the longest sequence, for the speculative nodes of a tree near the end of it.
+TREE_CELLS = 256
 GGUF_MAGIC = b"GGUF"
 # Weight repacking at load, llama.cpp's default: see the module docstring.
 REPACK = True
 
+# llama.cpp logs every load to stderr; its last lines are kept for error messages instead.
 _recent_log: collections.deque[str] = collections.deque(maxlen=20)
+_log_callback = None  # the ctypes callback, referenced here so that it is never freed
 
 
 def _llama_cpp():
+    global _log_callback
     try:
         import llama_cpp
     except ImportError as err:
@@ -61,21 +66,16 @@ def _llama_cpp():
             "the llama.cpp backend needs llama-cpp-python; install swarmspec with `pip install -e .` "
             f"(it builds llama-cpp-python from source): {err}"
         ) from None
-    if not getattr(_llama_cpp, "initialized", False):
-        llama_cpp.llama_log_set(_log_callback(llama_cpp), ctypes.c_void_p(0))
+    if _log_callback is None:
+
+        @llama_cpp.llama_log_callback
+        def record(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+            _recent_log.append(text.decode("utf-8", errors="replace"))
+
+        _log_callback = record
+        llama_cpp.llama_log_set(record, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
-        _llama_cpp.initialized = True  # type: ignore[attr-defined]
     return llama_cpp
-
-
-def _log_callback(llama_cpp):
-    # llama.cpp logs every load to stderr; keep the last lines for error messages instead.
-    @llama_cpp.llama_log_callback
-    def record(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        _recent_log.append(text.decode("utf-8", errors="replace"))
-
-    _log_callback.keep = record  # type: ignore[attr-defined]  # ctypes must not free the callback
-    return record
 
 
 def check_gguf_file(path: Path) -> None:
@@ -146,7 +146,8 @@ class LlamaCppRunner(ModelRunner):
         self.max_length = min(context, model.context_train)
         threads = threads or os.cpu_count() or 1
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx = self.max_length
+        self.cells = self.max_length + TREE_CELLS
+        params.n_ctx = self.cells
         params.n_batch = PROMPT_BATCH
         params.n_ubatch = PROMPT_BATCH
         params.n_seq_max = MAX_SEQUENCES
@@ -182,7 +183,7 @@ class LlamaCppRunner(ModelRunner):
         if tree_mask is None:
             if self.tree:
                 raise ValueError("a chain forward cannot follow a tree forward before compact()")
-            if self.cached_len + k > self.max_length:
+            if len(self.committed) + k > self.max_length:
                 raise ValueError(f"sequence would exceed the context of {self.max_length} positions")
             start = len(self.committed)
             self.committed.extend(tokens)
@@ -210,8 +211,12 @@ class LlamaCppRunner(ModelRunner):
                 nodes.append(self.tree[slot - len(self.committed)])
         root_position = nodes[0].position if nodes else len(self.committed)
         positions = position_ids(tree_mask, root_position).tolist()
-        if max(positions) >= self.max_length or self.cached_len + k > self.max_length:
+        if max(positions) >= self.max_length:
             raise ValueError(f"sequence would exceed the context of {self.max_length} positions")
+        if self.cached_len + k > self.cells:
+            raise ValueError(
+                f"a tree of {k} nodes does not fit the {self.cells - self.cached_len} free cache cells"
+            )
         used = {n.seq for n in self.tree} | {0}
         free = (s for s in range(1, MAX_SEQUENCES) if s not in used)
         seq_ids: list[list[int]] = []  # per new node: its sequence first, then its descendants' new ones
