@@ -345,8 +345,8 @@ def test_drafter_keeps_the_accepted_paths_cache_entries() -> None:
 
 def test_accepted_tokens_by_drafter_name() -> None:
     stats = DecodeStats()
-    stats.record_step(drafted=5, accepted=3, accepted_by=[0, 0, 2])
-    stats.record_step(drafted=4, accepted=1, accepted_by=[1])
+    stats.record_step(drafted=5, committed=4, accepted_by=[0, 0, 2])
+    stats.record_step(drafted=4, committed=2, accepted_by=[1])
     assert stats.accepted_by_drafter == {0: 2, 2: 1, 1: 1}
     # A name given twice counts both drafters' tokens; every name is listed.
     assert stats.accepted_by(["m", "suffix", "m", "unused"]) == {"m": 3, "suffix": 1, "unused": 0}

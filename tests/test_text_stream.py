@@ -53,6 +53,9 @@ def test_stop_string_cuts_text_and_stops(tokenizer: PreTrainedTokenizerBase) -> 
     assert "".join(pieces) == result.text == TEXT[: TEXT.index("print(")]
     assert result.finish_reason == "stop"
     assert len(result.token_ids) < len(ids)  # decoding ended early
+    # Token ids stop with the returned text: they decode to it (the stop string's own tokens are gone).
+    assert tokenizer.decode(result.token_ids) == result.text
+    assert ids[: len(result.token_ids)] == result.token_ids
 
 
 def test_no_stop_means_length(tokenizer: PreTrainedTokenizerBase) -> None:

@@ -52,13 +52,11 @@ def decode(
         TokenTree.chain(prompt_ids[-1], torch.empty(0, dtype=torch.int64)), prompt_logits, generator
     )
     stats.prefill_s = time.perf_counter() - start
-    stats.record_step(drafted=0, accepted=0)
+    stats.record_step(drafted=0, committed=1)
     context = list(prompt_ids)
     new_tokens = [verdict.next_token]
     while True:
-        new_tokens = _through_first_stop(new_tokens, stop_token_ids)
         context.extend(new_tokens)
-        stats.new_tokens += len(new_tokens)
         stats.wall_s = time.perf_counter() - start
         yield new_tokens
         remaining = max_new_tokens - stats.new_tokens
@@ -80,8 +78,11 @@ def decode(
         root_position = len(context) - 1
         target.compact(len(context), [root_position + node for node in verdict.path])
         accepted_by = [] if tree.proposers is None else [tree.proposers[node] for node in verdict.path]
-        stats.record_step(drafted=len(tree) - 1, accepted=len(verdict.path), accepted_by=accepted_by)
-        new_tokens = [*tree.tokens[verdict.path].tolist(), verdict.next_token]
+        # Nothing after a stop token is output, nor counted.
+        new_tokens = _through_first_stop(
+            [*tree.tokens[verdict.path].tolist(), verdict.next_token], stop_token_ids
+        )
+        stats.record_step(drafted=len(tree) - 1, committed=len(new_tokens), accepted_by=accepted_by)
 
 
 def _through_first_stop(tokens: list[int], stop_token_ids: frozenset[int]) -> list[int]:

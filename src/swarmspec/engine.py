@@ -193,6 +193,8 @@ class TextStream:
             if cut >= 0:
                 text, finish_reason = text[:cut], "stop"
                 self._chunks.close()  # stops the decode loop: no more target forwards
+                token_ids = token_ids[: self._tokens_covering(token_ids, cut)]
+                self.stats.truncate(len(token_ids))  # tokens and counters agree with the text
                 break
             if chunk[-1] in self._stop_token_ids:
                 finish_reason = "stop"
@@ -203,6 +205,14 @@ class TextStream:
         if len(text) > emitted:
             yield text[emitted:]
         self.result = GenerationResult(text, token_ids, finish_reason, self.stats)
+
+    def _tokens_covering(self, token_ids: list[int], length: int) -> int:
+        """The fewest leading tokens whose text reaches `length` characters (the text before a stop
+        string; the token in which the stop string starts is kept if it also carries returned text)."""
+        for n in range(len(token_ids) + 1):
+            if len(self._tokenizer.decode(token_ids[:n], skip_special_tokens=True)) >= length:
+                return n
+        return len(token_ids)
 
     def _held_back(self, text: str) -> int:
         """Characters at the end of `text` that may still change or turn into a stop string."""

@@ -6,28 +6,75 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
+@dataclass(frozen=True)
+class Step:
+    """One target forward: what it verified and what it committed."""
+
+    drafted: int  # drafted tokens (tree nodes below the root) it verified
+    committed: int  # tokens it committed: the accepted drafted ones, then the target's own
+    # The proposing drafter (index in the method's drafters) of each accepted drafted token, if known.
+    accepted_by: tuple[int, ...] = ()
+
+    @property
+    def accepted(self) -> int:
+        """Drafted tokens committed before the target's own token. Where a step ends at a stop token the
+        target accepted, that token is the target's own: it is what the target itself would produce."""
+        return self.committed - 1
+
+
 @dataclass
 class DecodeStats:
-    """Counters of one generation. Derived figures are properties, so they can never disagree."""
+    """Counters of one generation, kept per target forward; every total is derived from the steps, so
+    the figures never disagree (new tokens = target forwards + accepted tokens, always)."""
 
     prompt_tokens: int = 0
-    new_tokens: int = 0
-    # Every forward pass of the target, the prefill included: plain decoding makes one per token.
-    target_forwards: int = 0
-    drafted_tokens: int = 0
-    accepted_tokens: int = 0  # drafted tokens the target accepted (never its own next token)
-    # Accepted tokens per proposing drafter (its index in the method's drafters), where trees record it.
-    accepted_by_drafter: dict[int, int] = field(default_factory=dict)
+    # Every forward pass of the target, the prefill (which commits the first token) included.
+    steps: list[Step] = field(default_factory=list)
     prefill_s: float = 0.0
     wall_s: float = 0.0
 
-    def record_step(self, drafted: int, accepted: int, accepted_by: Sequence[int] = ()) -> None:
-        """One target forward; `accepted_by`: the proposing drafter of each accepted token, if known."""
-        self.target_forwards += 1
-        self.drafted_tokens += drafted
-        self.accepted_tokens += accepted
-        for drafter in accepted_by:
-            self.accepted_by_drafter[drafter] = self.accepted_by_drafter.get(drafter, 0) + 1
+    def record_step(self, drafted: int, committed: int, accepted_by: Sequence[int] = ()) -> None:
+        self.steps.append(Step(drafted, committed, tuple(accepted_by[: committed - 1])))
+
+    def truncate(self, new_tokens: int) -> None:
+        """Keep only the first `new_tokens` committed tokens (text cut at a stop string): later steps go,
+        the last one kept commits only what is kept."""
+        kept: list[Step] = []
+        for step in self.steps:
+            left = new_tokens - sum(s.committed for s in kept)
+            if left <= 0:
+                break
+            if step.committed > left:
+                step = Step(step.drafted, left, step.accepted_by[: left - 1])
+            kept.append(step)
+        self.steps = kept
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(step.committed for step in self.steps)
+
+    @property
+    def target_forwards(self) -> int:
+        """Plain decoding makes one per token."""
+        return len(self.steps)
+
+    @property
+    def drafted_tokens(self) -> int:
+        return sum(step.drafted for step in self.steps)
+
+    @property
+    def accepted_tokens(self) -> int:
+        """Drafted tokens the target accepted (never its own next token)."""
+        return sum(step.accepted for step in self.steps)
+
+    @property
+    def accepted_by_drafter(self) -> dict[int, int]:
+        """Accepted tokens per proposing drafter index, where trees record it."""
+        counts: dict[int, int] = {}
+        for step in self.steps:
+            for drafter in step.accepted_by:
+                counts[drafter] = counts.get(drafter, 0) + 1
+        return counts
 
     def accepted_by(self, drafter_names: Sequence[str]) -> dict[str, int]:
         """Accepted tokens per drafter name (`drafter_names` in the method's drafter order), every name

@@ -154,6 +154,9 @@ class LlamaCppBaseline(Contender):
             n_threads=threads,
             n_threads_batch=threads,
             draft_model=draft if prompt_lookup else None,
+            # With a draft model llama-cpp-python keeps logits for every position but sizes its buffer by
+            # this flag: without it, prompts longer than n_batch (512) crash in `Llama.eval` (0.3.36).
+            logits_all=prompt_lookup,
             verbose=False,
         )
         self.stop_token_ids = target.stop_token_ids
