@@ -16,7 +16,7 @@ from swarmspec.engine import Engine
 from swarmspec.models.loading import LoadedModel, load_model
 from swarmspec.models.registry import DEFAULT_DRAFTER, DEFAULT_TARGET
 from swarmspec.runners.hf import HFRunner
-from swarmspec.speculate import ChainSpeculation
+from swarmspec.speculate import ChainSpeculation, NoSpeculation
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ def target() -> LoadedModel:
 @pytest.fixture(scope="module")
 def hf_reference(target: LoadedModel) -> dict[str, list[int]]:
     """transformers' own greedy decoding of each prompt, the promise we keep."""
-    engine = Engine(HFRunner(target.model), target.tokenizer, target.stop_token_ids, None, gamma=1)
+    engine = Engine(HFRunner(target.model), target.tokenizer, target.stop_token_ids, NoSpeculation(), gamma=1)
     reference = {}
     for prompt in PROMPTS:
         prompt_ids = engine.prompt_ids(GenerationRequest(prompt))

@@ -14,7 +14,7 @@ from scipy.stats import chisquare
 import swarmspec.verify
 from swarmspec.decode import decode
 from swarmspec.drafters.base import Draft, Drafter
-from swarmspec.drafters.lookup import PromptLookupDrafter, SuffixDrafter
+from swarmspec.drafters.lookup import PromptLookupDrafter, SuffixDrafter, SuffixIndex
 from swarmspec.drafters.model import ModelDrafter
 from swarmspec.metrics import DecodeStats
 from swarmspec.runners.hf import HFRunner
@@ -53,13 +53,27 @@ def test_model_free_drafts_are_point_masses_when_sampling() -> None:
 
 
 def test_suffix_drafter_reuses_earlier_sequences() -> None:
-    drafter = SuffixDrafter(vocab_size=50, max_ngram=3, min_ngram=2)
+    index = SuffixIndex(max_ngram=3, min_ngram=2)
+    drafter = SuffixDrafter(vocab_size=50, index=index)
     first = [1, 2, 3, 4, 5, 6, 7]
+    drafter.begin(first)
     assert len(drafter.propose(first, 3, GREEDY, None)) == 0  # nothing seen yet
-    drafter.propose([*first, 8], 3, GREEDY, None)  # the same sequence grows: not archived yet
-    # A new sequence ending in (3, 4) finds the first one: 5, 6, 7 followed.
-    assert drafter.propose([9, 9, 3, 4], 3, GREEDY, None).tokens.tolist() == [5, 6, 7]
-    assert len(drafter.sequences) == 1 and drafter.sequences[0] == [*first, 8]
+    drafter.observe([8])  # the sequence grows: indexed only when it ends
+    assert len(drafter.propose([9, 9, 3, 4], 3, GREEDY, None)) == 0
+    drafter.end()
+    # Any drafter sharing the index: a new sequence ending in (3, 4) finds the first one.
+    other = SuffixDrafter(vocab_size=50, index=index)
+    other.begin([9, 9, 3, 4])
+    assert other.propose([9, 9, 3, 4], 3, GREEDY, None).tokens.tolist() == [5, 6, 7]
+    assert list(index.sequences.values()) == [[*first, 8]]
+
+
+def test_suffix_index_is_bounded() -> None:
+    index = SuffixIndex(max_ngram=2, min_ngram=2, max_tokens=10)
+    index.add([1, 2, 3, 4, 5, 6])
+    index.add([7, 8, 9, 10, 11, 12])  # 12 tokens > 10: the first sequence is forgotten
+    assert list(index.sequences.values()) == [[7, 8, 9, 10, 11, 12]]
+    assert index.follow([1, 2], 2) == [] and index.follow([8, 9], 2) == [10, 11]
 
 
 def test_merge_dedupes_shared_prefixes_when_greedy() -> None:
@@ -335,6 +349,7 @@ def test_drafter_keeps_the_accepted_paths_cache_entries() -> None:
         return forward(input_ids, **kwargs)
 
     drafter.runner.forward = counting_forward  # type: ignore[method-assign]
+    drafter.observe([*accepted, 7])  # what the target committed: two tree nodes, then its own token
     next_context = [*context, *accepted, 7]
     shape = FixedWidths((2, 2))
     kept = drafter.propose_tree(next_context, shape, 2, GREEDY, None)

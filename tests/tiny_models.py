@@ -11,7 +11,7 @@ from swarmspec.metrics import DecodeStats
 from swarmspec.runners.base import ModelRunner
 from swarmspec.runners.hf import HFRunner
 from swarmspec.sampling import SamplingConfig
-from swarmspec.speculate import ChainSpeculation, Speculation
+from swarmspec.speculate import ChainSpeculation, NoSpeculation, Speculation
 from swarmspec.verify import Verifier, make_verifier
 
 
@@ -54,7 +54,7 @@ def run_decode(
     stats = DecodeStats()
     chunks = decode(
         runner or HFRunner(target),
-        ChainSpeculation(drafter) if isinstance(drafter, Drafter) else drafter,
+        ChainSpeculation(drafter) if isinstance(drafter, Drafter) else drafter or NoSpeculation(),
         verifier or make_verifier(sampling),
         prompt,
         max_new_tokens=max_new_tokens,

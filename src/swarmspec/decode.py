@@ -23,7 +23,7 @@ from swarmspec.verify import Verifier
 
 def decode(
     target: ModelRunner,
-    speculation: Speculation | None,
+    speculation: Speculation,
     verifier: Verifier,
     prompt_ids: list[int],
     *,
@@ -46,43 +46,44 @@ def decode(
         )
     start = time.perf_counter()
     stats.prompt_tokens = len(prompt_ids)
-    target.reset()
-    prompt_logits = target.forward(torch.tensor(prompt_ids, dtype=torch.int64), num_logits=1)  # [1, V]
-    verdict = verifier(
-        TokenTree.chain(prompt_ids[-1], torch.empty(0, dtype=torch.int64)), prompt_logits, generator
-    )
-    stats.prefill_s = time.perf_counter() - start
-    stats.record_step(drafted=0, committed=1)
-    context = list(prompt_ids)
-    new_tokens = [verdict.next_token]
-    while True:
-        context.extend(new_tokens)
-        stats.wall_s = time.perf_counter() - start
-        yield new_tokens
-        remaining = max_new_tokens - stats.new_tokens
-        if remaining <= 0 or new_tokens[-1] in stop_token_ids:
-            return
+    speculation.begin(prompt_ids)
+    try:  # `end` also runs when the consumer stops early (a stop string) and closes this generator
+        target.reset()
+        prompt_logits = target.forward(torch.tensor(prompt_ids, dtype=torch.int64), num_logits=1)  # [1, V]
+        tree = TokenTree.chain(prompt_ids[-1], torch.empty(0, dtype=torch.int64))
+        verdict = verifier(tree, prompt_logits, generator)
+        stats.prefill_s = time.perf_counter() - start
+        stats.record_step(drafted=0, committed=1)
+        new_tokens = [verdict.next_token]
+        speculation.observe(tree, [], new_tokens)
+        context = list(prompt_ids)
+        while True:
+            context.extend(new_tokens)
+            stats.wall_s = time.perf_counter() - start
+            yield new_tokens
+            remaining = max_new_tokens - stats.new_tokens
+            if remaining <= 0 or new_tokens[-1] in stop_token_ids:
+                return
 
-        # Speculate at most remaining - 1 tokens deep: the target always adds one of its own.
-        max_depth = min(gamma, remaining - 1)
-        if speculation is None:
-            tree = TokenTree.chain(context[-1], torch.empty(0, dtype=torch.int64))
-        else:
-            tree = speculation.speculate(context, max_depth, sampling, generator)
-        # One target forward scores every node: row i of target_logits is the target's distribution for
-        # the token after node i (the root, context[-1], is node 0).
-        tree_mask = None if tree.is_chain else tree.ancestor_mask()
-        target_logits = target.forward(tree.tokens, num_logits=len(tree), tree_mask=tree_mask)  # [n, V]
-        verdict = verifier(tree, target_logits, generator)
-        # Keep the root and the accepted path in the cache; drop every other branch.
-        root_position = len(context) - 1
-        target.compact(len(context), [root_position + node for node in verdict.path])
-        accepted_by = [] if tree.proposers is None else [tree.proposers[node] for node in verdict.path]
-        # Nothing after a stop token is output, nor counted.
-        new_tokens = _through_first_stop(
-            [*tree.tokens[verdict.path].tolist(), verdict.next_token], stop_token_ids
-        )
-        stats.record_step(drafted=len(tree) - 1, committed=len(new_tokens), accepted_by=accepted_by)
+            # Speculate at most remaining - 1 tokens deep: the target always adds one of its own.
+            tree = speculation.speculate(context, min(gamma, remaining - 1), sampling, generator)
+            # One target forward scores every node: row i of target_logits is the target's distribution
+            # for the token after node i (the root, context[-1], is node 0).
+            tree_mask = None if tree.is_chain else tree.ancestor_mask()
+            target_logits = target.forward(tree.tokens, num_logits=len(tree), tree_mask=tree_mask)  # [n, V]
+            verdict = verifier(tree, target_logits, generator)
+            # Keep the root and the accepted path in the cache; drop every other branch.
+            root_position = len(context) - 1
+            target.compact(len(context), [root_position + node for node in verdict.path])
+            # Nothing after a stop token is output, nor counted.
+            new_tokens = _through_first_stop(
+                [*tree.tokens[verdict.path].tolist(), verdict.next_token], stop_token_ids
+            )
+            proposers = [] if tree.proposers is None else [tree.proposers[node] for node in verdict.path]
+            stats.record_step(drafted=len(tree) - 1, committed=len(new_tokens), accepted_by=proposers)
+            speculation.observe(tree, verdict.path, new_tokens)
+    finally:
+        speculation.end()
 
 
 def _through_first_stop(tokens: list[int], stop_token_ids: frozenset[int]) -> list[int]:

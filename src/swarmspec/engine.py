@@ -22,6 +22,7 @@ from swarmspec.speculate import (
     ChainSpeculation,
     ExpansionTree,
     MergedTree,
+    NoSpeculation,
     Speculation,
     VoteSpeculation,
 )
@@ -44,13 +45,13 @@ class Engine:
         target: ModelRunner,
         tokenizer: PreTrainedTokenizerBase,
         stop_token_ids: frozenset[int],
-        speculation: Speculation | None,
+        speculation: Speculation,
         gamma: int,
     ) -> None:
         self.target = target
         self.tokenizer = tokenizer
         self.stop_token_ids = stop_token_ids
-        self.speculation = speculation  # None: plain autoregressive decoding
+        self.speculation = speculation
         self.gamma = gamma
 
     @classmethod
@@ -115,10 +116,10 @@ class Engine:
 
 def build_speculation(
     config: EngineConfig, target: LoadedModel, draft_models: Mapping[str, LoadedModel]
-) -> Speculation | None:
-    """The method's speculation over its drafters; None for plain decoding."""
+) -> Speculation:
+    """The method's speculation over its drafters (`NoSpeculation` for plain decoding)."""
     if config.method == "ar":
-        return None
+        return NoSpeculation()
     vocab_size = target.vocab_size
     drafters: list[Drafter] = []  # in the order given
     for spec in config.drafters:

@@ -8,8 +8,9 @@
   merge-based tree); in sampling mode every proposal stays its own branch, since multi-step
   speculative sampling needs each node to be a draw from one drafter's distribution.
 
-Adaptive speculations learn from the context they are given: what the target committed since their
-last proposal.
+The decode loop tells a speculation (and through it every drafter) what happened: `begin` with the
+prompt, `observe` after every target forward with the tree, the accepted path and the committed tokens,
+`end` when the sequence is finished or abandoned. Adaptive speculations learn from these calls only.
 """
 
 from __future__ import annotations
@@ -34,6 +35,20 @@ class Speculation(ABC):
 
     drafters: list[Drafter]
 
+    def begin(self, prompt_ids: list[int]) -> None:
+        for drafter in self.drafters:
+            drafter.begin(prompt_ids)
+
+    def observe(self, tree: TokenTree, path: list[int], committed: list[int]) -> None:
+        """The target verified `tree`, accepted the nodes `path` and committed `committed` (the accepted
+        tokens, cut at a stop token, then its own); after the prefill `tree` is the root alone."""
+        for drafter in self.drafters:
+            drafter.observe(committed)
+
+    def end(self) -> None:
+        for drafter in self.drafters:
+            drafter.end()
+
     @abstractmethod
     def speculate(
         self,
@@ -43,6 +58,16 @@ class Speculation(ABC):
         generator: torch.Generator | None,
     ) -> TokenTree:
         """A tree no deeper than `max_depth` below the root (`context[-1]`)."""
+
+
+class NoSpeculation(Speculation):
+    """Plain autoregressive decoding through the same loop: the tree is the root alone."""
+
+    def __init__(self) -> None:
+        self.drafters = []
+
+    def speculate(self, context, max_depth, sampling, generator) -> TokenTree:
+        return TokenTree.chain(context[-1], torch.empty(0, dtype=torch.int64))
 
 
 class ChainSpeculation(Speculation):
@@ -144,13 +169,11 @@ class VoteSpeculation(Speculation):
         self.drafters = list(drafters)
         self.decay = decay
         self.weights = [1.0] * len(drafters)
-        self._last_context: list[int] = []
         self._last_drafts: list[Draft] = []
 
     def speculate(self, context, max_depth, sampling, generator) -> TokenTree:
-        self._learn(context)
         drafts = [d.propose(context, max_depth, sampling, generator) for d in self.drafters]
-        self._last_context, self._last_drafts = list(context), drafts
+        self._last_drafts = drafts
         if not sampling.greedy:
             best = max(range(len(drafts)), key=self.weights.__getitem__)
             draft = drafts[best]
@@ -163,17 +186,15 @@ class VoteSpeculation(Speculation):
         ]
         return TokenTree.chain(context[-1], torch.tensor(voted, dtype=torch.int64), None, proposers)
 
-    def _learn(self, context: list[int]) -> None:
-        """Score the previous step's drafts against what the target committed since."""
-        previous = self._last_context
-        if not previous or context[: len(previous)] != previous:  # first step of a sequence
-            return
-        committed = context[len(previous) :]
+    def observe(self, tree: TokenTree, path: list[int], committed: list[int]) -> None:
+        """Move each drafter's weight towards the share of its last draft the target committed."""
+        super().observe(tree, path, committed)
         for i, draft in enumerate(self._last_drafts):
             if len(draft) == 0:
                 continue
             agreed = common_prefix_len(draft.tokens.tolist(), committed)
             self.weights[i] = self.decay * self.weights[i] + (1 - self.decay) * agreed / len(draft)
+        self._last_drafts = []
 
 
 def weighted_vote(chains: Sequence[list[int]], weights: Sequence[float]) -> list[int]:

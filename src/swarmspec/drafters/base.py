@@ -36,7 +36,21 @@ class Draft:
 
 
 class Drafter(ABC):
-    """Proposes tokens that continue a context. Drafters never decide what is output; the target does."""
+    """Proposes tokens that continue a context. Drafters never decide what is output; the target does.
+
+    The decode loop tells every drafter what happened: `begin` when a sequence starts, `observe` with
+    the tokens the target committed after each proposal, `end` when the sequence is finished or
+    abandoned. Drafters learn from these calls only, never by comparing the contexts they are handed.
+    """
+
+    def begin(self, prompt_ids: list[int]) -> None:  # noqa: B027 - most drafters keep no sequence state
+        """A new sequence starts with these tokens."""
+
+    def observe(self, committed: list[int]) -> None:  # noqa: B027
+        """The target committed these tokens since the last proposal (its accepted prefix, then its own)."""
+
+    def end(self) -> None:  # noqa: B027
+        """The sequence is finished or abandoned."""
 
     @abstractmethod
     def propose(

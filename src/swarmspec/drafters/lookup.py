@@ -13,19 +13,7 @@ from swarmspec.drafters.base import Draft, Drafter
 from swarmspec.sampling import SamplingConfig
 
 
-class NgramDrafter(Drafter):
-    """Shared by the model-free drafters: n-gram lengths to try, longest first, and the vocabulary size
-    their one-hot sampling rows need."""
-
-    def __init__(self, vocab_size: int, max_ngram: int, min_ngram: int) -> None:
-        if not 1 <= min_ngram <= max_ngram:
-            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
-        self.vocab_size = vocab_size
-        self.max_ngram = max_ngram
-        self.min_ngram = min_ngram
-
-
-class PromptLookupDrafter(NgramDrafter):
+class PromptLookupDrafter(Drafter):
     """Prompt lookup decoding: find the latest earlier occurrence of the context's last n tokens
     (n from `max_ngram` down to `min_ngram`) in the prompt and output so far, and propose what followed.
 
@@ -33,7 +21,11 @@ class PromptLookupDrafter(NgramDrafter):
     """
 
     def __init__(self, vocab_size: int, max_ngram: int = 3, min_ngram: int = 1) -> None:
-        super().__init__(vocab_size, max_ngram, min_ngram)
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.vocab_size = vocab_size
+        self.max_ngram = max_ngram
+        self.min_ngram = min_ngram
 
     def propose(
         self,
@@ -69,20 +61,61 @@ def point_mass_draft(tokens: list[int], vocab_size: int, sampling: SamplingConfi
     return Draft(draft.tokens, torch.nn.functional.one_hot(draft.tokens, vocab_size).float())
 
 
-class SuffixDrafter(NgramDrafter):
-    """Suffix matching over earlier sequences of this process (SuffixDecoding-like).
+class SuffixIndex:
+    """The n-grams of finished sequences, shared by every suffix drafter of an engine, bounded in memory:
+    past `max_tokens` indexed tokens the oldest sequences are forgotten."""
 
-    Every finished sequence (prompt and output) is indexed by its n-grams; a draft is what followed the
-    latest earlier occurrence of the context's last n tokens, longest n first. A sequence counts as
-    finished when a context arrives that does not extend it. Repetitive workloads (agents, the same
-    template over many inputs, code edits) draft long runs from earlier answers.
+    def __init__(self, max_ngram: int = 4, min_ngram: int = 2, max_tokens: int = 1_000_000) -> None:
+        self.max_ngram, self.min_ngram, self.max_tokens = max_ngram, min_ngram, max_tokens
+        self.sequences: dict[int, list[int]] = {}  # number -> tokens, oldest first
+        self.index: dict[tuple[int, ...], tuple[int, int]] = {}  # n-gram -> (sequence number, end position)
+        self.tokens = 0
+        self._next = 0
+
+    def add(self, sequence: list[int]) -> None:
+        number, self._next = self._next, self._next + 1
+        self.sequences[number] = list(sequence)
+        self.tokens += len(sequence)
+        for n in range(self.min_ngram, self.max_ngram + 1):
+            for end in range(n, len(sequence)):  # an n-gram with at least one token after it
+                self.index[tuple(sequence[end - n : end])] = (number, end)
+        while self.tokens > self.max_tokens and len(self.sequences) > 1:
+            oldest = next(iter(self.sequences))
+            self.tokens -= len(self.sequences.pop(oldest))
+            self.index = {gram: hit for gram, hit in self.index.items() if hit[0] != oldest}
+
+    def follow(self, context: list[int], max_tokens: int) -> list[int]:
+        """What followed the latest indexed occurrence of the context's last n tokens, longest n first."""
+        for n in range(min(self.max_ngram, len(context)), self.min_ngram - 1, -1):
+            hit = self.index.get(tuple(context[-n:]))
+            if hit is not None:
+                sequence, end = hit
+                return self.sequences[sequence][end : end + max_tokens]
+        return []
+
+
+class SuffixDrafter(Drafter):
+    """Suffix matching over earlier sequences (SuffixDecoding-like): a draft is what followed the latest
+    earlier occurrence of the context's last n tokens in a finished sequence (prompt and output). The
+    index is shared: pass one `SuffixIndex` to every suffix drafter of an engine. Repetitive workloads
+    (agents, the same template over many inputs, code edits) draft long runs from earlier answers.
     """
 
-    def __init__(self, vocab_size: int, max_ngram: int = 4, min_ngram: int = 2) -> None:
-        super().__init__(vocab_size, max_ngram, min_ngram)
-        self.sequences: list[list[int]] = []
-        self.index: dict[tuple[int, ...], tuple[int, int]] = {}  # n-gram -> (sequence, end position)
-        self.current: list[int] = []
+    def __init__(self, vocab_size: int, index: SuffixIndex | None = None) -> None:
+        self.vocab_size = vocab_size
+        self.index = index or SuffixIndex()
+        self.sequence: list[int] = []
+
+    def begin(self, prompt_ids: list[int]) -> None:
+        self.sequence = list(prompt_ids)
+
+    def observe(self, committed: list[int]) -> None:
+        self.sequence.extend(committed)
+
+    def end(self) -> None:
+        if self.sequence:
+            self.index.add(self.sequence)
+        self.sequence = []
 
     def propose(
         self,
@@ -91,22 +124,6 @@ class SuffixDrafter(NgramDrafter):
         sampling: SamplingConfig,
         generator: torch.Generator | None,
     ) -> Draft:
-        if self.current and context[: len(self.current)] != self.current:
-            self._archive(self.current)
-        self.current = list(context)
         if max_tokens <= 0:
             return Draft.empty()
-        for n in range(min(self.max_ngram, len(context)), self.min_ngram - 1, -1):
-            hit = self.index.get(tuple(context[-n:]))
-            if hit is not None:
-                sequence, end = hit
-                follow = self.sequences[sequence][end : end + max_tokens]
-                return point_mass_draft(follow, self.vocab_size, sampling)
-        return Draft.empty()
-
-    def _archive(self, sequence: list[int]) -> None:
-        number = len(self.sequences)
-        self.sequences.append(sequence)
-        for n in range(self.min_ngram, self.max_ngram + 1):
-            for end in range(n, len(sequence)):  # an n-gram with at least one token after it
-                self.index[tuple(sequence[end - n : end])] = (number, end)
+        return point_mass_draft(self.index.follow(context, max_tokens), self.vocab_size, sampling)

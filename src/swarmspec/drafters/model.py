@@ -15,8 +15,9 @@ class ModelDrafter(Drafter):
 
     The drafter keeps the ids its cache holds and, on each call, rolls back to the longest prefix the
     cache shares with the new context, so rejected drafts are discarded and whatever the target
-    committed since the last call is caught up in one forward. A tree's nodes stay cached until the
-    next call, which keeps the entries of the path the target accepted (compaction) and drops the rest.
+    committed since the last call is caught up in one forward (a new sequence reuses a shared prompt
+    prefix). A tree's nodes stay cached until `observe` says what the target committed: the entries
+    of the accepted path are kept (compaction), the rest dropped.
     """
 
     def __init__(self, runner: ModelRunner) -> None:
@@ -108,9 +109,15 @@ class ModelDrafter(Drafter):
         draft_probs = None if sampling.greedy else torch.stack(probs)
         return TokenTree(torch.tensor(tokens, dtype=torch.int64), tuple(parents), draft_probs)
 
-    def _catch_up(self, context: list[int]) -> torch.Tensor:  # [V] logits after the last context token
+    def observe(self, committed: list[int]) -> None:
         if self.cached_tree is not None:
-            self._keep_accepted_path(context)
+            self._keep_accepted_path(committed)
+
+    def end(self) -> None:
+        self._drop_tree()
+
+    def _catch_up(self, context: list[int]) -> torch.Tensor:  # [V] logits after the last context token
+        self._drop_tree()  # a tree nobody reported on
         shared = 0
         limit = min(len(self.cached_ids), len(context) - 1)  # always rerun >= 1 token to get logits
         while shared < limit and self.cached_ids[shared] == context[shared]:
@@ -119,21 +126,26 @@ class ModelDrafter(Drafter):
         del self.cached_ids[shared:]
         return self._run(torch.tensor(context[shared:], dtype=torch.int64))
 
-    def _keep_accepted_path(self, context: list[int]) -> None:
-        """Compact the last tree's cached nodes to those along `context` (what the target accepted)."""
+    def _keep_accepted_path(self, committed: list[int]) -> None:
+        """Compact the last tree's cached nodes to those the target accepted (`committed` starts with
+        the accepted tokens below the root)."""
         tree, self.cached_tree = self.cached_tree, None
         assert tree is not None
         base = len(self.cached_ids)
         path: list[int] = []
-        if context[:base] == self.cached_ids:
-            slot = base - 1  # the root
-            for token in context[base:]:
-                slot = tree.get((slot, token), -1)
-                if slot < 0:
-                    break
-                path.append(slot)
+        slot = base - 1  # the root
+        for token in committed:
+            slot = tree.get((slot, token), -1)
+            if slot < 0:
+                break
+            path.append(slot)
         self.runner.compact(base, path)
-        self.cached_ids.extend(context[base : base + len(path)])
+        self.cached_ids.extend(committed[: len(path)])
+
+    def _drop_tree(self) -> None:
+        if self.cached_tree is not None:
+            self.cached_tree = None
+            self.runner.compact(len(self.cached_ids), [])
 
     def _run(self, input_ids: torch.Tensor) -> torch.Tensor:  # [V] logits after the last input token
         logits = self.runner.forward(input_ids, num_logits=1)[0]
