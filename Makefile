@@ -22,11 +22,16 @@ lint: install
 install: $(VENV)/.installed
 
 # torch is pinned and installed first: `pip install torch==2.13.0` takes the CPU wheel on this machine,
-# while an unpinned torch would pull a multi-GB CUDA build. llama-cpp-python is built from source by pip
-# (for this CPU: GGML_NATIVE is on by default); its multimodal library is not needed.
+# while an unpinned torch would pull a multi-GB CUDA build. llama-cpp-python (pinned in pyproject.toml)
+# is built from source for this CPU, without llamafile's sgemm (exactness: src/swarmspec/runners/
+# llama_cpp.py) and without its multimodal library; --no-cache-dir, because pip's wheel cache ignores
+# CMAKE_ARGS and could hand back a build made with other options.
+LLAMA_CPP_CMAKE_ARGS := -DGGML_LLAMAFILE=OFF -DLLAVA_BUILD=OFF
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(BIN)/pip install -q -e '.[models,dev]'
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(BIN)/pip install -q --no-cache-dir \
+		"$$(grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)"
+	$(BIN)/pip install -q -e '.[models,dev]'
 	touch $@

@@ -28,12 +28,16 @@ def main() -> None:
     parser.add_argument("--model", default=DEFAULT_TARGET, help="registered name or .gguf file")
     parser.add_argument("--repack", choices=("on", "off"), default="on")
     parser.add_argument("--rows", type=int, default=llama_cpp.EXACT_ROWS)
+    parser.add_argument(
+        "--flash-attn", choices=("on", "off"), default="on" if llama_cpp.FLASH_ATTN else "off"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--context", type=int, default=200, help="cached tokens under each forward")
     parser.add_argument("--repeats", type=int, default=6)
     args = parser.parse_args()
     llama_cpp.REPACK = args.repack == "on"
     llama_cpp.EXACT_ROWS = args.rows
+    llama_cpp.FLASH_ATTN = int(args.flash_attn == "on")
     runner = llama_cpp.LlamaCppModel(gguf_file(args.model)).new_runner(threads=args.threads)
     generator = torch.Generator().manual_seed(0)
     context = torch.randint(1000, 30000, (args.context,), generator=generator)

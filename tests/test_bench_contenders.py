@@ -8,8 +8,6 @@ from collections.abc import Sequence
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 import swarmspec.engine
 from swarmspec.bench.contenders import Contender, build_contenders, hf_generation_config
@@ -20,22 +18,9 @@ from swarmspec.config import HF_BASELINES, METHODS, MODEL_FREE_DRAFTERS, EngineC
 from swarmspec.models.loading import LoadedModel
 from swarmspec.sampling import SamplingConfig
 from swarmspec.tree import TokenTree
-from swarmspec.verify import TreeVerdict
+from swarmspec.verify import Verdict
 
-from tiny_models import tiny_qwen2
-
-VOCAB = 96
-EOS = 1
-
-
-def tiny_loaded(name: str, seed: int, layers: int = 2) -> LoadedModel:
-    """A tiny random Qwen2 with a real (word-level) fast tokenizer over its vocabulary."""
-    word_level = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
-    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token="t0", eos_token=f"t{EOS}")
-    model = tiny_qwen2(seed, vocab_size=VOCAB, layers=layers)
-    model.generation_config.eos_token_id = EOS
-    return LoadedModel(name, model, tokenizer)
+from tiny_models import EOS, VOCAB, tiny_loaded
 
 
 def contenders_for(
@@ -96,9 +81,9 @@ def test_all_contenders_greedy_identical_to_hf_generate(drafter_seed: int) -> No
         assert assisted.acceptance_rate == 1.0
 
 
-def accept_every_draft_token(tree: TokenTree, target_logits: torch.Tensor, generator) -> TreeVerdict:
+def accept_every_draft_token(tree: TokenTree, target_logits: torch.Tensor, generator) -> Verdict:
     """A deliberately broken verifier: it trusts the drafter completely."""
-    return TreeVerdict(list(range(1, len(tree))), int(target_logits[-1].argmax()))
+    return Verdict(list(range(1, len(tree))), int(target_logits[-1].argmax()))
 
 
 def test_broken_verifier_shows_as_not_identical(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -64,6 +64,7 @@ def test_tokens_per_s_speedup_and_acceptance_from_medians() -> None:
     assert chain_code.speedup == pytest.approx(3.0)
     assert chain_code.mean_accepted_tokens == pytest.approx(20 / 8)  # 2 repeats x 10 tokens / 8 forwards
     assert chain_code.acceptance_rate == pytest.approx(12 / 24)
+    assert chain_code.drafted_per_forward == pytest.approx(24 / 8)  # verified tree nodes per forward
     assert chain_code.identical is True
 
     chain_rag = rows["chain", "rag"]
@@ -102,11 +103,11 @@ def test_sampling_and_missing_reference() -> None:
 def test_markdown_tables() -> None:
     text = markdown_tables(summarize(RECORDS, reference="hf-generate", greedy=True), "hf-generate")
     assert "**Overall** (2 questions)" in text
-    assert "| chain | 8.57 | 2.00x | 3.33 | 75.0% | **NO** |" in text
-    assert "| hf-generate | 4.29 | 1.00x | 1.00 | n/a | yes |" in text
+    assert "| chain | 8.57 | 2.00x | 3.33 | 3.11 | 75.0% | **NO** |" in text  # 56 drafted / 18 forwards
+    assert "| hf-generate | 4.29 | 1.00x | 1.00 | 0.00 | n/a | yes |" in text
     assert "| contender | code | rag | overall |" in text
     assert "| chain | 3.00x (10.00) | 1.60x (8.00) | 2.00x (8.57) |" in text
-    assert "| code / chain | 10.00 | 3.00x | 2.50 | 50.0% | yes |" in text
+    assert "| code / chain | 10.00 | 3.00x | 2.50 | 3.00 | 50.0% | yes |" in text
 
 
 def test_drafter_shares_sum_per_family_and_overall() -> None:

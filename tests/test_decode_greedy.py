@@ -14,7 +14,7 @@ from swarmspec.models.loading import pack_linears_onednn
 from swarmspec.runners.hf import HFRunner
 from swarmspec.sampling import SamplingConfig
 from swarmspec.tree import TokenTree
-from swarmspec.verify import TreeVerdict, Verdict, verify_greedy
+from swarmspec.verify import Verdict, verify_greedy
 
 from tiny_models import run_decode, tiny_qwen2
 
@@ -47,6 +47,7 @@ class ScriptedDrafter(Drafter):
     def __init__(self, reference: list[int], prompt_len: int, wrong_at: Iterator[int | None]) -> None:
         self.reference, self.prompt_len, self.wrong_at = reference, prompt_len, wrong_at
         self.expected_accepted: list[int] = []
+        self.drafted: list[int] = []
 
     def propose(self, context, max_tokens, sampling, generator) -> Draft:
         start = len(context) - self.prompt_len
@@ -57,6 +58,7 @@ class ScriptedDrafter(Drafter):
             self.expected_accepted.append(wrong)
         else:
             self.expected_accepted.append(len(tokens))
+        self.drafted.append(len(tokens))
         return Draft.of(tokens)
 
 
@@ -100,15 +102,17 @@ def test_scripted_partial_acceptance(script: list[int | None]) -> None:
     output, stats = run_decode(target, drafter, prompt, 50, gamma=4)
     assert output == reference
     assert stats.accepted_tokens == sum(drafter.expected_accepted)
-    assert stats.drafted_tokens > stats.accepted_tokens or None in script
+    assert stats.drafted_tokens == sum(drafter.drafted)
+    corrupted = sum(d > a for d, a in zip(drafter.drafted, drafter.expected_accepted, strict=True))
+    assert (corrupted > 0) == any(w is not None for w in script)  # every script corrupts some draft
 
 
-def greedy_accepting_one_extra(tree: TokenTree, target_logits: torch.Tensor, generator) -> TreeVerdict:
+def greedy_accepting_one_extra(tree: TokenTree, target_logits: torch.Tensor, generator) -> Verdict:
     """A deliberately broken verifier: it keeps one draft token past the first mismatch."""
     verdict = verify_greedy(tree.tokens[1:], target_logits)
     if verdict.accepted_len < len(tree) - 1:
-        verdict = Verdict(verdict.accepted_len + 1, verdict.next_token)
-    return TreeVerdict.of_chain(verdict)
+        verdict = Verdict.of_chain(verdict.accepted_len + 1, verdict.next_token)
+    return verdict
 
 
 def test_broken_verifier_is_caught() -> None:

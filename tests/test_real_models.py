@@ -5,6 +5,7 @@ Slow: loads the 1.5B target (fp32, ~7 GB) and the 0.5B drafter, fetched and conv
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -12,11 +13,11 @@ import torch
 
 from swarmspec.config import EngineConfig, GenerationRequest
 from swarmspec.drafters.model import ModelDrafter
-from swarmspec.engine import Engine
+from swarmspec.engine import Engine, SequenceState
 from swarmspec.models.loading import LoadedModel, load_model
 from swarmspec.models.registry import DEFAULT_DRAFTER, DEFAULT_TARGET
 from swarmspec.runners.hf import HFRunner
-from swarmspec.speculate import ChainSpeculation, NoSpeculation
+from swarmspec.speculate import ChainSpeculation, NoSpeculation, Speculation
 
 pytestmark = pytest.mark.slow
 
@@ -28,6 +29,15 @@ PROMPTS = [
 NEW_TOKENS = 64
 
 
+def engine_of(target: LoadedModel, speculation: Callable[[], Speculation], gamma: int) -> Engine:
+    """An engine whose generations each get a fresh target cache and `speculation()`."""
+
+    def new_state() -> SequenceState:
+        return SequenceState(target.new_runner(), speculation())
+
+    return Engine(new_state, target.tokenizer, target.stop_token_ids, gamma)
+
+
 @pytest.fixture(scope="module")
 def target() -> LoadedModel:
     return load_model(DEFAULT_TARGET)
@@ -36,7 +46,7 @@ def target() -> LoadedModel:
 @pytest.fixture(scope="module")
 def hf_reference(target: LoadedModel) -> dict[str, list[int]]:
     """transformers' own greedy decoding of each prompt, the promise we keep."""
-    engine = Engine(HFRunner(target.model), target.tokenizer, target.stop_token_ids, NoSpeculation(), gamma=1)
+    engine = engine_of(target, lambda: NoSpeculation(), gamma=1)
     reference = {}
     for prompt in PROMPTS:
         prompt_ids = engine.prompt_ids(GenerationRequest(prompt))
@@ -56,8 +66,7 @@ def test_greedy_equals_transformers_generate(
     target: LoadedModel, hf_reference: dict[str, list[int]], drafter_spec: str | None
 ) -> None:
     drafter = ModelDrafter(HFRunner(load_model(drafter_spec).model)) if drafter_spec else None
-    speculation = ChainSpeculation(drafter) if drafter else None
-    engine = Engine(HFRunner(target.model), target.tokenizer, target.stop_token_ids, speculation, gamma=4)
+    engine = engine_of(target, lambda: ChainSpeculation(drafter) if drafter else NoSpeculation(), gamma=4)
     for prompt in PROMPTS:
         result = engine.generate(GenerationRequest(prompt, max_new_tokens=NEW_TOKENS))
         assert result.token_ids == hf_reference[prompt], prompt
@@ -70,8 +79,7 @@ def test_onednn_target_equals_transformers_generate(hf_reference: dict[str, list
     """The oneDNN fast path keeps the target's fp32 weights; its greedy output must not change."""
     packed = load_model(f"onednn:{DEFAULT_TARGET}")
     drafter = ModelDrafter(HFRunner(load_model(DEFAULT_DRAFTER).model))
-    speculation = ChainSpeculation(drafter)
-    engine = Engine(HFRunner(packed.model), packed.tokenizer, packed.stop_token_ids, speculation, gamma=4)
+    engine = engine_of(packed, lambda: ChainSpeculation(drafter), gamma=4)
     for prompt in PROMPTS:
         result = engine.generate(GenerationRequest(prompt, max_new_tokens=NEW_TOKENS))
         assert result.token_ids == hf_reference[prompt], prompt

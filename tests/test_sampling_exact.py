@@ -19,7 +19,7 @@ from swarmspec.metrics import DecodeStats
 from swarmspec.sampling import SamplingConfig, logits_to_probs
 from swarmspec.speculate import ChainSpeculation
 from swarmspec.tree import TokenTree
-from swarmspec.verify import TreeVerdict, Verdict, Verifier, make_verifier, verify_speculative_sampling
+from swarmspec.verify import Verdict, Verifier, make_verifier, verify_speculative_sampling
 
 from tiny_models import TrigramLM
 
@@ -78,9 +78,7 @@ def p_value(counts: torch.Tensor, exact: torch.Tensor) -> float:
 def broken(rule: str, sampling: SamplingConfig) -> Verifier:
     """Deliberately wrong acceptance rules, each a classic bug."""
 
-    def verify(
-        tree: TokenTree, target_logits: torch.Tensor, generator: torch.Generator | None
-    ) -> TreeVerdict:
+    def verify(tree: TokenTree, target_logits: torch.Tensor, generator: torch.Generator | None) -> Verdict:
         if len(tree) == 1:
             return make_verifier(sampling)(tree, target_logits, generator)
         target_probs = logits_to_probs(target_logits, sampling)
@@ -90,13 +88,11 @@ def broken(rule: str, sampling: SamplingConfig) -> Verifier:
             verdict = verify_speculative_sampling(draft_tokens, draft_probs, target_probs, generator)
             if verdict.accepted_len < k:
                 resampled = torch.multinomial(target_probs[verdict.accepted_len], 1, generator=generator)
-                verdict = Verdict(verdict.accepted_len, int(resampled))
-            return TreeVerdict.of_chain(verdict)
+                verdict = Verdict.of_chain(verdict.accepted_len, int(resampled))
+            return verdict
         # "swapped_roles": target and draft distributions swapped (the p/q mix-up), bonus token kept right.
         swapped = torch.cat([draft_probs, target_probs[k:]])
-        return TreeVerdict.of_chain(
-            verify_speculative_sampling(draft_tokens, target_probs[:k], swapped, generator)
-        )
+        return verify_speculative_sampling(draft_tokens, target_probs[:k], swapped, generator)
 
     return verify
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
 import torch
-from scipy.stats import chisquare
 
 import swarmspec.verify
 from swarmspec.decode import decode
@@ -18,7 +18,7 @@ from swarmspec.drafters.lookup import PromptLookupDrafter, SuffixDrafter, Suffix
 from swarmspec.drafters.model import ModelDrafter
 from swarmspec.metrics import DecodeStats
 from swarmspec.runners.hf import HFRunner
-from swarmspec.sampling import SamplingConfig
+from swarmspec.sampling import SamplingConfig, logits_to_probs
 from swarmspec.speculate import (
     ExpansionTree,
     MergedTree,
@@ -30,6 +30,7 @@ from swarmspec.speculate import (
 from swarmspec.tree import FixedWidths, NodeBudget, TokenTree, TreeShape
 from swarmspec.verify import make_verifier
 
+from test_sampling_exact import p_value
 from tiny_models import TrigramLM, run_decode, tiny_qwen2
 
 GREEDY = SamplingConfig()
@@ -118,36 +119,101 @@ def test_merged_tree_greedy_equals_autoregressive(seed: int, gamma: int) -> None
 
 VOCAB = 4
 PROMPT = [0, 1]
-SAMPLES = 6000
+SAMPLES = 4000
+SAMPLINGS = {
+    "t1.0": SamplingConfig(temperature=1.0),
+    "t1.3-topk3-topp0.9": SamplingConfig(temperature=1.3, top_k=3, top_p=0.9),
+}
+
+
+def trigram_drafters(*seeds: int) -> list[Drafter]:
+    return [ModelDrafter(TrigramLM(seed=s, vocab_size=VOCAB)) for s in seeds]
 
 
 def two_drafter_tree() -> Speculation:
     """Chains of two different drafters, each its own branch."""
-    return MergedTree([ModelDrafter(TrigramLM(seed=s, vocab_size=VOCAB)) for s in (2, 3)])
+    return MergedTree(trigram_drafters(2, 3))
 
 
 def expansion_tree() -> Speculation:
     """Two sampled children per node from one drafter, plus a second drafter's chain."""
-    drafter, other = (ModelDrafter(TrigramLM(seed=s, vocab_size=VOCAB)) for s in (2, 3))
-    return ExpansionTree([drafter, other], FixedWidths((2, 2)))
+    return ExpansionTree(trigram_drafters(2, 3), FixedWidths((2, 2)), grower=0)
 
 
 def budget_tree() -> Speculation:
     """A node-budget tree from one drafter (uneven child counts), plus a second drafter's chain."""
-    drafter, other = (ModelDrafter(TrigramLM(seed=s, vocab_size=VOCAB)) for s in (2, 3))
-    # Grown from `drafter`, the first model among the drafters (index 1), prompt lookup merged in too.
-    return ExpansionTree([PromptLookupDrafter(VOCAB), drafter, other], NodeBudget(budget=4, branch=3))
+    # Grown from the first model among the drafters (index 1), prompt lookup merged in too.
+    return ExpansionTree(
+        [PromptLookupDrafter(VOCAB), *trigram_drafters(2, 3)], NodeBudget(budget=4, branch=3), grower=1
+    )
 
 
-SPECULATIONS = {"merged": two_drafter_tree, "expansion": expansion_tree, "budget": budget_tree}
+def vote() -> Speculation:
+    """The heaviest of two drafters' chains (weights from earlier steps only)."""
+    return VoteSpeculation(trigram_drafters(2, 3))
 
 
-def tree_sampling_counts(seed: int, make: Callable[[], Speculation]) -> tuple[torch.Tensor, torch.Tensor]:
+SPECULATIONS = {"merged": two_drafter_tree, "expansion": expansion_tree, "budget": budget_tree, "vote": vote}
+
+
+class Rewritten(Speculation):
+    """Deliberately broken controls: every tree is rewritten before the target verifies it."""
+
+    def __init__(self, inner: Speculation, rewrite: Callable[[TokenTree], TokenTree]) -> None:
+        self.inner, self.rewrite, self.drafters = inner, rewrite, inner.drafters
+
+    def begin(self, prompt_ids: list[int]) -> None:
+        self.inner.begin(prompt_ids)
+
+    def observe(self, tree: TokenTree, path: list[int], committed: list[int]) -> None:
+        self.inner.observe(tree, path, committed)
+
+    def end(self) -> None:
+        self.inner.end()
+
+    def speculate(self, context, max_depth, sampling, generator) -> TokenTree:
+        return self.rewrite(self.inner.speculate(context, max_depth, sampling, generator))
+
+
+def parent_rows(tree: TokenTree) -> TokenTree:
+    """Bug: a node below depth 1 carries its parent's draft distribution instead of its own."""
+    if tree.draft_probs is None:  # nothing drafted
+        return tree
+    probs = tree.draft_probs.clone()
+    for node, parent in enumerate(tree.parents):
+        if parent > 0:
+            probs[node] = tree.draft_probs[parent]
+    return replace(tree, draft_probs=probs)
+
+
+def dedupe_drawn(tree: TokenTree) -> TokenTree:
+    """Bug: sampled siblings drawing the same token are merged, so child counts depend on the draws."""
+    if tree.draft_probs is None:  # nothing drafted
+        return tree
+    kept, new_index, seen = [], {0: 0}, set()
+    for node in range(1, len(tree)):
+        parent = tree.parents[node]
+        key = (parent, int(tree.tokens[node]))
+        if parent in new_index and key not in seen:
+            seen.add(key)
+            new_index[node] = len(kept) + 1
+            kept.append(node)
+    nodes = [0, *kept]
+    assert tree.proposers is not None
+    return TokenTree(
+        tree.tokens[nodes],
+        (-1, *[new_index[tree.parents[n]] for n in kept]),
+        tree.draft_probs[nodes],
+        tuple(tree.proposers[n] for n in nodes),
+    )
+
+
+def tree_sampling_counts(
+    seed: int, speculation: Speculation, sampling: SamplingConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Counts of the first 3 tokens decoded with a tree speculation, and their exact probabilities
     under the target."""
-    sampling = SamplingConfig(temperature=1.0)
     target = TrigramLM(seed=1, vocab_size=VOCAB)
-    speculation = make()
     generator = torch.Generator().manual_seed(seed)
     counts = torch.zeros(VOCAB**3, dtype=torch.float64)
     for _ in range(SAMPLES):
@@ -162,32 +228,37 @@ def tree_sampling_counts(seed: int, make: Callable[[], Speculation]) -> tuple[to
     for t1, t2, t3 in itertools.product(range(VOCAB), repeat=3):
         p, sequence = 1.0, list(PROMPT)
         for token in (t1, t2, t3):
-            p *= float(torch.softmax(target.next_logits(sequence), -1)[token])
+            p *= float(logits_to_probs(target.next_logits(sequence), sampling)[token])
             sequence.append(token)
         exact[(t1 * VOCAB + t2) * VOCAB + t3] = p
     return counts, exact
 
 
-def tree_p_value(seed: int, make: Callable[[], Speculation]) -> float:
-    counts, exact = tree_sampling_counts(seed, make)
-    expected = exact / exact.sum() * counts.sum()
-    keep = expected >= 5
-    observed = torch.cat([counts[keep], counts[~keep].sum().view(1)])
-    expected = torch.cat([expected[keep], expected[~keep].sum().view(1)])
-    return float(chisquare(observed.numpy(), expected.numpy()).pvalue)
+def tree_p_value(seed: int, speculation: Speculation, sampling: SamplingConfig = SAMPLINGS["t1.0"]) -> float:
+    counts, exact = tree_sampling_counts(seed, speculation, sampling)
+    return p_value(counts, exact)
 
 
-@pytest.mark.slow
+@pytest.mark.parametrize("sampling", SAMPLINGS)
 @pytest.mark.parametrize("tree", SPECULATIONS)
-def test_tree_sampling_reproduces_the_target_distribution(tree: str) -> None:
-    assert tree_p_value(0, SPECULATIONS[tree]) > 1e-3
+def test_tree_sampling_reproduces_the_target_distribution(tree: str, sampling: str) -> None:
+    assert tree_p_value(0, SPECULATIONS[tree](), SAMPLINGS[sampling]) > 1e-3
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("tree", SPECULATIONS)
 def test_tree_with_broken_residual_update_fails(tree: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(swarmspec.verify, "residual_after_rejection", lambda p, q: p)
-    assert tree_p_value(0, SPECULATIONS[tree]) < 1e-6
+    assert tree_p_value(0, SPECULATIONS[tree]()) < 1e-6
+
+
+@pytest.mark.parametrize("tree", ["expansion", "budget"])
+def test_tree_with_parents_draft_rows_fails(tree: str) -> None:
+    assert tree_p_value(0, Rewritten(SPECULATIONS[tree](), parent_rows)) < 1e-6
+
+
+@pytest.mark.parametrize("tree", ["expansion", "budget"])  # siblings drawn from one distribution
+def test_tree_whose_child_counts_depend_on_the_draws_fails(tree: str) -> None:
+    assert tree_p_value(0, Rewritten(SPECULATIONS[tree](), dedupe_drawn)) < 1e-6
 
 
 def test_weighted_vote_follows_the_heaviest_branch() -> None:
@@ -258,7 +329,7 @@ def test_grown_tree_greedy_equals_autoregressive(seed: int, shape: TreeShape) ->
     target = tiny_qwen2(seed)
     prompt = torch.randint(96, (6,), generator=torch.Generator().manual_seed(seed)).tolist() * 2
     drafter = ModelDrafter(HFRunner(tiny_qwen2(seed + 50, layers=1)))
-    speculation = ExpansionTree([PromptLookupDrafter(vocab_size=96), drafter], shape)
+    speculation = ExpansionTree([PromptLookupDrafter(vocab_size=96), drafter], shape, grower=1)
     reference, _ = run_decode(target, None, prompt, 40)
     output, _ = run_decode(target, speculation, prompt, 40, gamma=4)
     assert output == reference
@@ -267,7 +338,7 @@ def test_grown_tree_greedy_equals_autoregressive(seed: int, shape: TreeShape) ->
 def test_expansion_tree_with_the_target_as_drafter_accepts_full_depth() -> None:
     target = tiny_qwen2(2)
     prompt = torch.randint(96, (8,), generator=torch.Generator().manual_seed(2)).tolist()
-    speculation = ExpansionTree([ModelDrafter(HFRunner(target))], FixedWidths((2, 2, 2)))
+    speculation = ExpansionTree([ModelDrafter(HFRunner(target))], FixedWidths((2, 2, 2)), grower=0)
     output, stats = run_decode(target, speculation, prompt, 41, gamma=3)
     assert output == run_decode(target, None, prompt, 41)[0]
     assert stats.target_forwards == 1 + 40 // 4  # prefill, then 3 accepted + 1 per forward
@@ -320,7 +391,7 @@ def test_budget_tree_of_a_confident_drafter_is_a_long_chain() -> None:
     sharp.runner.model.lm_head.weight.data *= 50
     tree = sharp.propose_tree(prompt, NodeBudget(budget=5, branch=3), 4, GREEDY, None)
     assert max(tree_depths(tree)) == 4
-    output, stats = run_decode(target, ExpansionTree([sharp], NodeBudget(5)), prompt, 41, gamma=4)
+    output, stats = run_decode(target, ExpansionTree([sharp], NodeBudget(5), grower=0), prompt, 41, gamma=4)
     assert output == run_decode(target, None, prompt, 41)[0]
     assert stats.target_forwards == 1 + 40 // 5  # prefill, then 4 accepted + 1 per forward
 

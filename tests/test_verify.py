@@ -21,11 +21,11 @@ def logits_with_argmax(argmaxes: list[int]) -> torch.Tensor:  # [k+1, V]
 @pytest.mark.parametrize(
     ("draft", "target_argmax", "expected"),
     [
-        ([5, 7, 9], [5, 7, 9, 4], Verdict(3, 4)),  # full match: bonus token
-        ([5, 7, 9], [5, 7, 2, 4], Verdict(2, 2)),  # mismatch at the end
-        ([5, 7, 9], [1, 7, 9, 4], Verdict(0, 1)),  # early mismatch: later matches do not count
-        ([], [3], Verdict(0, 3)),  # empty draft: plain decoding
-        ([6], [6, 6], Verdict(1, 6)),
+        ([5, 7, 9], [5, 7, 9, 4], Verdict.of_chain(3, 4)),  # full match: bonus token
+        ([5, 7, 9], [5, 7, 2, 4], Verdict.of_chain(2, 2)),  # mismatch at the end
+        ([5, 7, 9], [1, 7, 9, 4], Verdict.of_chain(0, 1)),  # early mismatch: later matches do not count
+        ([], [3], Verdict.of_chain(0, 3)),  # empty draft: plain decoding
+        ([6], [6, 6], Verdict.of_chain(1, 6)),
     ],
 )
 def test_greedy_verdicts(draft: list[int], target_argmax: list[int], expected: Verdict) -> None:
@@ -57,7 +57,7 @@ def verify_without_residual(draft_tokens, draft_probs, target_probs, generator) 
     verdict = verify_speculative_sampling(draft_tokens, draft_probs, target_probs, generator)
     if verdict.accepted_len < draft_tokens.shape[0]:
         fresh = torch.multinomial(target_probs[verdict.accepted_len], 1, generator=generator)
-        return Verdict(verdict.accepted_len, int(fresh))
+        return Verdict.of_chain(verdict.accepted_len, int(fresh))
     return verdict
 
 
@@ -87,7 +87,7 @@ def test_token_the_target_cannot_emit_is_always_rejected() -> None:
     target_probs = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
     draft_probs = torch.tensor([[1.0, 0.0, 0.0]])
     verdict = verify_speculative_sampling(torch.tensor([0]), draft_probs, target_probs, torch.Generator())
-    assert verdict == Verdict(0, 1)
+    assert verdict == Verdict.of_chain(0, 1)
 
 
 def test_sampling_verifier_needs_draft_probabilities() -> None:

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from swarmspec.decode import decode
 from swarmspec.drafters.base import Drafter
 from swarmspec.metrics import DecodeStats
+from swarmspec.models.loading import LoadedModel
 from swarmspec.runners.base import ModelRunner
 from swarmspec.runners.hf import HFRunner
 from swarmspec.sampling import SamplingConfig
 from swarmspec.speculate import ChainSpeculation, NoSpeculation, Speculation
 from swarmspec.verify import Verifier, make_verifier
+
+VOCAB = 96
+EOS = 1
 
 
 def tiny_qwen2(seed: int, vocab_size: int = 96, layers: int = 2, init_std: float = 0.3) -> Qwen2ForCausalLM:
@@ -112,3 +117,13 @@ class TrigramLM(ModelRunner):
 
     def reset(self) -> None:
         self.tokens = []
+
+
+def tiny_loaded(name: str, seed: int, layers: int = 2) -> LoadedModel:
+    """A tiny random Qwen2 with a real (word-level) fast tokenizer over its vocabulary."""
+    word_level = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token="t0", eos_token=f"t{EOS}")
+    model = tiny_qwen2(seed, vocab_size=VOCAB, layers=layers)
+    model.generation_config.eos_token_id = EOS
+    return LoadedModel(name, model, tokenizer)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import shlex
 import sys
@@ -35,31 +36,33 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults in --help, except empty ones (those flags say what they default to)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default in ((), []):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = EngineConfig()
     parser = argparse.ArgumentParser(prog="swarmspec", description="Lossless speculative inference for LLMs.")
+    parser.add_argument(
+        "--version", action="version", version=f"swarmspec {importlib.metadata.version('swarmspec')}"
+    )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    gen = commands.add_parser("generate", help="generate text for a prompt, streaming it")
-    gen.add_argument("prompt", metavar="PROMPT")
-    gen.add_argument("--target", default=defaults.target, help="target model (default: %(default)s)")
-    gen.add_argument(
-        "--drafter",
-        action="append",
-        help="repeatable: a model (prefix int8: to quantize) or prompt-lookup or suffix (default: chain "
-        f"{','.join(default_drafters('chain'))}; tree and vote {','.join(default_drafters('tree'))})",
-    )
-    gen.add_argument("--method", choices=METHODS, default=defaults.method, help="default: %(default)s")
-    gen.add_argument("--gamma", type=int, default=defaults.gamma, help="tokens drafted per target forward")
-    gen.add_argument("--tree", type=int_list, default=(), help="tree widths per depth, e.g. 3,2,1,1")
-    gen.add_argument("--tree-budget", type=int, default=0, help="grow <= N nodes from the model drafter")
-    add_thread_flags(gen)
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, formatter_class=_HelpFormatter)
+
+    gen = command("generate", "generate text for a prompt, streaming it")
+    gen.add_argument("prompt", metavar="PROMPT", help="the prompt; - reads it from stdin")
+    gen.add_argument("--method", choices=METHODS, default=defaults.method, help="decoding method")
+    add_engine_flags(gen)
     request = GenerationRequest(prompt="-")
-    gen.add_argument("--max-new-tokens", type=int, default=request.max_new_tokens)
-    gen.add_argument("--temperature", type=float, default=request.sampling.temperature, help="0 = greedy")
-    gen.add_argument("--top-p", type=float, default=request.sampling.top_p)
-    gen.add_argument("--top-k", type=int, default=request.sampling.top_k, help="0 = off")
-    gen.add_argument("--seed", type=int, default=request.seed)
+    gen.add_argument("--max-new-tokens", type=int, default=request.max_new_tokens, help="upper bound")
+    add_sampling_flags(gen, request.sampling, request.seed)
     gen.add_argument(
         "--chat",
         action=argparse.BooleanOptionalAction,
@@ -70,63 +73,73 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     gen.set_defaults(run=run_generate)
 
-    models = commands.add_parser("models", help="list the registered models and what is cached")
+    models = command("models", "list the registered models and what is cached")
     models.set_defaults(run=run_models)
 
-    fetch = commands.add_parser("fetch", help="fetch, verify and convert registered models into the cache")
+    fetch = command("fetch", "fetch and verify registered models (llamacpp:), or convert them for PyTorch")
     fetch.add_argument(
         "names",
         nargs="*",
         default=[defaults.target, *default_drafters("chain", defaults.target)],
         metavar="MODEL",
+        help="model specs",
     )
     fetch.set_defaults(run=run_fetch)
 
-    prof = commands.add_parser("profile", help="measure forward latency for k new tokens, per model")
-    prof.add_argument("--target", default=defaults.target)
+    prof = command("profile", "measure forward latency for k new tokens, per model")
+    prof.add_argument("--target", default=defaults.target, help="model spec")
     prof.add_argument("--drafter", action="append", help="repeatable (default: the chain's drafter)")
-    prof.add_argument("--max-k", type=int, default=32)
+    prof.add_argument("--max-k", type=int, default=32, help="largest k")
     prof.add_argument("--context", type=int, default=256, help="cached tokens under each timed forward")
-    prof.add_argument("--repeats", type=int, default=3)
+    prof.add_argument("--repeats", type=int, default=3, help="figures are medians")
     prof.set_defaults(run=run_profile)
 
     bench_defaults = BenchConfig()
-    bench = commands.add_parser(
-        "bench", help="time every method against the transformers baselines (Spec-Bench style)"
-    )
+    bench = command("bench", "time every method against llama.cpp and transformers (Spec-Bench style)")
     bench.add_argument("--questions", help="Spec-Bench-format JSONL (default: the built-in prompt set)")
     bench.add_argument("--categories", type=comma_list, default=(), help="task families to keep, a,b,...")
     bench.add_argument("--per-category", type=int, help="first N questions per task family")
-    bench.add_argument("--max-new-tokens", type=int, default=bench_defaults.max_new_tokens)
-    bench.add_argument(
-        "--methods", type=comma_list, default=bench_defaults.methods, help=f"default: {','.join(METHODS)}"
-    )
+    bench.add_argument("--max-new-tokens", type=int, default=bench_defaults.max_new_tokens, help="per run")
+    bench.add_argument("--methods", type=comma_list, default=bench_defaults.methods, help="comma-separated")
     bench.add_argument(
         "--baselines",
         type=comma_list,
         default=None,
-        help=f"default for a llamacpp: target: {','.join(default_baselines(LLAMA_CPP_PREFIX))}, else "
+        help=f"for a llamacpp: target {','.join(default_baselines(LLAMA_CPP_PREFIX))}, else "
         f"{','.join(HF_BASELINES)}; '' for none",
     )
-    bench.add_argument("--target", default=bench_defaults.target)
-    bench.add_argument("--drafter", action="append", help="repeatable; default: each method's own")
-    bench.add_argument("--gamma", type=int, default=bench_defaults.gamma)
-    bench.add_argument("--tree", type=int_list, default=(), help="the tree method's widths, e.g. 3,2,1,1")
-    bench.add_argument("--tree-budget", type=int, default=0, help="the tree method's node budget")
-    add_thread_flags(bench)
-    bench.add_argument("--temperature", type=float, default=bench_defaults.sampling.temperature)
-    bench.add_argument("--top-p", type=float, default=bench_defaults.sampling.top_p)
-    bench.add_argument("--top-k", type=int, default=bench_defaults.sampling.top_k)
-    bench.add_argument("--seed", type=int, default=bench_defaults.seed)
+    add_engine_flags(bench)
+    add_sampling_flags(bench, bench_defaults.sampling, bench_defaults.seed)
     bench.add_argument("--repeats", type=int, default=bench_defaults.repeats, help="figures are medians")
     bench.add_argument("--out", help="report directory (default: bench-results/<UTC time>)")
     bench.set_defaults(run=run_bench)
     return parser
 
 
-def add_thread_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target-threads", type=int, default=0, help="llama.cpp threads (0: every core)")
-    parser.add_argument("--drafter-threads", type=int, default=0, help="llama.cpp threads (0: every core)")
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of `EngineConfig` that `generate` and `bench` share."""
+    defaults = EngineConfig()
+    parser.add_argument("--target", default=defaults.target, help="target model spec")
+    parser.add_argument(
+        "--drafter",
+        action="append",
+        help="repeatable: a model spec, prompt-lookup or suffix (default: chain "
+        f"{','.join(default_drafters('chain', defaults.target))}; tree and vote "
+        f"{','.join(default_drafters('tree', defaults.target))})",
+    )
+    parser.add_argument("--gamma", type=int, default=defaults.gamma, help="tokens drafted per target forward")
+    parser.add_argument("--tree", type=int_list, default=(), help="tree widths per depth, e.g. 3,2,1,1")
+    parser.add_argument("--tree-budget", type=int, default=0, help="grow <= N nodes from the model drafter")
+    help_threads = "llama.cpp threads (0: every core)"
+    parser.add_argument("--target-threads", type=int, default=defaults.target_threads, help=help_threads)
+    parser.add_argument("--drafter-threads", type=int, default=defaults.drafter_threads, help=help_threads)
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser, sampling: SamplingConfig, seed: int | None) -> None:
+    parser.add_argument("--temperature", type=float, default=sampling.temperature, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=sampling.top_p, help="nucleus sampling")
+    parser.add_argument("--top-k", type=int, default=sampling.top_k, help="0 = off")
+    parser.add_argument("--seed", type=int, default=seed, help="seeds the request's own generator")
 
 
 def comma_list(text: str) -> tuple[str, ...]:
@@ -144,8 +157,9 @@ def run_generate(args: argparse.Namespace) -> int:
     from swarmspec.engine import Engine  # imports torch/transformers: keep `--help` fast
 
     # Build (and so validate) the request before loading any model: user mistakes fail in milliseconds.
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     request = GenerationRequest(
-        prompt=args.prompt,
+        prompt=prompt,
         max_new_tokens=args.max_new_tokens,
         sampling=SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p),
         seed=args.seed,

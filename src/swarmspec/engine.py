@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -12,7 +13,7 @@ from transformers import PreTrainedTokenizerBase
 from swarmspec.config import EngineConfig, GenerationRequest
 from swarmspec.decode import decode
 from swarmspec.drafters.base import Drafter
-from swarmspec.drafters.lookup import PromptLookupDrafter, SuffixDrafter
+from swarmspec.drafters.lookup import PromptLookupDrafter, SuffixDrafter, SuffixIndex
 from swarmspec.drafters.model import ModelDrafter
 from swarmspec.metrics import DecodeStats
 from swarmspec.models.loading import LoadedModel, check_same_vocabulary, check_spec, load_model
@@ -24,6 +25,7 @@ from swarmspec.speculate import (
     MergedTree,
     NoSpeculation,
     Speculation,
+    VotePrior,
     VoteSpeculation,
 )
 from swarmspec.verify import make_verifier
@@ -37,22 +39,45 @@ class GenerationResult:
     stats: DecodeStats
 
 
+@dataclass
+class SequenceState:
+    """Everything one generation mutates: the target's cache and the speculation (drafters' caches,
+    running statistics). The models' weights and the learning meant to be shared are not in it."""
+
+    target: ModelRunner
+    speculation: Speculation
+
+
+@dataclass
+class SharedLearning:
+    """What the generations of one engine learn together, bounded in memory: the suffix drafters'
+    index of finished sequences and the vote's drafter weights."""
+
+    suffix_index: SuffixIndex = field(default_factory=SuffixIndex)
+    vote_prior: VotePrior = field(default_factory=VotePrior)
+
+
 class Engine:
-    """One target and (for speculative methods) its speculation over drafters, chosen at construction."""
+    """Loaded models plus a decoding method chosen at construction, serving any number of generations.
+
+    Each generation runs on a `SequenceState` of its own, taken from a pool of idle ones (or built by
+    `new_state`) and returned when it ends, so interleaved or concurrent generations never share a
+    cache; the weights are loaded once.
+    """
 
     def __init__(
         self,
-        target: ModelRunner,
+        new_state: Callable[[], SequenceState],
         tokenizer: PreTrainedTokenizerBase,
         stop_token_ids: frozenset[int],
-        speculation: Speculation,
         gamma: int,
     ) -> None:
-        self.target = target
+        self.new_state = new_state
         self.tokenizer = tokenizer
         self.stop_token_ids = stop_token_ids
-        self.speculation = speculation
         self.gamma = gamma
+        self._idle: list[SequenceState] = []
+        self._lock = threading.Lock()
 
     @classmethod
     def load(cls, config: EngineConfig) -> Engine:
@@ -67,9 +92,15 @@ class Engine:
         cls, config: EngineConfig, target: LoadedModel, draft_models: Mapping[str, LoadedModel]
     ) -> Engine:
         """An engine over models already loaded: several methods can share one copy of the weights."""
-        speculation = build_speculation(config, target, draft_models)
-        target_runner = warmed_up(target.new_runner(config.target_threads or None))
-        return cls(target_runner, target.tokenizer, target.stop_token_ids, speculation, config.gamma)
+        shared = SharedLearning()
+
+        def new_state() -> SequenceState:
+            target_runner = warmed_up(target.new_runner(config.target_threads or None))
+            return SequenceState(target_runner, build_speculation(config, target, draft_models, shared))
+
+        engine = cls(new_state, target.tokenizer, target.stop_token_ids, config.gamma)
+        engine._idle.append(new_state())  # the first request does not pay for paging the weights in
+        return engine
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         return encode_prompt(self.tokenizer, request.prompt, request.chat)
@@ -91,20 +122,24 @@ class Engine:
         stats: DecodeStats,
     ) -> Iterator[list[int]]:
         """The decode loop on token ids: the tokens committed by each target forward."""
+        state = self._acquire()
         # The request's own generator: no global RNG is read or reseeded.
         generator = torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(63))
-        return decode(
-            self.target,
-            self.speculation,
-            make_verifier(sampling),
-            prompt_ids,
-            max_new_tokens=max_new_tokens,
-            gamma=self.gamma,
-            sampling=sampling,
-            stop_token_ids=self.stop_token_ids,
-            generator=generator,
-            stats=stats,
-        )
+        try:
+            yield from decode(
+                state.target,
+                state.speculation,
+                make_verifier(sampling),
+                prompt_ids,
+                max_new_tokens=max_new_tokens,
+                gamma=self.gamma,
+                sampling=sampling,
+                stop_token_ids=self.stop_token_ids,
+                generator=generator,
+                stats=stats,
+            )
+        finally:  # also when the consumer stops early
+            self._release(state)
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         stream = self.stream(request)
@@ -113,11 +148,25 @@ class Engine:
         assert stream.result is not None
         return stream.result
 
+    def _acquire(self) -> SequenceState:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        return self.new_state()
+
+    def _release(self, state: SequenceState) -> None:
+        with self._lock:
+            self._idle.append(state)
+
 
 def build_speculation(
-    config: EngineConfig, target: LoadedModel, draft_models: Mapping[str, LoadedModel]
+    config: EngineConfig,
+    target: LoadedModel,
+    draft_models: Mapping[str, LoadedModel],
+    shared: SharedLearning,
 ) -> Speculation:
-    """The method's speculation over its drafters (`NoSpeculation` for plain decoding)."""
+    """A new speculation of the method over its drafters (`NoSpeculation` for plain decoding), with
+    caches of its own and the engine's shared learning."""
     if config.method == "ar":
         return NoSpeculation()
     vocab_size = target.vocab_size
@@ -126,7 +175,7 @@ def build_speculation(
         if spec == "prompt-lookup":
             drafters.append(PromptLookupDrafter(vocab_size))
         elif spec == "suffix":
-            drafters.append(SuffixDrafter(vocab_size))
+            drafters.append(SuffixDrafter(vocab_size, shared.suffix_index))
         else:
             check_same_vocabulary(target, draft_models[spec])
             runner = draft_models[spec].new_runner(config.drafter_threads or None)
@@ -134,10 +183,11 @@ def build_speculation(
     if config.method == "chain":
         return ChainSpeculation(drafters[0])
     if config.method == "tree" and config.tree_shape is not None:
-        return ExpansionTree(drafters, config.tree_shape)
+        grower = config.drafters.index(config.model_drafters[0])  # the first draft model grows it
+        return ExpansionTree(drafters, config.tree_shape, grower)
     if config.method == "tree":
         return MergedTree(drafters)
-    return VoteSpeculation(drafters)
+    return VoteSpeculation(drafters, prior=shared.vote_prior)
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, chat: bool) -> list[int]:

@@ -7,6 +7,47 @@ from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
+class Totals:
+    """Counts over one or more generations and the figures derived from them, defined once here for
+    the CLI, the benchmark and the server."""
+
+    new_tokens: float = 0  # float: the benchmark sums medians over repeats
+    target_forwards: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    wall_s: float = 0.0
+
+    def __add__(self, other: Totals) -> Totals:
+        return Totals(
+            self.new_tokens + other.new_tokens,
+            self.target_forwards + other.target_forwards,
+            self.drafted_tokens + other.drafted_tokens,
+            self.accepted_tokens + other.accepted_tokens,
+            self.wall_s + other.wall_s,
+        )
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def mean_accepted_tokens(self) -> float:
+        """Tokens committed per target forward, the target's own token included (plain decoding: 1.0)."""
+        return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
+
+    @property
+    def drafted_per_forward(self) -> float:
+        """Drafted tokens (tree nodes) verified per target forward: beside `mean_accepted_tokens`, what a
+        tree's extra acceptance cost in verified nodes compared with a chain's."""
+        return self.drafted_tokens / self.target_forwards if self.target_forwards else 0.0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Share of drafted tokens accepted; None when nothing was drafted."""
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else None
+
+
+@dataclass(frozen=True)
 class Step:
     """One target forward: what it verified and what it committed."""
 
@@ -84,19 +125,22 @@ class DecodeStats:
             counts[drafter_names[index]] += accepted
         return counts
 
+    def totals(self) -> Totals:
+        return Totals(
+            self.new_tokens, self.target_forwards, self.drafted_tokens, self.accepted_tokens, self.wall_s
+        )
+
     @property
     def tokens_per_s(self) -> float:
-        return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
+        return self.totals().tokens_per_s
 
     @property
     def mean_accepted_tokens(self) -> float:
-        """Tokens committed per target forward, the target's own token included (plain decoding: 1.0)."""
-        return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
+        return self.totals().mean_accepted_tokens
 
     @property
     def acceptance_rate(self) -> float | None:
-        """Share of drafted tokens accepted; None when nothing was drafted."""
-        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else None
+        return self.totals().acceptance_rate
 
     def summary(self) -> str:
         rate = "n/a" if self.acceptance_rate is None else f"{self.acceptance_rate:.1%}"

@@ -93,18 +93,18 @@ class MergedTree(Speculation):
 
 
 class ExpansionTree(Speculation):
-    """A tree grown from the first draft model among `drafters` in the given shape (fixed widths per
-    depth, e.g. 3,2,1,1, or a node budget), with the other drafters' chains merged in."""
+    """A tree grown from the draft model `drafters[grower]` in the given shape (fixed widths per depth,
+    e.g. 3,2,1,1, or a node budget), with the other drafters' chains merged in."""
 
-    def __init__(self, drafters: Sequence[Drafter], shape: TreeShape) -> None:
+    def __init__(self, drafters: Sequence[Drafter], shape: TreeShape, grower: int) -> None:
+        grown_from = drafters[grower]
+        if not isinstance(grown_from, ModelDrafter):
+            raise ValueError(f"a tree is grown from a draft model, not {type(grown_from).__name__}")
         self.drafters = list(drafters)
         self.shape = shape
-        growers = [i for i, d in enumerate(drafters) if isinstance(d, ModelDrafter)]
-        if not growers:
-            raise ValueError("a tree grown from a draft model needs a ModelDrafter among the drafters")
-        self.grower_index = growers[0]
-        self.grower: ModelDrafter = self.drafters[self.grower_index]  # type: ignore[assignment]
-        self.others = [i for i in range(len(drafters)) if i != self.grower_index]
+        self.grower_index = grower
+        self.grower = grown_from
+        self.others = [i for i in range(len(drafters)) if i != grower]
 
     def speculate(self, context, max_depth, sampling, generator) -> TokenTree:
         tree = self.grower.propose_tree(context, self.shape, max_depth, sampling, generator)
@@ -148,6 +148,17 @@ def merge_into(tree: TokenTree, drafts: Sequence[Draft], dedupe: bool, proposers
     return TokenTree(torch.tensor(tokens, dtype=torch.int64), tuple(parents), draft_probs, tuple(by))
 
 
+class VotePrior:
+    """The vote's drafter weights as the engine's generations left them: each generation starts from
+    them and hands its own back when it ends (the last to end wins)."""
+
+    def __init__(self) -> None:
+        self.weights: list[float] = []
+
+    def weights_for(self, drafters: int) -> list[float]:
+        return list(self.weights) if len(self.weights) == drafters else [1.0] * drafters
+
+
 class VoteSpeculation(Speculation):
     """Collective speculation (Minions): every drafter proposes a chain and a per-position majority
     vote, weighted by each drafter's running acceptance rate, picks the one chain the target verifies.
@@ -163,13 +174,24 @@ class VoteSpeculation(Speculation):
     chain of the heaviest drafter (weights come from earlier steps only) is verified, losslessly.
     """
 
-    def __init__(self, drafters: Sequence[Drafter], decay: float = 0.8) -> None:
+    def __init__(
+        self, drafters: Sequence[Drafter], decay: float = 0.8, prior: VotePrior | None = None
+    ) -> None:
         if not drafters:
             raise ValueError("a vote needs at least one drafter")
         self.drafters = list(drafters)
         self.decay = decay
-        self.weights = [1.0] * len(drafters)
+        self.prior = prior or VotePrior()
+        self.weights = self.prior.weights_for(len(drafters))
         self._last_drafts: list[Draft] = []
+
+    def begin(self, prompt_ids: list[int]) -> None:
+        super().begin(prompt_ids)
+        self.weights = self.prior.weights_for(len(self.drafters))
+
+    def end(self) -> None:
+        super().end()
+        self.prior.weights = list(self.weights)
 
     def speculate(self, context, max_depth, sampling, generator) -> TokenTree:
         drafts = [d.propose(context, max_depth, sampling, generator) for d in self.drafters]

@@ -10,6 +10,7 @@ Shape letters: k = draft tokens, V = vocabulary.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,8 +22,20 @@ from swarmspec.tree import TokenTree
 
 @dataclass(frozen=True)
 class Verdict:
-    accepted_len: int  # draft tokens accepted, 0..k (the next token is not counted)
-    next_token: int  # the target's token after the accepted prefix
+    """What the target kept of a tree (or chain): the accepted nodes, then its own next token."""
+
+    path: list[int]  # accepted nodes, root's child first (the root itself is committed already)
+    next_token: int  # the target's token after the last accepted node
+
+    @property
+    def accepted_len(self) -> int:
+        """Drafted tokens accepted (the next token is not counted)."""
+        return len(self.path)
+
+    @classmethod
+    def of_chain(cls, accepted_len: int, next_token: int) -> Verdict:
+        """A chain's verdict: nodes 1..accepted_len of `TokenTree.chain`."""
+        return cls(list(range(1, accepted_len + 1)), next_token)
 
 
 def verify_greedy(
@@ -37,7 +50,7 @@ def verify_greedy(
     k = draft_tokens.shape[0]
     matches = (draft_tokens == target_tokens[:k]).to(torch.int64)  # [k]
     accepted_len = int(matches.cumprod(dim=0).sum())
-    return Verdict(accepted_len, int(target_tokens[accepted_len]))
+    return Verdict.of_chain(accepted_len, int(target_tokens[accepted_len]))
 
 
 def verify_speculative_sampling(
@@ -61,9 +74,9 @@ def verify_speculative_sampling(
     accepted = (uniform * draft_p < target_p).to(torch.int64)
     accepted_len = int(accepted.cumprod(dim=0).sum())
     if accepted_len == k:
-        return Verdict(k, int(sample(target_probs[k], generator)))
+        return Verdict.of_chain(k, int(sample(target_probs[k], generator)))
     corrected = residual_after_rejection(target_probs[accepted_len], draft_probs[accepted_len])
-    return Verdict(accepted_len, int(sample(corrected, generator)))
+    return Verdict.of_chain(accepted_len, int(sample(corrected, generator)))
 
 
 def residual_after_rejection(target_p: torch.Tensor, draft_q: torch.Tensor) -> torch.Tensor:  # [V]
@@ -75,18 +88,7 @@ def residual_after_rejection(target_p: torch.Tensor, draft_q: torch.Tensor) -> t
     return residual / mass if mass > 0 else target_p
 
 
-@dataclass(frozen=True)
-class TreeVerdict:
-    path: list[int]  # accepted nodes, root's child first (the root itself is committed already)
-    next_token: int  # the target's token after the last accepted node
-
-    @classmethod
-    def of_chain(cls, verdict: Verdict) -> TreeVerdict:
-        """A chain verdict as a path through `TokenTree.chain`: nodes 1..accepted_len."""
-        return cls(list(range(1, verdict.accepted_len + 1)), verdict.next_token)
-
-
-def verify_tree_greedy(tree: TokenTree, target_logits: torch.Tensor) -> TreeVerdict:  # logits [n, V]
+def verify_tree_greedy(tree: TokenTree, target_logits: torch.Tensor) -> Verdict:  # logits [n, V]
     """From the root, follow the child equal to the target's argmax; stop where no child matches.
 
     Row i of target_logits is the target's distribution for the token after node i (its ancestors and
@@ -99,7 +101,7 @@ def verify_tree_greedy(tree: TokenTree, target_logits: torch.Tensor) -> TreeVerd
     while True:
         match = next((c for c in tree.children(node) if tokens[c] == target_tokens[node]), None)
         if match is None:
-            return TreeVerdict(path, target_tokens[node])
+            return Verdict(path, target_tokens[node])
         path.append(match)
         node = match
 
@@ -108,7 +110,7 @@ def verify_tree_sampling(
     tree: TokenTree,
     target_probs: torch.Tensor,  # [n, V]
     generator: torch.Generator | None,
-) -> TreeVerdict:
+) -> Verdict:
     """Multi-step speculative sampling (SpecInfer): the output follows target_probs exactly.
 
     At a node, its children are tried in random order. Child s, sampled from its drafter's distribution
@@ -135,40 +137,41 @@ def verify_tree_sampling(
                 break
             p = residual_after_rejection(p, q)
         if accepted is None:
-            return TreeVerdict(path, int(sample(p, generator)))
+            return Verdict(path, int(sample(p, generator)))
         path.append(accepted)
         node = accepted
 
 
 # The decode loop takes any function of this shape, chosen once per request (tests inject broken ones).
 # target_logits is [n, V]: row i scores the token after node i of the tree.
-Verifier = Callable[[TokenTree, torch.Tensor, torch.Generator | None], TreeVerdict]
+Verifier = Callable[[TokenTree, torch.Tensor, torch.Generator | None], Verdict]
 
 
 def make_verifier(sampling: SamplingConfig) -> Verifier:
-    """Greedy matching or (multi-step) speculative sampling; chains take the vectorized chain rules."""
+    """Greedy matching or (multi-step) speculative sampling, chosen once; chains take the vectorized
+    chain rules, trees the tree walks."""
+    if sampling.greedy:
+        return verify_greedy_any
+    return functools.partial(verify_sampling_any, sampling=sampling)
 
-    def verify(
-        tree: TokenTree, target_logits: torch.Tensor, generator: torch.Generator | None
-    ) -> TreeVerdict:
-        if len(tree) > 1 and not sampling.greedy and tree.draft_probs is None:
-            raise ValueError("speculative sampling needs the distribution each draft token was sampled from")
-        if tree.is_chain:
-            draft_tokens = tree.tokens[1:]
-            if sampling.greedy:
-                return TreeVerdict.of_chain(verify_greedy(draft_tokens, target_logits))
-            vocab_size = target_logits.shape[-1]
-            draft_probs = (
-                tree.draft_probs[1:]
-                if tree.draft_probs is not None
-                else target_logits.new_zeros(0, vocab_size)
-            )
-            target_probs = logits_to_probs(target_logits, sampling)
-            return TreeVerdict.of_chain(
-                verify_speculative_sampling(draft_tokens, draft_probs, target_probs, generator)
-            )
-        if sampling.greedy:
-            return verify_tree_greedy(tree, target_logits)
-        return verify_tree_sampling(tree, logits_to_probs(target_logits, sampling), generator)
 
-    return verify
+def verify_greedy_any(
+    tree: TokenTree, target_logits: torch.Tensor, generator: torch.Generator | None
+) -> Verdict:
+    if tree.is_chain:
+        return verify_greedy(tree.tokens[1:], target_logits)
+    return verify_tree_greedy(tree, target_logits)
+
+
+def verify_sampling_any(
+    tree: TokenTree, target_logits: torch.Tensor, generator: torch.Generator | None, sampling: SamplingConfig
+) -> Verdict:
+    if len(tree) > 1 and tree.draft_probs is None:
+        raise ValueError("speculative sampling needs the distribution each draft token was sampled from")
+    target_probs = logits_to_probs(target_logits, sampling)  # [n, V]
+    if tree.is_chain:
+        draft_probs = target_probs.new_zeros(0, target_probs.shape[-1])  # [k, V]
+        if tree.draft_probs is not None:
+            draft_probs = tree.draft_probs[1:]
+        return verify_speculative_sampling(tree.tokens[1:], draft_probs, target_probs, generator)
+    return verify_tree_sampling(tree, target_probs, generator)

@@ -12,12 +12,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from swarmspec.metrics import Totals
+
 OVERALL = "overall"
 HOW_TO_READ = (
     "tokens/s: new tokens / wall time, prefill included; per question the median over repeats, per "
     "family the total of those. Speedup: tokens/s over the reference's, measured in the same run. Mean "
     "accepted tokens / target forward: committed tokens per target forward, the prefill counted (plain "
-    "decoding: 1.00). Acceptance rate: accepted / drafted tokens."
+    "decoding: 1.00). Drafted tokens / target forward: tokens (tree nodes) verified per forward beside "
+    "the target's own, what the accepted ones cost. Acceptance rate: accepted / drafted tokens."
 )
 
 
@@ -41,6 +44,11 @@ class RunRecord:
     def new_tokens(self) -> int:
         return len(self.token_ids)
 
+    def totals(self) -> Totals:
+        return Totals(
+            self.new_tokens, self.target_forwards, self.drafted_tokens, self.accepted_tokens, self.wall_s
+        )
+
 
 @dataclass(frozen=True)
 class Row:
@@ -54,6 +62,7 @@ class Row:
     tokens_per_s: float
     speedup: float | None  # tokens/s over the reference's on the same questions; None without reference
     mean_accepted_tokens: float  # tokens committed per target forward, all repeats
+    drafted_per_forward: float  # drafted tokens (tree nodes) verified per target forward, all repeats
     acceptance_rate: float | None  # accepted / drafted tokens, all repeats; None when nothing was drafted
     identical: bool | None  # every output token-identical to the reference's; None when sampling
 
@@ -79,10 +88,18 @@ def summarize(records: Sequence[RunRecord], reference: str | None, greedy: bool)
         by_question: dict[str, list[RunRecord]] = {}
         for r in runs:
             by_question.setdefault(r.question_id, []).append(r)
-        new_tokens = sum(statistics.median(r.new_tokens for r in rs) for rs in by_question.values())
-        wall_s = sum(statistics.median(r.wall_s for r in rs) for rs in by_question.values())
-        forwards = sum(r.target_forwards for r in runs)
-        drafted = sum(r.drafted_tokens for r in runs)
+        # Timing: per question the median over repeats; counts: every run. Figures: `metrics.Totals`.
+        timing = sum(
+            (
+                Totals(
+                    new_tokens=statistics.median(r.new_tokens for r in rs),
+                    wall_s=statistics.median(r.wall_s for r in rs),
+                )
+                for rs in by_question.values()
+            ),
+            Totals(),
+        )
+        counts = sum((r.totals() for r in runs), Totals())
         identical = None
         if greedy and reference_ids:
             identical = all(r.token_ids == reference_ids.get(r.question_id) for r in runs)
@@ -90,12 +107,13 @@ def summarize(records: Sequence[RunRecord], reference: str | None, greedy: bool)
             contender=contender,
             family=family,
             questions=len(by_question),
-            new_tokens=new_tokens,
-            wall_s=wall_s,
-            tokens_per_s=new_tokens / wall_s if wall_s > 0 else 0.0,
+            new_tokens=timing.new_tokens,
+            wall_s=timing.wall_s,
+            tokens_per_s=timing.tokens_per_s,
             speedup=None,
-            mean_accepted_tokens=sum(r.new_tokens for r in runs) / forwards if forwards else 0.0,
-            acceptance_rate=sum(r.accepted_tokens for r in runs) / drafted if drafted else None,
+            mean_accepted_tokens=counts.mean_accepted_tokens,
+            drafted_per_forward=counts.drafted_per_forward,
+            acceptance_rate=counts.acceptance_rate,
             identical=identical,
         )
 
@@ -119,13 +137,14 @@ def markdown_tables(rows: Sequence[Row], reference: str | None) -> str:
     yes_no = {True: "yes", False: "**NO**", None: "n/a"}
     header = (
         f"| contender | tokens/s | speedup vs {ref} | mean accepted tokens / target forward "
-        f"| acceptance rate | identical to {ref} |\n|---|---|---|---|---|---|"
+        f"| drafted tokens / target forward | acceptance rate | identical to {ref} |"
+        "\n|---|---|---|---|---|---|---|"
     )
 
     def line(r: Row, first: str) -> str:
         return (
             f"| {first} | {r.tokens_per_s:.2f} | {_fmt(r.speedup, '.2f', 'x')} "
-            f"| {r.mean_accepted_tokens:.2f} "
+            f"| {r.mean_accepted_tokens:.2f} | {r.drafted_per_forward:.2f} "
             f"| {_fmt(None if r.acceptance_rate is None else r.acceptance_rate * 100, '.1f', '%')} "
             f"| {yes_no[r.identical]} |"
         )

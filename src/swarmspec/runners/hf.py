@@ -27,16 +27,19 @@ class HFRunner(ModelRunner):
         self, input_ids: torch.Tensor, num_logits: int, tree_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         cached_len, k = self.cached_len, input_ids.shape[0]
-        if cached_len + k > self.max_length:
-            raise ValueError(f"sequence would exceed the model's {self.max_length} positions")
         tree_inputs = {}
+        last_position = cached_len + k - 1
         if tree_mask is not None:
+            # Cache slots, counted here, hold every node; positions only go as deep as the tree.
             root_position = cached_len + k - tree_mask.shape[1]
             allowed = torch.cat([torch.ones(k, root_position, dtype=torch.bool), tree_mask], dim=1)
             dtype = self.model.dtype if self.model.dtype.is_floating_point else torch.float32
             mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
             positions = position_ids(tree_mask, root_position)
+            last_position = int(positions.max())
             tree_inputs = {"attention_mask": mask[None, None], "position_ids": positions[None]}
+        if last_position >= self.max_length:
+            raise ValueError(f"sequence would exceed the model's {self.max_length} positions")
         out = self.model(
             input_ids=input_ids.unsqueeze(0),
             cache=self.cache,

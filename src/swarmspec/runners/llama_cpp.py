@@ -9,16 +9,20 @@ a unified cache) the cells of its deepest cached ancestor's sequence up to that 
 the context and the cached ancestors. Ancestors in the same batch carry the new id too. Every node then
 sees exactly the context, its ancestors and itself, at position root + depth.
 
-Exactness (greedy output equal to llama.cpp's own one-token-at-a-time decoding of the same GGUF with
-its default settings), measured on this CPU (docs/llama-cpp.md): a logits row must come out of the same
-kernels as a single decoded token, whatever else is in the batch.
+Exactness (greedy output equal to llama.cpp's own one-token-at-a-time decoding of the same GGUF), measured
+on this CPU (docs/llama-cpp.md): a logits row must come out of the same kernels as a single decoded
+token, whatever else is in the batch and however long the context.
 - llama.cpp repacks Q4_K weights at load (its default, kept here) and then multiplies blocks of 4 rows
   with a GEMM and the rest row by row with a GEMV; the two round differently (logits differ by ~0.4).
   Rows of 1 to 3 tokens all take the GEMV, bit-identical to a single token. So every forward after the
-  prompt is split into `llama_decode` calls of at most `EXACT_ROWS` tokens. (With repacking off the
-  plain kernels are invariant up to 7 rows, and ggml's tiled matmul takes 8 or more; a single token then
-  costs ~15% more and the output differs from stock llama.cpp's.) Prompts are processed as llama.cpp
-  processes them (`n_batch` tokens per call), so the prompt's cache equals plain decoding's.
+  prompt is split into `llama_decode` calls of at most `EXACT_ROWS` tokens. Prompts are processed as
+  llama.cpp processes them (`n_batch` tokens per call), so the prompt's cache equals plain decoding's.
+- Flash attention is off (llama-cpp-python's default): for one token over 512 or more cache cells its
+  CPU kernel splits the keys across threads and merges partial softmaxes, which rounds differently
+  from the per-row kernel of a batch.
+- Without flash attention, attention is two f16 matmuls; llamafile's sgemm (a build option) takes some
+  batch sizes and not others. llama-cpp-python is built with GGML_LLAMAFILE=OFF (the Makefile does it;
+  it measured no slower here) and a build with it is refused (`check_build`).
 - The attention sums over cells in cell order, so the cache keeps cell i holding position i: the
   accepted path of a tree is kept in place only while it is contiguous; after its first gap the
   accepted tokens are dropped from the cache and fed again at the front of the next forward.
@@ -49,8 +53,9 @@ MAX_SEQUENCES = 64
 # Cache cells beyond the longest sequence, for the speculative nodes of a tree near the end of it.
 TREE_CELLS = 256
 GGUF_MAGIC = b"GGUF"
-# Weight repacking at load, llama.cpp's default: see the module docstring.
+# Weight repacking at load (llama.cpp's default) and flash attention (off): see the module docstring.
 REPACK = True
+FLASH_ATTN = 0  # a llama_flash_attn_type: 0 disabled, 1 enabled
 
 # llama.cpp logs every load to stderr; its last lines are kept for error messages instead.
 _recent_log: collections.deque[str] = collections.deque(maxlen=20)
@@ -88,12 +93,23 @@ def check_gguf_file(path: Path) -> None:
         raise ModelIntegrityError(f"{path} is not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r})")
 
 
+def check_build(llama_cpp) -> None:
+    """Refuse a llama.cpp built with llamafile's sgemm: its attention matmuls are not batch-invariant."""
+    if "LLAMAFILE = 1" in llama_cpp.llama_print_system_info().decode():
+        raise SwarmspecError(
+            "this llama-cpp-python was built with GGML_LLAMAFILE, which makes batched verification round "
+            'differently from plain decoding; rebuild it with `CMAKE_ARGS="-DGGML_LLAMAFILE=OFF" pip install '
+            "--no-cache-dir --force-reinstall llama-cpp-python` (the Makefile does this)"
+        )
+
+
 class LlamaCppModel:
     """GGUF weights loaded once by llama.cpp; every runner over it is a context with its own cache."""
 
     def __init__(self, path: Path) -> None:
         check_gguf_file(path)
         llama_cpp = _llama_cpp()
+        check_build(llama_cpp)
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = 0
         params.use_extra_bufts = REPACK
@@ -155,6 +171,7 @@ class LlamaCppRunner(ModelRunner):
         params.n_threads = threads
         params.n_threads_batch = threads
         params.no_perf = True
+        params.flash_attn_type = FLASH_ATTN
         self.ctx = llama_cpp.llama_init_from_model(model.handle, params)
         if not self.ctx:
             raise SwarmspecError(f"llama.cpp could not create a context: {''.join(_recent_log).strip()}")
