@@ -1,13 +1,20 @@
 """The llama.cpp runner: a native GGUF file (quantized weights as stored) through `llama-cpp-python`'s
 low-level API: batches through `llama_decode`, rollback and tree pruning through the memory functions.
 
-Trees in one `llama_decode` (the rule in llama.cpp's `set_input_kq_mask`, src/llama-kv-cache.cpp): a
-batch token attends to every cached cell that carries the token's *first* sequence id at a position
-<= its own. So a tree node continues its parent's sequence if it is the parent's first child, and
-otherwise opens a sequence of its own, which first receives (`llama_memory_seq_cp`, bookkeeping only in
-a unified cache) the cells of its deepest cached ancestor's sequence up to that ancestor's position:
-the context and the cached ancestors. Ancestors in the same batch carry the new id too. Every node then
-sees exactly the context, its ancestors and itself, at position root + depth.
+Trees. Attention without flash attention sums over cache cells in cell order, so a logits row is
+bit-identical to plain decoding only when every token it attends to sits in the cell at its position.
+- A tree the target verifies (its root fed in the same forward) is decoded branch by branch in
+  depth-first order: a stretch of a branch continues the cells of its ancestors, and moving to the next
+  branch removes the cells below the branching point. Each node is computed once, in its cells.
+- A tree grown level by level on top of cached nodes (draft models) is one `llama_decode` per level with
+  sequence ids (the rule in llama.cpp's `set_input_kq_mask`, src/llama-kv-cache.cpp: a token attends to
+  the cells carrying its *first* sequence id at positions <= its own). A node continues its parent's
+  sequence if it is the first child, else opens one that receives (`llama_memory_seq_cp`, bookkeeping
+  only in a unified cache) the cells of its deepest cached ancestor's sequence up to that position;
+  ancestors in the same batch carry the new id too. Siblings then sit in cells away from their
+  positions and may round differently, which only a drafter (never deciding the output) tolerates.
+- After verification the accepted path is kept in place only as far as it lies in the cells at its
+  positions; the rest of it is dropped from the cache and fed again at the front of the next forward.
 
 Exactness (greedy output equal to llama.cpp's own one-token-at-a-time decoding of the same GGUF), measured
 on this CPU (docs/llama-cpp.md): a logits row must come out of the same kernels as a single decoded
@@ -23,9 +30,6 @@ token, whatever else is in the batch and however long the context.
 - Without flash attention, attention is two f16 matmuls; llamafile's sgemm (a build option) takes some
   batch sizes and not others. llama-cpp-python is built with GGML_LLAMAFILE=OFF (the Makefile does it;
   it measured no slower here) and a build with it is refused (`check_build`).
-- The attention sums over cells in cell order, so the cache keeps cell i holding position i: the
-  accepted path of a tree is kept in place only while it is contiguous; after its first gap the
-  accepted tokens are dropped from the cache and fed again at the front of the next forward.
 """
 
 from __future__ import annotations
@@ -181,6 +185,7 @@ class LlamaCppRunner(ModelRunner):
         self.committed: list[int] = []  # tokens of sequence 0, positions 0..n-1
         self.in_cache = 0  # committed[:in_cache] are in the cache, in cells 0..in_cache-1; the rest pending
         self.tree: list[_Node] = []  # the last tree forward's nodes, slots len(committed)...
+        self.tree_cells: list[int] = []  # the tree nodes (indices) in the cells after the committed ones
 
     def __del__(self) -> None:
         if getattr(self, "ctx", None):
@@ -210,8 +215,58 @@ class LlamaCppRunner(ModelRunner):
             return logits
         return self._tree_forward(tokens, num_logits, tree_mask)
 
+    def _verify_tree(self, tokens: list[int], num_logits: int, tree_mask: torch.Tensor) -> torch.Tensor:
+        """A tree whose root is fed now (the target verifying it): decoded branch by branch in depth-first
+        order, each stretch of a branch continuing the cells of its ancestors, so every node is computed
+        in the cells at its positions, exactly as plain decoding computes it; each node once."""
+        k = len(tokens)
+        parents = [-1, *[max(j for j in range(i) if tree_mask[i, j]) for i in range(1, k)]]
+        root_position = len(self.committed)
+        positions = position_ids(tree_mask, root_position).tolist()
+        if max(positions) >= self.max_length:
+            raise ValueError(f"sequence would exceed the context of {self.max_length} positions")
+        children: list[list[int]] = [[] for _ in range(k)]
+        for node in range(1, k):
+            children[parents[node]].append(node)
+        preorder, stack = [], [0]
+        while stack:
+            node = stack.pop()
+            preorder.append(node)
+            stack.extend(reversed(children[node]))
+        rows: dict[int, np.ndarray] = {}
+        cells: list[int] = []  # tree nodes in the cells after the committed tokens, root first
+        segment: list[int] = []
+
+        def decode_segment() -> None:
+            entries = self._pending_entries(set())
+            entries += [(tokens[n], positions[n], [0]) for n in segment]
+            logits = self._decode(entries, len(segment), prompt=False).numpy()
+            rows.update(zip(segment, logits, strict=True))
+            self.in_cache = len(self.committed)
+            cells.extend(segment)
+
+        for node in preorder:
+            if segment and segment[-1] == parents[node]:
+                segment.append(node)
+                continue
+            if segment:
+                decode_segment()
+                keep = cells.index(parents[node]) + 1  # back to the branching point
+                self._api.llama_memory_seq_rm(self.memory, 0, root_position + keep, -1)
+                del cells[keep:]
+            segment = [node]
+        decode_segment()
+        self.tree = [_Node(token, position, 0) for token, position in zip(tokens, positions, strict=True)]
+        self.tree_cells = cells
+        return torch.from_numpy(np.stack([rows[n] for n in range(k - num_logits, k)]))
+
     def _tree_forward(self, tokens: list[int], num_logits: int, tree_mask: torch.Tensor) -> torch.Tensor:
+        """A tree on top of cached tree nodes (a draft model growing it level by level): one batch
+        with sequence ids. Siblings sit in cells away from their positions, so their logits may round
+        differently from plain decoding; only drafters, which never decide the output, use this."""
         k, m = tree_mask.shape
+        if m == k and not self.tree:
+            return self._verify_tree(tokens, num_logits, tree_mask)
         cached_nodes = m - k
         first_slot = self.cached_len - cached_nodes
         if first_slot < 0 or (cached_nodes == 0 and self.tree):
@@ -276,6 +331,7 @@ class LlamaCppRunner(ModelRunner):
         self.in_cache = len(self.committed)
         for node in new_nodes:
             node.batch_index = None
+        self.tree_cells.extend(range(len(self.tree), len(self.tree) + len(new_nodes)))
         self.tree.extend(new_nodes)
         return logits
 
@@ -339,13 +395,15 @@ class LlamaCppRunner(ModelRunner):
         # Cells stay in position order only up to the path's first gap: feed the rest again.
         tree_slots = [s - n_committed for s in kept_slots if s >= n_committed]
         contiguous = 0
-        while contiguous < len(tree_slots) and tree_slots[contiguous] == contiguous:
+        while contiguous < min(len(tree_slots), len(self.tree_cells)) and (
+            tree_slots[contiguous] == self.tree_cells[contiguous]
+        ):
             contiguous += 1
         if contiguous < len(path):
             api.llama_memory_seq_rm(memory, 0, n_committed + contiguous, -1)
         self.committed.extend(node.token for node in path)
         self.in_cache = n_committed + contiguous
-        self.tree = []
+        self.tree, self.tree_cells = [], []
 
     def rollback(self, keep_len: int) -> None:
         if keep_len > self.cached_len:
@@ -357,8 +415,8 @@ class LlamaCppRunner(ModelRunner):
         self._api.llama_memory_seq_rm(self.memory, 0, keep_len, -1)
         del self.committed[keep_len:]
         self.in_cache = min(self.in_cache, keep_len)
-        self.tree = []
+        self.tree, self.tree_cells = [], []
 
     def reset(self) -> None:
         self._api.llama_memory_clear(self.memory, True)
-        self.committed, self.in_cache, self.tree = [], 0, []
+        self.committed, self.in_cache, self.tree, self.tree_cells = [], 0, [], []
