@@ -22,6 +22,7 @@ from swarmspec.models.registry import (
     checkpoint_complete,
     convert_gguf,
     fetch,
+    fetch_gguf,
     list_models,
     resolve_model,
 )
@@ -243,4 +244,6 @@ def test_fetch_default_drafter_for_real(monkeypatch: pytest.MonkeyPatch) -> None
     marker = json.loads((checkpoint / MARKER_FILE).read_text())
     assert marker["source_sha256"] == REGISTRY[DEFAULT_DRAFTER].gguf_sha256
     assert AutoConfig.from_pretrained(checkpoint).model_type == "qwen2"
-    assert not list(checkpoint.parent.glob(f"*{checkpoint.name}*.gguf"))
+    gguf = REGISTRY[DEFAULT_DRAFTER].gguf_path()  # kept, verified, for llama.cpp
+    assert fetch_gguf(DEFAULT_DRAFTER) == gguf and gguf.is_file()
+    assert not list(checkpoint.parent.glob(f".{checkpoint.name}*.tmp"))  # nothing half-written left
