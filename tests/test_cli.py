@@ -21,7 +21,7 @@ from swarmspec.cli import main
         (["generate", "hi", "--top-p", "1.5"], "top_p must be in (0, 1]"),
         (["generate", "hi", "--top-p", "0"], "top_p must be in (0, 1]"),
         (["generate", "hi", "--top-k", "-2"], "top_k must be >= 0"),
-        (["generate", "hi", "--gamma", "0"], "gamma must be >= 1"),
+        (["generate", "hi", "--gamma", "0"], "gamma must be >= 1 or 'auto'"),
         (["generate", "hi", "--target", "no-such-model"], "no model 'no-such-model'"),
         (
             ["generate", "hi", "--method", "chain", "--drafter", "int8:no-such-model"],
@@ -75,11 +75,20 @@ def test_user_errors(args: list[str], message: str, capsys: pytest.CaptureFixtur
     assert message in last_line
 
 
-def test_unknown_method_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["generate", "hi", "--method", "beam"], "invalid choice: 'beam'"),
+        (["generate", "hi", "--gamma", "lots"], "expected a number of tokens or auto, got 'lots'"),
+    ],
+)
+def test_flag_values_are_usage_errors(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(["generate", "hi", "--method", "beam"])
+        main(args)
     assert exit_info.value.code == 2
-    assert "invalid choice: 'beam'" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_console_script_prints_no_traceback() -> None:

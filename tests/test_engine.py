@@ -6,10 +6,12 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import torch
 
-from swarmspec.config import METHODS, MODEL_FREE_DRAFTERS, EngineConfig
+from swarmspec.config import AUTO, METHODS, MODEL_FREE_DRAFTERS, EngineConfig, Gamma
 from swarmspec.engine import Engine
 from swarmspec.metrics import DecodeStats
+from swarmspec.policy import StepCosts
 from swarmspec.sampling import SamplingConfig
 
 from tiny_models import tiny_loaded
@@ -17,15 +19,19 @@ from tiny_models import tiny_loaded
 SAMPLINGS = [SamplingConfig(), SamplingConfig(temperature=0.9, top_k=20, top_p=0.9)]
 
 
-def engine_for(method: str, tree_budget: int = 0, shared_learning: bool = True) -> Engine:
-    """Tiny models; tree and vote over the model, prompt lookup and (with shared learning) suffix."""
+def engine_for(method: str, tree_budget: int = 0, shared_learning: bool = True, gamma: Gamma = 3) -> Engine:
+    """Tiny models; tree and vote over the model, prompt lookup and (with shared learning) suffix. With
+    gamma auto, the costs are a CPU-like curve on which the tiny drafter pays for short drafts."""
     target, drafter = tiny_loaded("tiny-target", 1), tiny_loaded("tiny-drafter", 7, layers=1)
     free = MODEL_FREE_DRAFTERS if shared_learning else ("prompt-lookup",)
     drafters = (drafter.spec,) if method == "chain" else (drafter.spec, *free)
     config = EngineConfig(
-        target=target.spec, method=method, drafters=drafters, gamma=3, tree_budget=tree_budget
+        target=target.spec, method=method, drafters=drafters, gamma=gamma, tree_budget=tree_budget
     )
-    return Engine.from_models(config, target, {drafter.spec: drafter})
+    costs = StepCosts(
+        {1: 30.0, 2: 40.0, 32: 340.0}, tuple(2.0 if d == drafter.spec else 0.0 for d in drafters)
+    )
+    return Engine.from_models(config, target, {drafter.spec: drafter}, costs=costs)
 
 
 def generate(engine: Engine, prompt: list[int], sampling: SamplingConfig, seed: int) -> list[int]:
@@ -33,13 +39,19 @@ def generate(engine: Engine, prompt: list[int], sampling: SamplingConfig, seed: 
 
 
 @pytest.mark.parametrize("sampling", SAMPLINGS, ids=["greedy", "sampled"])
+@pytest.mark.parametrize("gamma", [3, AUTO])
 @pytest.mark.parametrize("method", METHODS)
-def test_interleaved_generations_equal_each_alone(method: str, sampling: SamplingConfig) -> None:
+def test_interleaved_generations_equal_each_alone(
+    method: str, sampling: SamplingConfig, gamma: Gamma
+) -> None:
     """Without the suffix index: a generation that ends while another runs teaches it what was said,
-    which is the point of sharing it (and changes sampled drafts, never a greedy output)."""
+    which is the point of sharing it (and changes sampled drafts, never a greedy output). Likewise the
+    policy's acceptance statistics, shared when a generation ends."""
     prompts = [[5, 9, 14, 5, 9, 20, 33], [40, 41, 42, 40, 41, 60, 70, 80]]
-    alone = [generate(engine_for(method, shared_learning=False), p, sampling, seed=3) for p in prompts]
-    engine = engine_for(method, shared_learning=False)
+    alone = [
+        generate(engine_for(method, shared_learning=False, gamma=gamma), p, sampling, 3) for p in prompts
+    ]
+    engine = engine_for(method, shared_learning=False, gamma=gamma)
     streams = [engine.token_chunks(prompt, 30, sampling, 3, DecodeStats()) for prompt in prompts]
     outputs: list[list[int]] = [[], []]
     for pair in itertools.zip_longest(*streams):  # one step of each, alternating
@@ -58,6 +70,19 @@ def test_every_method_is_deterministic_under_a_seed(method: str, sampling: Sampl
     assert generate(fresh_engine(), prompt, sampling, seed=11) == generate(
         fresh_engine(), prompt, sampling, 11
     )
+
+
+@pytest.mark.parametrize("method", [*METHODS, "tree-budget"])
+def test_self_tuned_methods_equal_plain_decoding(method: str) -> None:
+    plain = engine_for("ar")
+    engine = engine_for("tree", 6, gamma=AUTO) if method == "tree-budget" else engine_for(method, gamma=AUTO)
+    for seed in range(8):
+        prompt = torch.randint(2, 96, (12,), generator=torch.Generator().manual_seed(seed)).tolist()
+        prompt += prompt[:6]  # something for prompt lookup to copy
+        expected = generate(plain, prompt, SAMPLINGS[0], seed)  # 30 tokens
+        stats = DecodeStats()
+        assert [t for c in engine.token_chunks(prompt, 30, SAMPLINGS[0], seed, stats) for t in c] == expected
+        assert stats.new_tokens == stats.target_forwards + stats.accepted_tokens
 
 
 @pytest.mark.parametrize("method", ["tree", "tree-budget", "vote"])

@@ -21,6 +21,7 @@ from swarmspec.errors import ModelIntegrityError, ModelNotFoundError
 from swarmspec.metrics import DecodeStats
 from swarmspec.models.loading import LoadedModel, load_model
 from swarmspec.models.registry import DEFAULT_DRAFTER, DEFAULT_TARGET
+from swarmspec.policy import FixedDepth
 from swarmspec.runners.llama_cpp import EXACT_ROWS, LlamaCppRunner
 from swarmspec.sampling import SamplingConfig, logits_to_probs
 from swarmspec.speculate import ChainSpeculation
@@ -186,7 +187,7 @@ def sampled_counts(
     for _ in range(SAMPLES):
         chunks = decode(
             target_runner, ChainSpeculation(draft), verifier, prompt,
-            max_new_tokens=SAMPLED_TOKENS + 1, gamma=2, sampling=sampling,
+            max_new_tokens=SAMPLED_TOKENS + 1, policy=FixedDepth(2, 1), sampling=sampling,
             stop_token_ids=frozenset(), generator=generator, stats=DecodeStats(),
         )  # fmt: skip
         sequence = tuple(t for chunk in chunks for t in chunk)[:SAMPLED_TOKENS]

@@ -16,6 +16,7 @@ from swarmspec.drafters.model import ModelDrafter
 from swarmspec.engine import Engine, SequenceState
 from swarmspec.models.loading import LoadedModel, load_model
 from swarmspec.models.registry import DEFAULT_DRAFTER, DEFAULT_TARGET
+from swarmspec.policy import FixedDepth
 from swarmspec.runners.hf import HFRunner
 from swarmspec.speculate import ChainSpeculation, NoSpeculation, Speculation
 
@@ -30,12 +31,13 @@ NEW_TOKENS = 64
 
 
 def engine_of(target: LoadedModel, speculation: Callable[[], Speculation], gamma: int) -> Engine:
-    """An engine whose generations each get a fresh target cache and `speculation()`."""
+    """An engine whose generations each get a fresh target cache and `speculation()`, drafting `gamma`."""
 
     def new_state() -> SequenceState:
-        return SequenceState(target.new_runner(), speculation())
+        spec = speculation()
+        return SequenceState(target.new_runner(), spec, FixedDepth(gamma, len(spec.drafters)))
 
-    return Engine(new_state, target.tokenizer, target.stop_token_ids, gamma)
+    return Engine(new_state, target.tokenizer, target.stop_token_ids)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from scipy.stats import chisquare
 from swarmspec.decode import decode
 from swarmspec.drafters.model import ModelDrafter
 from swarmspec.metrics import DecodeStats
+from swarmspec.policy import FixedDepth
 from swarmspec.sampling import SamplingConfig, logits_to_probs
 from swarmspec.speculate import ChainSpeculation
 from swarmspec.tree import TokenTree
@@ -52,7 +53,7 @@ def sampled_counts(verifier: Verifier, sampling: SamplingConfig, gamma: int) -> 
     for _ in range(SAMPLES):
         tokens = decode(
             target, ChainSpeculation(drafter), verifier, PROMPT,
-            max_new_tokens=NEW_TOKENS + 1, gamma=gamma, sampling=sampling,
+            max_new_tokens=NEW_TOKENS + 1, policy=FixedDepth(gamma, 1), sampling=sampling,
             stop_token_ids=frozenset(), generator=generator, stats=DecodeStats(),
         )  # fmt: skip
         t1, t2, t3, _ = (t for chunk in tokens for t in chunk)

@@ -17,6 +17,7 @@ from swarmspec.drafters.base import Draft, Drafter
 from swarmspec.drafters.lookup import PromptLookupDrafter, SuffixDrafter, SuffixIndex
 from swarmspec.drafters.model import ModelDrafter
 from swarmspec.metrics import DecodeStats
+from swarmspec.policy import CostModelPolicy, FixedDepth, SpeculationPolicy, StepCosts
 from swarmspec.runners.hf import HFRunner
 from swarmspec.sampling import SamplingConfig, logits_to_probs
 from swarmspec.speculate import (
@@ -171,8 +172,8 @@ class Rewritten(Speculation):
     def end(self) -> None:
         self.inner.end()
 
-    def speculate(self, context, max_depth, sampling, generator) -> TokenTree:
-        return self.rewrite(self.inner.speculate(context, max_depth, sampling, generator))
+    def speculate(self, context, depths, sampling, generator) -> TokenTree:
+        return self.rewrite(self.inner.speculate(context, depths, sampling, generator))
 
 
 def parent_rows(tree: TokenTree) -> TokenTree:
@@ -209,17 +210,18 @@ def dedupe_drawn(tree: TokenTree) -> TokenTree:
 
 
 def tree_sampling_counts(
-    seed: int, speculation: Speculation, sampling: SamplingConfig
+    seed: int, speculation: Speculation, sampling: SamplingConfig, policy: SpeculationPolicy | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Counts of the first 3 tokens decoded with a tree speculation, and their exact probabilities
-    under the target."""
+    """Counts of the first 3 tokens decoded with a tree speculation (every drafter 2 deep, all verified,
+    unless a `policy` chooses), and their exact probabilities under the target."""
     target = TrigramLM(seed=1, vocab_size=VOCAB)
+    policy = policy or FixedDepth(2, len(speculation.drafters))
     generator = torch.Generator().manual_seed(seed)
     counts = torch.zeros(VOCAB**3, dtype=torch.float64)
     for _ in range(SAMPLES):
         chunks = decode(
             target, speculation, make_verifier(sampling), PROMPT,
-            max_new_tokens=4, gamma=2, sampling=sampling,
+            max_new_tokens=4, policy=policy, sampling=sampling,
             stop_token_ids=frozenset(), generator=generator, stats=DecodeStats(),
         )  # fmt: skip
         t1, t2, t3, _ = (t for chunk in chunks for t in chunk)
@@ -234,9 +236,44 @@ def tree_sampling_counts(
     return counts, exact
 
 
-def tree_p_value(seed: int, speculation: Speculation, sampling: SamplingConfig = SAMPLINGS["t1.0"]) -> float:
-    counts, exact = tree_sampling_counts(seed, speculation, sampling)
+def tree_p_value(
+    seed: int,
+    speculation: Speculation,
+    sampling: SamplingConfig = SAMPLINGS["t1.0"],
+    policy: SpeculationPolicy | None = None,
+) -> float:
+    counts, exact = tree_sampling_counts(seed, speculation, sampling, policy)
     return p_value(counts, exact)
+
+
+class TokenPickyPolicy(CostModelPolicy):
+    """Bug: verifies only the nodes whose drawn token is even (a choice that depends on the draws)."""
+
+    def select(self, tree: TokenTree) -> TokenTree:
+        keep = [0]
+        for node in range(1, len(tree)):
+            if tree.parents[node] in keep and int(tree.tokens[node]) % 2 == 0:
+                keep.append(node)
+        return tree.keep(keep)
+
+
+def auto_policy(drafters: int, picky: bool = False) -> CostModelPolicy:
+    """The self-tuning policy on a CPU-like cost curve (each verified node costs 0.6 forwards): with
+    these drafters' acceptance it verifies some nodes and drops others, step by step."""
+    costs = StepCosts({1: 10.0, 2: 16.0, 8: 52.0}, (0.0,) * drafters)
+    return (TokenPickyPolicy if picky else CostModelPolicy)(costs, max_depth=2)
+
+
+@pytest.mark.parametrize("tree", SPECULATIONS)
+def test_tree_sampling_through_the_self_tuning_policy_is_exact(tree: str) -> None:
+    speculation = SPECULATIONS[tree]()
+    assert tree_p_value(0, speculation, policy=auto_policy(len(speculation.drafters))) > 1e-3
+
+
+@pytest.mark.parametrize("tree", ["merged", "budget"])
+def test_policy_that_picks_nodes_by_their_drawn_tokens_fails(tree: str) -> None:
+    speculation = SPECULATIONS[tree]()
+    assert tree_p_value(0, speculation, policy=auto_policy(len(speculation.drafters), picky=True)) < 1e-6
 
 
 @pytest.mark.parametrize("sampling", SAMPLINGS)
@@ -298,7 +335,7 @@ def test_vote_samples_the_heaviest_drafters_own_chain() -> None:
 
     vote = VoteSpeculation([Fixed(q[0]), Fixed(q[1])])
     vote.weights = [0.2, 0.7]
-    tree = vote.speculate([0, 1], 3, SamplingConfig(temperature=1.0), None)
+    tree = vote.speculate([0, 1], [3] * len(vote.drafters), SamplingConfig(temperature=1.0), None)
     assert tree.is_chain and tree.draft_probs is not None
     assert torch.equal(tree.draft_probs[1:], q[1, :3])
     assert tree.proposers == (-1, 1, 1, 1)

@@ -10,6 +10,7 @@ from swarmspec.decode import decode
 from swarmspec.drafters.base import Drafter
 from swarmspec.metrics import DecodeStats
 from swarmspec.models.loading import LoadedModel
+from swarmspec.policy import FixedDepth, SpeculationPolicy
 from swarmspec.runners.base import ModelRunner
 from swarmspec.runners.hf import HFRunner
 from swarmspec.sampling import SamplingConfig
@@ -54,16 +55,19 @@ def run_decode(
     verifier: Verifier | None = None,
     stop_token_ids: frozenset[int] = frozenset(),
     runner: HFRunner | None = None,
+    policy: SpeculationPolicy | None = None,
 ) -> tuple[list[int], DecodeStats]:
+    """Decode on a fresh cache; `policy` defaults to `gamma` tokens from every drafter."""
     sampling = sampling or SamplingConfig()
     stats = DecodeStats()
+    speculation = ChainSpeculation(drafter) if isinstance(drafter, Drafter) else drafter or NoSpeculation()
     chunks = decode(
         runner or HFRunner(target),
-        ChainSpeculation(drafter) if isinstance(drafter, Drafter) else drafter or NoSpeculation(),
+        speculation,
         verifier or make_verifier(sampling),
         prompt,
         max_new_tokens=max_new_tokens,
-        gamma=gamma,
+        policy=policy or FixedDepth(gamma, len(speculation.drafters)),
         sampling=sampling,
         stop_token_ids=stop_token_ids,
         generator=torch.Generator().manual_seed(seed),

@@ -10,11 +10,13 @@ import sys
 import time
 
 from swarmspec.config import (
+    AUTO,
     HF_BASELINES,
     LLAMA_CPP_PREFIX,
     METHODS,
     BenchConfig,
     EngineConfig,
+    Gamma,
     GenerationRequest,
     default_baselines,
     default_drafters,
@@ -127,7 +129,15 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         f"{','.join(default_drafters('chain', defaults.target))}; tree and vote "
         f"{','.join(default_drafters('tree', defaults.target))})",
     )
-    parser.add_argument("--gamma", type=int, default=defaults.gamma, help="tokens drafted per target forward")
+    parser.add_argument(
+        "--gamma",
+        type=gamma_value,
+        default=defaults.gamma,
+        help="tokens drafted per target forward, or auto: chosen each step from costs and acceptance",
+    )
+    parser.add_argument(
+        "--max-depth", type=int, default=defaults.max_depth, help="--gamma auto: the deepest draft"
+    )
     parser.add_argument("--tree", type=int_list, default=(), help="tree widths per depth, e.g. 3,2,1,1")
     parser.add_argument("--tree-budget", type=int, default=0, help="grow <= N nodes from the model drafter")
     help_threads = "llama.cpp threads (0: every core)"
@@ -144,6 +154,15 @@ def add_sampling_flags(parser: argparse.ArgumentParser, sampling: SamplingConfig
 
 def comma_list(text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def gamma_value(text: str) -> Gamma:
+    if text == AUTO:
+        return AUTO
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens or {AUTO}, got {text!r}") from None
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -171,6 +190,7 @@ def run_generate(args: argparse.Namespace) -> int:
         method=args.method,
         drafters=tuple(args.drafter or ()),
         gamma=args.gamma,
+        max_depth=args.max_depth,
         tree_widths=args.tree,
         tree_budget=args.tree_budget,
         target_threads=args.target_threads,
@@ -271,6 +291,7 @@ def run_bench(args: argparse.Namespace) -> int:
         target=args.target,
         drafters=tuple(args.drafter or ()),
         gamma=args.gamma,
+        max_depth=args.max_depth,
         tree_widths=args.tree,
         tree_budget=args.tree_budget,
         target_threads=args.target_threads,

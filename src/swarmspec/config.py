@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from swarmspec.errors import InvalidRequestError
 from swarmspec.models.registry import DEFAULT_DRAFTER, DEFAULT_TARGET
@@ -20,6 +21,15 @@ LLAMA_CPP_BASELINES = ("llama-cpp", "llama-cpp-prompt-lookup")
 BASELINES = (*HF_BASELINES, *LLAMA_CPP_BASELINES)
 # Model specs with this prefix run on llama.cpp (see models.loading.VARIANTS).
 LLAMA_CPP_PREFIX = "llamacpp:"
+AUTO = "auto"
+Gamma = int | Literal["auto"]
+
+
+def check_gamma(gamma: Gamma, max_depth: int) -> None:
+    if gamma != AUTO and (not isinstance(gamma, int) or gamma < 1):
+        raise InvalidRequestError(f"gamma must be >= 1 or {AUTO!r}, got {gamma!r}")
+    if max_depth < 1:
+        raise InvalidRequestError(f"max_depth must be >= 1, got {max_depth}")
 
 
 @dataclass(frozen=True)
@@ -35,8 +45,12 @@ class EngineConfig:
     # Model specs (optionally prefixed "int8:" / "onednn:") or model-free drafters (MODEL_FREE_DRAFTERS).
     # Empty: the method's default, see `default_drafters`.
     drafters: tuple[str, ...] = ()
-    # Tokens drafted per target forward: the depth of the speculated chain or tree.
-    gamma: int = 4
+    # Tokens drafted per target forward, the depth of the speculated chain or tree: a number, or "auto":
+    # every step the depth and the verified nodes that maximize expected committed tokens per second,
+    # from the measured costs and the running acceptance (see policy.CostModelPolicy).
+    gamma: Gamma = AUTO
+    # gamma auto only: the deepest draft; model-free drafters propose this far when their match allows.
+    max_depth: int = 16
     # tree only: children per node at each depth (e.g. 3,2,1,1) expanded from the first model drafter,
     # the other drafters' chains merged in; empty: every drafter's chain merged into one trie.
     tree_widths: tuple[int, ...] = ()
@@ -50,8 +64,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise InvalidRequestError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.gamma < 1:
-            raise InvalidRequestError(f"gamma must be >= 1, got {self.gamma}")
+        check_gamma(self.gamma, self.max_depth)
         if self.target_threads < 0 or self.drafter_threads < 0:
             raise InvalidRequestError("thread counts must be >= 1 (0: every core)")
         if not self.drafters:
@@ -144,7 +157,8 @@ class BenchConfig:
     target: str = LLAMA_CPP_PREFIX + DEFAULT_TARGET
     # Drafters of every speculative method; empty: each method's default (`default_drafters`).
     drafters: tuple[str, ...] = ()
-    gamma: int = 4
+    gamma: Gamma = AUTO
+    max_depth: int = 16
     # The tree method's widths or node budget (see EngineConfig.tree_widths and tree_budget).
     tree_widths: tuple[int, ...] = ()
     tree_budget: int = 0
@@ -178,7 +192,8 @@ class BenchConfig:
             )
         if not self.methods and not self.baselines:
             raise InvalidRequestError("nothing to benchmark: no methods and no baselines")
-        for name in ("max_new_tokens", "repeats", "gamma"):
+        check_gamma(self.gamma, self.max_depth)
+        for name in ("max_new_tokens", "repeats"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}")
         if (self.tree_widths or self.tree_budget) and "tree" not in self.methods:
@@ -195,6 +210,7 @@ class BenchConfig:
             method=method,
             drafters=drafters,
             gamma=self.gamma,
+            max_depth=self.max_depth,
             tree_widths=self.tree_widths if is_tree else (),
             tree_budget=self.tree_budget if is_tree else 0,
             target_threads=self.target_threads,

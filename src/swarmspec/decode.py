@@ -14,6 +14,7 @@ import torch
 
 from swarmspec.errors import InvalidRequestError
 from swarmspec.metrics import DecodeStats
+from swarmspec.policy import SpeculationPolicy
 from swarmspec.runners.base import ModelRunner
 from swarmspec.sampling import SamplingConfig
 from swarmspec.speculate import Speculation
@@ -28,7 +29,7 @@ def decode(
     prompt_ids: list[int],
     *,
     max_new_tokens: int,
-    gamma: int,
+    policy: SpeculationPolicy,
     sampling: SamplingConfig,
     stop_token_ids: frozenset[int],
     generator: torch.Generator | None,
@@ -37,7 +38,8 @@ def decode(
     """Yield the tokens committed by each target forward until a stop token or `max_new_tokens`.
 
     Invariant between steps: the target's cache holds every committed token but the newest one, which
-    the next forward feeds as the root of the tree. `gamma` bounds the tree's depth.
+    the next forward feeds as the root of the tree. `policy` chooses how deep the drafters propose and
+    which of their nodes the target verifies.
     """
     if len(prompt_ids) + max_new_tokens > target.max_length:
         raise InvalidRequestError(
@@ -47,6 +49,7 @@ def decode(
     start = time.perf_counter()
     stats.prompt_tokens = len(prompt_ids)
     speculation.begin(prompt_ids)
+    policy.begin()
     try:  # `end` also runs when the consumer stops early (a stop string) and closes this generator
         target.reset()
         prompt_logits = target.forward(torch.tensor(prompt_ids, dtype=torch.int64), num_logits=1)  # [1, V]
@@ -66,7 +69,8 @@ def decode(
                 return
 
             # Speculate at most remaining - 1 tokens deep: the target always adds one of its own.
-            tree = speculation.speculate(context, min(gamma, remaining - 1), sampling, generator)
+            depths = policy.draft_depths(remaining - 1)
+            tree = policy.select(speculation.speculate(context, depths, sampling, generator))
             # One target forward scores every node: row i of target_logits is the target's distribution
             # for the token after node i (the root, context[-1], is node 0).
             tree_mask = None if tree.is_chain else tree.ancestor_mask()
@@ -81,8 +85,10 @@ def decode(
             )
             proposers = [] if tree.proposers is None else [tree.proposers[node] for node in verdict.path]
             stats.record_step(drafted=len(tree) - 1, committed=len(new_tokens), accepted_by=proposers)
+            policy.observe(tree, verdict.path)
             speculation.observe(tree, verdict.path, new_tokens)
     finally:
+        policy.end()
         speculation.end()
 
 

@@ -6,17 +6,21 @@ import secrets
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from swarmspec.config import EngineConfig, GenerationRequest
+from swarmspec.config import AUTO, EngineConfig, GenerationRequest
 from swarmspec.decode import decode
 from swarmspec.drafters.base import Drafter
 from swarmspec.drafters.lookup import PromptLookupDrafter, SuffixDrafter, SuffixIndex
 from swarmspec.drafters.model import ModelDrafter
 from swarmspec.metrics import DecodeStats
-from swarmspec.models.loading import LoadedModel, check_same_vocabulary, check_spec, load_model
+from swarmspec.models.loading import LoadedModel, check_same_vocabulary, check_spec, load_model, split_spec
+from swarmspec.models.registry import REGISTRY
+from swarmspec.policy import AcceptancePrior, CostModelPolicy, FixedDepth, SpeculationPolicy, StepCosts
+from swarmspec.profile import forward_costs
 from swarmspec.runners.base import ModelRunner
 from swarmspec.sampling import SamplingConfig
 from swarmspec.speculate import (
@@ -41,20 +45,23 @@ class GenerationResult:
 
 @dataclass
 class SequenceState:
-    """Everything one generation mutates: the target's cache and the speculation (drafters' caches,
-    running statistics). The models' weights and the learning meant to be shared are not in it."""
+    """Everything one generation mutates: the target's cache, the speculation (drafters' caches, vote
+    weights) and the policy's running acceptance. The models' weights and the learning meant to be
+    shared are not in it."""
 
     target: ModelRunner
     speculation: Speculation
+    policy: SpeculationPolicy
 
 
 @dataclass
 class SharedLearning:
     """What the generations of one engine learn together, bounded in memory: the suffix drafters'
-    index of finished sequences and the vote's drafter weights."""
+    index of finished sequences, the vote's drafter weights and the policy's acceptance statistics."""
 
     suffix_index: SuffixIndex = field(default_factory=SuffixIndex)
     vote_prior: VotePrior = field(default_factory=VotePrior)
+    acceptance: AcceptancePrior = field(default_factory=AcceptancePrior)
 
 
 class Engine:
@@ -70,12 +77,10 @@ class Engine:
         new_state: Callable[[], SequenceState],
         tokenizer: PreTrainedTokenizerBase,
         stop_token_ids: frozenset[int],
-        gamma: int,
     ) -> None:
         self.new_state = new_state
         self.tokenizer = tokenizer
         self.stop_token_ids = stop_token_ids
-        self.gamma = gamma
         self._idle: list[SequenceState] = []
         self._lock = threading.Lock()
 
@@ -89,16 +94,34 @@ class Engine:
 
     @classmethod
     def from_models(
-        cls, config: EngineConfig, target: LoadedModel, draft_models: Mapping[str, LoadedModel]
+        cls,
+        config: EngineConfig,
+        target: LoadedModel,
+        draft_models: Mapping[str, LoadedModel],
+        costs: StepCosts | None = None,
     ) -> Engine:
-        """An engine over models already loaded: several methods can share one copy of the weights."""
+        """An engine over models already loaded: several methods can share one copy of the weights.
+
+        With `gamma` auto the policy needs the forward costs: `costs` if given, else this machine's stored
+        profile of each model, else measured with the first generation's runners (and stored)."""
         shared = SharedLearning()
+        step_costs = costs
 
         def new_state() -> SequenceState:
+            nonlocal step_costs
             target_runner = warmed_up(target.new_runner(config.target_threads or None))
-            return SequenceState(target_runner, build_speculation(config, target, draft_models, shared))
+            speculation = build_speculation(config, target, draft_models, shared)
+            if config.gamma != AUTO or config.method == "ar":
+                policy: SpeculationPolicy = FixedDepth(
+                    0 if config.gamma == AUTO else config.gamma, len(speculation.drafters)
+                )
+            else:
+                if step_costs is None:
+                    step_costs = measure_step_costs(config, target_runner, speculation)
+                policy = CostModelPolicy(step_costs, config.max_depth, shared.acceptance)
+            return SequenceState(target_runner, speculation, policy)
 
-        engine = cls(new_state, target.tokenizer, target.stop_token_ids, config.gamma)
+        engine = cls(new_state, target.tokenizer, target.stop_token_ids)
         engine._idle.append(new_state())  # the first request does not pay for paging the weights in
         return engine
 
@@ -132,7 +155,7 @@ class Engine:
                 make_verifier(sampling),
                 prompt_ids,
                 max_new_tokens=max_new_tokens,
-                gamma=self.gamma,
+                policy=state.policy,
                 sampling=sampling,
                 stop_token_ids=self.stop_token_ids,
                 generator=generator,
@@ -188,6 +211,32 @@ def build_speculation(
     if config.method == "tree":
         return MergedTree(drafters)
     return VoteSpeculation(drafters, prior=shared.vote_prior)
+
+
+def measure_step_costs(config: EngineConfig, target: ModelRunner, speculation: Speculation) -> StepCosts:
+    """The policy's costs: the target's forward over k rows and each draft model's per-token forward
+    (model-free drafters: 0), from this machine's stored profiles or measured now and stored."""
+
+    def key(spec: str, threads: int) -> str:
+        return f"{spec} x{threads} threads" if threads else spec
+
+    def persistent(spec: str) -> bool:  # a model users load again (not one built in memory)
+        name = split_spec(spec)[1]
+        return name in REGISTRY or Path(name).expanduser().exists()
+
+    verify_ms = forward_costs(
+        key(config.target, config.target_threads), target, persist=persistent(config.target)
+    )
+    draft_token_ms = []
+    for spec, drafter in zip(config.drafters, speculation.drafters, strict=True):
+        if isinstance(drafter, ModelDrafter):
+            latency = forward_costs(
+                key(spec, config.drafter_threads), drafter.runner, ks=(1, 2), persist=persistent(spec)
+            )
+            draft_token_ms.append(latency[1])
+        else:
+            draft_token_ms.append(0.0)
+    return StepCosts(verify_ms, tuple(draft_token_ms))
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, chat: bool) -> list[int]:

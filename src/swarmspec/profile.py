@@ -94,7 +94,8 @@ def measure_forward_latency(
             runner.rollback(context_len)
             if repeat > 0:
                 samples[k].append(elapsed_ms)
-        print(f"  {label} round {repeat}/{repeats} done", file=sys.stderr, flush=True)
+        if label:
+            print(f"  {label} round {repeat}/{repeats} done", file=sys.stderr, flush=True)
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
@@ -107,3 +108,35 @@ def format_table(profiles: Sequence[CostProfile]) -> str:
         cells = " | ".join(f"{p.latency_ms[k]:>14.1f} {p.ratio(k):>19.2f}" for p in profiles)
         rows.append(f"{k:>3} | {cells}")
     return "\n".join(rows)
+
+
+# The forward sizes a self-tuning policy reads (policy.StepCosts interpolates between them).
+POLICY_KS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32)
+
+
+def forward_costs(
+    model: str,
+    runner: ModelRunner,
+    ks: Sequence[int] = POLICY_KS,
+    persist: bool = True,
+    context_len: int = 256,
+    repeats: int = 3,
+) -> dict[int, float]:
+    """Milliseconds of the runner's forward over k rows for each k in `ks`: this device's stored profile
+    of `model` when it covers them, else measured now (and stored when `persist`, under `model`)."""
+    device = device_name()
+    stored = CostProfile.load(model, device) if persist else None
+    if stored is not None and set(ks) <= set(stored.latency_ms):
+        return {k: stored.latency_ms[k] for k in ks}
+    context_len = min(context_len, runner.max_length - max(ks))
+    if persist:
+        print(
+            f"swarmspec: measuring {model}'s forward costs on this machine (once; stored for next time)",
+            file=sys.stderr,
+            flush=True,
+        )
+    latency = measure_forward_latency(runner, ks, context_len, repeats, label=model if persist else "")
+    runner.reset()
+    if persist:
+        CostProfile(model, device, context_len, repeats, latency).save()
+    return latency

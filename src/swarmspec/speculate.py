@@ -53,11 +53,12 @@ class Speculation(ABC):
     def speculate(
         self,
         context: list[int],
-        max_depth: int,
+        depths: Sequence[int],
         sampling: SamplingConfig,
         generator: torch.Generator | None,
     ) -> TokenTree:
-        """A tree no deeper than `max_depth` below the root (`context[-1]`)."""
+        """A tree below the root (`context[-1]`) in which drafter i proposes at most `depths[i]` tokens
+        deep (0: it does not run)."""
 
 
 class NoSpeculation(Speculation):
@@ -66,7 +67,7 @@ class NoSpeculation(Speculation):
     def __init__(self) -> None:
         self.drafters = []
 
-    def speculate(self, context, max_depth, sampling, generator) -> TokenTree:
+    def speculate(self, context, depths, sampling, generator) -> TokenTree:
         return TokenTree.chain(context[-1], torch.empty(0, dtype=torch.int64))
 
 
@@ -74,8 +75,8 @@ class ChainSpeculation(Speculation):
     def __init__(self, drafter: Drafter) -> None:
         self.drafters = [drafter]
 
-    def speculate(self, context, max_depth, sampling, generator) -> TokenTree:
-        draft = self.drafters[0].propose(context, max_depth, sampling, generator)
+    def speculate(self, context, depths, sampling, generator) -> TokenTree:
+        draft = self.drafters[0].propose(context, depths[0], sampling, generator)
         return TokenTree.chain(context[-1], draft.tokens, draft.probs)
 
 
@@ -87,8 +88,8 @@ class MergedTree(Speculation):
             raise ValueError("a merged tree needs at least one drafter")
         self.drafters = list(drafters)
 
-    def speculate(self, context, max_depth, sampling, generator) -> TokenTree:
-        drafts = [d.propose(context, max_depth, sampling, generator) for d in self.drafters]
+    def speculate(self, context, depths, sampling, generator) -> TokenTree:
+        drafts = propose_all(self.drafters, context, depths, sampling, generator)
         return merge_drafts(context[-1], drafts, dedupe=sampling.greedy)
 
 
@@ -106,11 +107,26 @@ class ExpansionTree(Speculation):
         self.grower = grown_from
         self.others = [i for i in range(len(drafters)) if i != grower]
 
-    def speculate(self, context, max_depth, sampling, generator) -> TokenTree:
-        tree = self.grower.propose_tree(context, self.shape, max_depth, sampling, generator)
+    def speculate(self, context, depths, sampling, generator) -> TokenTree:
+        tree = self.grower.propose_tree(context, self.shape, depths[self.grower_index], sampling, generator)
         tree = replace(tree, proposers=(-1, *[self.grower_index] * (len(tree) - 1)))
-        drafts = [self.drafters[i].propose(context, max_depth, sampling, generator) for i in self.others]
+        others = [self.drafters[i] for i in self.others]
+        drafts = propose_all(others, context, [depths[i] for i in self.others], sampling, generator)
         return merge_into(tree, drafts, dedupe=sampling.greedy, proposers=self.others)
+
+
+def propose_all(
+    drafters: Sequence[Drafter],
+    context: list[int],
+    depths: Sequence[int],
+    sampling: SamplingConfig,
+    generator: torch.Generator | None,
+) -> list[Draft]:
+    """Each drafter's chain, at most its depth long; a drafter given depth 0 does not run."""
+    return [
+        d.propose(context, depth, sampling, generator) if depth > 0 else Draft.empty()
+        for d, depth in zip(drafters, depths, strict=True)
+    ]
 
 
 def merge_drafts(root: int, drafts: Sequence[Draft], dedupe: bool) -> TokenTree:
@@ -193,8 +209,8 @@ class VoteSpeculation(Speculation):
         super().end()
         self.prior.weights = list(self.weights)
 
-    def speculate(self, context, max_depth, sampling, generator) -> TokenTree:
-        drafts = [d.propose(context, max_depth, sampling, generator) for d in self.drafters]
+    def speculate(self, context, depths, sampling, generator) -> TokenTree:
+        drafts = propose_all(self.drafters, context, depths, sampling, generator)
         self._last_drafts = drafts
         if not sampling.greedy:
             best = max(range(len(drafts)), key=self.weights.__getitem__)

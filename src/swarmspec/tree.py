@@ -60,6 +60,21 @@ class TokenTree:
         """Every node's parent is the node before it: a plain causal forward reads it."""
         return all(p == i - 1 for i, p in enumerate(self.parents))
 
+    def keep(self, nodes: Sequence[int]) -> TokenTree:
+        """The tree of the given nodes (ascending, the root and every kept node's parent among them)."""
+        if list(nodes) == list(range(len(self))):
+            return self
+        new_index = {old: new for new, old in enumerate(nodes)}
+        if nodes[0] != 0 or any(self.parents[n] not in new_index for n in nodes[1:]):
+            raise ValueError(f"nodes {list(nodes)} do not form a tree under the root")
+        index = torch.tensor(nodes, dtype=torch.int64)
+        return TokenTree(
+            self.tokens[index],
+            (-1, *[new_index[self.parents[n]] for n in nodes[1:]]),
+            None if self.draft_probs is None else self.draft_probs[index],
+            None if self.proposers is None else tuple(self.proposers[n] for n in nodes),
+        )
+
     def children(self, node: int) -> list[int]:
         return [i for i, p in enumerate(self.parents) if p == node]
 

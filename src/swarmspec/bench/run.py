@@ -166,7 +166,7 @@ def run_metadata(
         if profile is None:
             profiles[model.spec] = f"not measured here (run: swarmspec profile --target {model.spec})"
             continue
-        ks = [k for k in (1, 2, 4, config.gamma + 1, 8, 16, 32) if k in profile.latency_ms]
+        ks = [k for k in (1, 2, 4, 8, 16, 32) if k in profile.latency_ms]
         cells = ", ".join(f"t({k}) {profile.latency_ms[k]:.0f} ms" for k in sorted(set(ks)))
         profiles[model.spec] = f"{cells} ({profile.context_len} cached tokens, median of {profile.repeats})"
     return {

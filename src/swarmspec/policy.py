@@ -1,0 +1,275 @@
+"""How much to speculate each step, chosen from measured costs and the running acceptance.
+
+Each step the decode loop asks the policy how deep every drafter may propose (`draft_depths`), then
+which of the proposed nodes the target verifies (`select`), and after the target forward tells it what
+was accepted (`observe`). Dropping nodes never changes what is output: the verifier decides, always. In
+sampling mode which nodes are kept depends only on the tree's structure and proposers, never on the
+drawn tokens, so every kept node is still a draw from the distribution stored with it.
+
+`CostModelPolicy` maximizes expected committed tokens per second of the step,
+
+    (1 + sum of P(node accepted) over the verified nodes) / (drafting time + t(verified rows))
+
+where 1 is the target's own token, P(node accepted) is the product along the node's path of each
+proposer's running acceptance rate at that depth (given its parent was accepted), t(k) is the target's
+measured forward over k rows and drafting time is the draft models' measured per-token cost. Model-free
+drafters cost nothing: they propose as far as their match goes (up to `max_depth`) and the policy keeps
+only the part worth verifying. When no draft pays for itself the tree is the root alone: plain
+decoding through the same loop.
+"""
+
+from __future__ import annotations
+
+import bisect
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from swarmspec.tree import TokenTree
+
+
+class SpeculationPolicy(ABC):
+    """Chooses the speculation of every step; one instance per generation (it may keep running state)."""
+
+    def begin(self) -> None:  # noqa: B027 - fixed policies keep no state
+        """A new generation starts."""
+
+    def end(self) -> None:  # noqa: B027
+        """The generation is finished or abandoned."""
+
+    @abstractmethod
+    def draft_depths(self, limit: int) -> list[int]:
+        """How many tokens deep each drafter may propose this step, none beyond `limit`."""
+
+    def select(self, tree: TokenTree) -> TokenTree:
+        """The part of the proposed tree the target verifies (its root always)."""
+        return tree
+
+    def observe(self, tree: TokenTree, path: list[int]) -> None:  # noqa: B027
+        """The target verified `tree` and accepted the nodes `path` (a root-to-node path)."""
+
+
+@dataclass
+class FixedDepth(SpeculationPolicy):
+    """Every drafter proposes `gamma` tokens (fewer at the end of the generation); all are verified."""
+
+    gamma: int
+    drafters: int
+
+    def draft_depths(self, limit: int) -> list[int]:
+        return [min(self.gamma, limit)] * self.drafters
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """Measured milliseconds: the target's forward over k rows (piecewise linear between the measured k,
+    extrapolated beyond the largest), and one drafted token of each drafter (0 for model-free ones)."""
+
+    verify_ms: dict[int, float]
+    draft_token_ms: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if 1 not in self.verify_ms or len(self.verify_ms) < 2:
+            raise ValueError(f"need the target's cost at k = 1 and one more k, got {sorted(self.verify_ms)}")
+
+    def verify(self, rows: int) -> float:
+        ks = sorted(self.verify_ms)
+        i = min(max(bisect.bisect_left(ks, rows), 1), len(ks) - 1)
+        lo, hi = ks[i - 1], ks[i]
+        slope = (self.verify_ms[hi] - self.verify_ms[lo]) / (hi - lo)
+        return self.verify_ms[lo] + slope * (rows - lo)
+
+
+@dataclass
+class AcceptanceStats:
+    """P(node accepted | its parent accepted) per source (a drafter, or a drafter in a given state) and
+    depth, from exponentially decayed counts (recent steps weigh most). Each depth's estimate is shrunk
+    towards the source's rate over all depths, so a depth not verified yet inherits it: a source that
+    does well gets to try deeper."""
+
+    sources: int
+    decay: float = 0.95
+    shrink: float = 4.0  # pseudo-observations of the drafter's overall rate behind each depth's estimate
+    accepted: list[dict[int, float]] = field(default_factory=list)
+    offered: list[dict[int, float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.accepted = self.accepted or [{} for _ in range(self.sources)]
+        self.offered = self.offered or [{} for _ in range(self.sources)]
+
+    def copy(self) -> AcceptanceStats:
+        return AcceptanceStats(
+            self.sources,
+            self.decay,
+            self.shrink,
+            [dict(a) for a in self.accepted],
+            [dict(o) for o in self.offered],
+        )
+
+    def rate(self, source: int, depth: int) -> float:
+        accepted, offered = self.accepted[source], self.offered[source]
+        overall = (sum(accepted.values()) + 1) / (sum(offered.values()) + 2)  # uniform prior
+        return (accepted.get(depth, 0.0) + self.shrink * overall) / (offered.get(depth, 0.0) + self.shrink)
+
+    def record(self, outcomes: Sequence[tuple[int, int, bool]]) -> None:
+        """One step's verified nodes whose parent was accepted: (source, depth, accepted)."""
+        for counts in (*self.accepted, *self.offered):
+            for depth in counts:
+                counts[depth] *= self.decay
+        for source, depth, accepted in outcomes:
+            self.offered[source][depth] = self.offered[source].get(depth, 0.0) + 1
+            if accepted:
+                self.accepted[source][depth] = self.accepted[source].get(depth, 0.0) + 1
+
+
+class AcceptancePrior:
+    """The acceptance statistics the engine's generations leave behind: each generation starts from
+    them and hands its own back when it ends (the last to end wins), so a new request does not start
+    from scratch."""
+
+    def __init__(self) -> None:
+        self.stats: AcceptanceStats | None = None
+
+    def stats_for(self, sources: int) -> AcceptanceStats:
+        if self.stats is not None and self.stats.sources == sources:
+            return self.stats.copy()
+        return AcceptanceStats(sources)
+
+
+class CostModelPolicy(SpeculationPolicy):
+    """Self-tuning speculation: the depth and the verified nodes that maximize expected committed tokens
+    per second, from `costs` and the running acceptance (see the module docstring).
+
+    Acceptance is kept per drafter and per its state: whether everything of its last verified draft was
+    accepted (a copy in progress: prompt lookup inside a quoted passage) or not, since the two differ
+    most. A drafter whose drafts do not pay for themselves is not drafted (a draft model) or not verified (a
+    model-free drafter). While even a fully accepted token could pay, such a drafter is probed: one
+    token is verified after `probe_every` idle steps, and the wait doubles after every rejected probe
+    (up to `max_probe_every`), so a useless drafter costs ever less while a drafter whose text starts to
+    match (a summary reaching a quoted passage) is found again.
+    """
+
+    def __init__(
+        self,
+        costs: StepCosts,
+        max_depth: int,
+        prior: AcceptancePrior | None = None,
+        probe_every: int = 4,
+        max_probe_every: int = 64,
+    ) -> None:
+        if max_depth < 1:
+            raise ValueError(f"max_depth must be >= 1, got {max_depth}")
+        self.costs = costs
+        self.max_depth = max_depth
+        self.prior = prior or AcceptancePrior()
+        self.probe_every, self.max_probe_every = probe_every, max_probe_every
+        self.drafters = len(costs.draft_token_ms)
+        self.begin()
+
+    def begin(self) -> None:
+        self.stats = self.prior.stats_for(2 * self.drafters)
+        self._streak = [0] * self.drafters  # 1: the drafter's last verified nodes were all accepted
+        self._probe_wait = [self.probe_every] * self.drafters  # idle steps left before the next probe
+        self._probe_interval = [self.probe_every] * self.drafters
+        self._probing: set[int] = set()
+        self._draft_ms = 0.0
+
+    def end(self) -> None:
+        self.prior.stats = self.stats.copy()
+
+    def draft_depths(self, limit: int) -> list[int]:
+        depths = [self._depth(i, min(limit, self.max_depth)) for i in range(self.drafters)]
+        self._draft_ms = sum(d * c for d, c in zip(depths, self.costs.draft_token_ms, strict=True))
+        return depths
+
+    def _depth(self, drafter: int, limit: int) -> int:
+        cost = self.costs.draft_token_ms[drafter]
+        if cost == 0 or limit == 0:
+            return limit  # free: propose all the match has, `select` keeps what is worth verifying
+        best, best_rate = 0, 1 / self.costs.verify(1)
+        reach = 1.0  # P(the whole chain so far is accepted)
+        expected = 1.0
+        for depth in range(1, limit + 1):
+            reach *= self.stats.rate(self._source(drafter), depth)
+            expected += reach
+            rate = expected / (depth * cost + self.costs.verify(depth + 1))
+            if rate > best_rate:
+                best, best_rate = depth, rate
+        if best == 0 and self._probe_due(drafter, cost):
+            return 1
+        return best
+
+    def _probe_due(self, drafter: int, cost: float) -> bool:
+        """Count one idle step of `drafter`; True when it is to be probed now."""
+        if 2 / (cost + self.costs.verify(2)) <= 1 / self.costs.verify(1):
+            return False  # even a draft the target accepts would lose to plain decoding
+        self._probe_wait[drafter] -= 1
+        if self._probe_wait[drafter] > 0:
+            return False
+        self._probe_wait[drafter] = self._probe_interval[drafter]
+        self._probing.add(drafter)
+        return True
+
+    def _source(self, drafter: int) -> int:
+        return 2 * drafter + self._streak[drafter]
+
+    def node_values(self, tree: TokenTree) -> list[float]:
+        """P(node accepted) estimated for every node (the root: 1). Siblings are exclusive outcomes: where
+        their estimates add up to more than 1 they are scaled down to 1."""
+        proposers = tree.proposers or (-1, *[0] * (len(tree) - 1))
+        depth = [0] * len(tree)
+        given_parent = [1.0] * len(tree)
+        for node in range(1, len(tree)):
+            depth[node] = depth[tree.parents[node]] + 1
+            given_parent[node] = self.stats.rate(self._source(proposers[node]), depth[node])
+        children: dict[int, list[int]] = {}
+        for node in range(1, len(tree)):
+            children.setdefault(tree.parents[node], []).append(node)
+        for siblings in children.values():
+            total = sum(given_parent[n] for n in siblings)
+            if total > 1:
+                for n in siblings:
+                    given_parent[n] /= total
+        values = [1.0] * len(tree)
+        for node in range(1, len(tree)):
+            values[node] = values[tree.parents[node]] * given_parent[node]
+        return values
+
+    def select(self, tree: TokenTree) -> TokenTree:
+        values = self.node_values(tree)
+        # Most valuable first; a node never outranks its parent (values shrink along a path, ties go to
+        # the earlier node, and parents come first), so every prefix of the ranking is a tree.
+        ranked = sorted(range(1, len(tree)), key=lambda n: (-values[n], n))
+        best_count, best_rate = 0, 1 / (self._draft_ms + self.costs.verify(1))
+        expected = 1.0
+        for count, node in enumerate(ranked, start=1):
+            expected += values[node]
+            rate = expected / (self._draft_ms + self.costs.verify(count + 1))
+            if rate > best_rate:
+                best_count, best_rate = count, rate
+        proposers = tree.proposers or (-1, *[0] * (len(tree) - 1))
+        if best_count == 0 and ranked:
+            top = proposers[ranked[0]]
+            # A probe the draft model paid for is verified; a free drafter's counts one idle step.
+            if top in self._probing or self._probe_due(top, self.costs.draft_token_ms[top]):
+                best_count = 1
+        return tree.keep(sorted([0, *ranked[:best_count]]))
+
+    def observe(self, tree: TokenTree, path: list[int]) -> None:
+        accepted = {0, *path}
+        proposers = tree.proposers or (-1, *[0] * (len(tree) - 1))
+        depth = [0] * len(tree)
+        outcomes = []
+        for node in range(1, len(tree)):
+            depth[node] = depth[tree.parents[node]] + 1
+            if tree.parents[node] in accepted:
+                outcomes.append((proposers[node], depth[node], node in accepted))
+        self.stats.record([(self._source(d), depth, ok) for d, depth, ok in outcomes])
+        for drafter in {d for d, _, _ in outcomes}:
+            self._streak[drafter] = int(all(ok for d, _, ok in outcomes if d == drafter))
+        for drafter in self._probing:
+            hit = any(d == drafter and ok for d, _, ok in outcomes)
+            interval = self.probe_every if hit else 2 * self._probe_interval[drafter]
+            self._probe_interval[drafter] = min(interval, self.max_probe_every)
+            self._probe_wait[drafter] = self._probe_interval[drafter]
+        self._probing.clear()

@@ -1,0 +1,139 @@
+"""The self-tuning policy: its choices on synthetic cost curves and acceptance rates, checked by hand, and
+decoding through it: output identical to plain decoding, a useless drafter turned (almost) off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from swarmspec.drafters.base import Draft, Drafter
+from swarmspec.drafters.model import ModelDrafter
+from swarmspec.policy import AcceptancePrior, AcceptanceStats, CostModelPolicy, StepCosts
+from swarmspec.runners.hf import HFRunner
+from swarmspec.speculate import ChainSpeculation, MergedTree
+from swarmspec.tree import TokenTree
+
+from tiny_models import run_decode, tiny_qwen2
+
+# A GPU-like curve: verifying up to 32 tokens costs what one does. A CPU-like one: each row ~0.77 more.
+FLAT = {1: 20.0, 32: 20.0}
+STEEP = {1: 30.0, 2: 53.0, 32: 743.0}
+
+
+def trained_stats(rates: list[float], depth: int = 16, steps: int = 400) -> AcceptanceStats:
+    """Statistics after `steps` chains of `depth` tokens from sources accepting each token (given its
+    parent) with rates[i]: deterministic, every depth accepted in the right proportion."""
+    stats = AcceptanceStats(len(rates))
+    for step in range(steps):
+        outcomes = []
+        for source, rate in enumerate(rates):
+            for d in range(1, depth + 1):
+                accepted = (step * 7919 + d * 104729) % 1000 < rate * 1000
+                outcomes.append((source, d, accepted))
+        stats.record(outcomes)
+    return stats
+
+
+def policy_with(verify_ms: dict[int, float], draft_ms: float, rate: float) -> CostModelPolicy:
+    prior = AcceptancePrior()
+    prior.stats = trained_stats([rate, rate])  # the drafter after a rejection and after a full accept
+    return CostModelPolicy(StepCosts(verify_ms, (draft_ms,)), max_depth=16, prior=prior)
+
+
+def test_costs_interpolate_and_extrapolate() -> None:
+    costs = StepCosts({1: 30.0, 2: 53.0, 4: 99.0}, ())
+    assert costs.verify(1) == 30.0 and costs.verify(3) == 76.0 and costs.verify(6) == 145.0
+
+
+def test_acceptance_estimates_follow_the_observed_rates() -> None:
+    stats = trained_stats([0.9, 0.2])
+    assert stats.rate(0, 3) == pytest.approx(0.9, abs=0.05)
+    assert stats.rate(1, 3) == pytest.approx(0.2, abs=0.05)
+    assert stats.rate(0, 30) == pytest.approx(0.9, abs=0.05)  # never verified: the drafter's overall rate
+
+
+def test_flat_cost_curve_drafts_deep_and_steep_one_short() -> None:
+    # By hand, acceptance 0.8 and a 1 ms drafter: on the flat curve (1 + 0.8 + ... + 0.8^g) / (g + 20)
+    # peaks at g = 8 (0.155/ms against 0.05 for plain decoding).
+    assert 6 <= policy_with(FLAT, 1.0, 0.8).draft_depths(16)[0] <= 10
+    # Steep: one token at 0.95 gives 1.95 / (3 + 53) = 0.0348 > 1/30, two 2.85 / 82 = 0.0348, three
+    # 3.71 / 108 = 0.0344: short drafts.
+    assert 1 <= policy_with(STEEP, 3.0, 0.95).draft_depths(16)[0] <= 2
+    # At 0.8 on the steep curve even one token loses (1.8 / 56 < 1/30): no drafting.
+    assert policy_with(STEEP, 3.0, 0.8).draft_depths(16)[0] == 0
+
+
+def test_drafter_that_cannot_pay_is_never_run_not_even_to_probe() -> None:
+    # The 0.5B drafter on llama.cpp: 18.5 ms a token, so one accepted token (2 / 71.5) loses to 1 / 30.
+    policy = policy_with(STEEP, 18.5, 1.0)
+    assert all(policy.draft_depths(16) == [0] for _ in range(200))
+
+
+def test_select_keeps_the_prefix_worth_verifying() -> None:
+    policy = policy_with(STEEP, 0.0, 0.85)
+    chain = TokenTree.chain(5, torch.arange(16))
+    # By hand: (1 + 0.85) / 53 = 0.0349 beats 1/30 = 0.0333 and (1 + 0.85 + 0.72) / 76 = 0.0338.
+    assert len(policy.select(chain)) == 2
+    policy = policy_with(FLAT, 0.0, 0.9)
+    assert len(policy.select(chain)) == 17  # verifying is free: all of it
+
+
+def test_select_depends_on_structure_and_proposers_only() -> None:
+    policy = policy_with(STEEP, 0.0, 0.97)
+    # Node 1 (0.97) pays; its two children split P(accepted) and neither does (2.455 / 76 < 1.97 / 53).
+    parents = (-1, 0, 1, 2, 1, 4)
+    kept = [
+        policy.select(TokenTree(torch.tensor(tokens), parents, None, (-1, 0, 0, 0, 0, 0)))
+        for tokens in ([0, 1, 2, 3, 4, 5], [0, 9, 8, 7, 6, 5])
+    ]
+    assert kept[0].parents == kept[1].parents == (-1, 0)
+
+
+class OffByOne(Drafter):
+    """Always wrong: the target's own greedy tokens, each shifted by one."""
+
+    def __init__(self, inner: Drafter, vocab_size: int) -> None:
+        self.inner, self.vocab_size = inner, vocab_size
+
+    def propose(self, context, max_tokens, sampling, generator) -> Draft:
+        draft = self.inner.propose(context, max_tokens, sampling, generator)
+        return Draft((draft.tokens + 1) % self.vocab_size)
+
+
+@pytest.mark.parametrize("draft_ms", [0.0, 3.0], ids=["model-free", "draft-model"])
+@pytest.mark.parametrize("seed", range(3))
+def test_always_wrong_drafter_falls_back_to_plain_decoding(seed: int, draft_ms: float) -> None:
+    target = tiny_qwen2(seed)
+    prompt = torch.randint(96, (8,), generator=torch.Generator().manual_seed(seed)).tolist()
+    plain, _ = run_decode(target, None, prompt, 120)
+    wrong = OffByOne(ModelDrafter(HFRunner(target)), 96)
+    policy = CostModelPolicy(StepCosts(STEEP, (draft_ms,)), max_depth=16)
+    output, stats = run_decode(target, wrong, prompt, 120, policy=policy)
+    assert output == plain
+    assert stats.accepted_tokens == 0
+    # Probes after 4, 8, 16, 32 and 64 idle steps at most: 5 of ~120 forwards verify one token.
+    assert stats.drafted_tokens <= 5
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_agreeing_free_drafter_is_learned_and_drafts_long(seed: int) -> None:
+    target = tiny_qwen2(seed)
+    prompt = torch.randint(96, (8,), generator=torch.Generator().manual_seed(seed)).tolist()
+    plain, _ = run_decode(target, None, prompt, 120)
+    agreeing = ModelDrafter(HFRunner(target))
+    policy = CostModelPolicy(StepCosts({1: 30.0, 2: 40.0, 32: 340.0}, (0.0,)), max_depth=16)
+    output, stats = run_decode(target, agreeing, prompt, 120, policy=policy)
+    assert output == plain
+    assert stats.mean_accepted_tokens > 4
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_self_tuned_trees_of_mixed_drafters_equal_plain_decoding(seed: int) -> None:
+    target = tiny_qwen2(seed)
+    prompt = torch.randint(96, (8,), generator=torch.Generator().manual_seed(seed)).tolist()
+    plain, _ = run_decode(target, None, prompt, 60)
+    drafters = [ModelDrafter(HFRunner(tiny_qwen2(seed + 50))), ModelDrafter(HFRunner(target))]
+    for speculation in (MergedTree(drafters), ChainSpeculation(drafters[1])):
+        costs = StepCosts({1: 30.0, 2: 45.0, 32: 500.0}, (1.0,) * len(speculation.drafters))
+        output, _ = run_decode(target, speculation, prompt, 60, policy=CostModelPolicy(costs, 8))
+        assert output == plain
