@@ -30,8 +30,11 @@ def record(
     drafted: int = 0,
     accepted: int = 0,
 ) -> RunRecord:
+    """A chain run: every forward after the prefill verified drafted tokens (if any were drafted)."""
+    forwards = forwards or len(tokens)
+    drafting = forwards - 1 if drafted else 0
     return RunRecord(
-        question, family, contender, repeat, tokens, wall_s, forwards or len(tokens), drafted, accepted
+        question, family, contender, repeat, tokens, wall_s, forwards, drafted, accepted, drafting, drafted
     )
 
 
@@ -103,11 +106,12 @@ def test_sampling_and_missing_reference() -> None:
 def test_markdown_tables() -> None:
     text = markdown_tables(summarize(RECORDS, reference="hf-generate", greedy=True), "hf-generate")
     assert "**Overall** (2 questions)" in text
-    assert "| chain | 8.57 | 2.00x | 3.33 | 3.11 | 75.0% | **NO** |" in text  # 56 drafted / 18 forwards
-    assert "| hf-generate | 4.29 | 1.00x | 1.00 | 0.00 | n/a | yes |" in text
+    # 56 drafted / 18 forwards; 4 of them (the prefills) plain; 56 deep over the 14 drafting ones.
+    assert "| chain | 8.57 | 2.00x | 3.33 | 3.11 | 75.0% | 22% | 4.00 (4.00) | **NO** |" in text
+    assert "| hf-generate | 4.29 | 1.00x | 1.00 | 0.00 | n/a | 100% | n/a (n/a) | yes |" in text
     assert "| contender | code | rag | overall |" in text
     assert "| chain | 3.00x (10.00) | 1.60x (8.00) | 2.00x (8.57) |" in text
-    assert "| code / chain | 10.00 | 3.00x | 2.50 | 3.00 | 50.0% | yes |" in text
+    assert "| code / chain | 10.00 | 3.00x | 2.50 | 3.00 | 50.0% | 25% | 4.00 (4.00) | yes |" in text
 
 
 def test_drafter_shares_sum_per_family_and_overall() -> None:

@@ -43,6 +43,11 @@ def test_counters_add_up_at_stop_tokens(method: str, sampling: SamplingConfig) -
         assert stop_positions in ([], [len(tokens) - 1])
         stopped += bool(stop_positions)
         assert stats.new_tokens == len(tokens) == stats.target_forwards + stats.accepted_tokens
+        totals = stats.totals()
+        assert all((s.drafted == 0) == (s.depth == 0) and s.depth <= s.drafted for s in stats.steps)
+        assert totals.drafting_forwards == sum(1 for s in stats.steps if s.drafted)
+        if method == "chain":  # a chain's depth is its length
+            assert totals.drafted_depth == totals.drafted_tokens
         assert 0 <= stats.accepted_tokens <= stats.drafted_tokens
         assert sum(stats.accepted_by_drafter.values()) == stats.accepted_tokens
     assert stopped >= 5  # the stop cases were exercised

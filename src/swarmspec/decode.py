@@ -84,7 +84,7 @@ def decode(
                 [*tree.tokens[verdict.path].tolist(), verdict.next_token], stop_token_ids
             )
             proposers = [] if tree.proposers is None else [tree.proposers[node] for node in verdict.path]
-            stats.record_step(drafted=len(tree) - 1, committed=len(new_tokens), accepted_by=proposers)
+            stats.record_step(len(tree) - 1, len(new_tokens), accepted_by=proposers, depth=tree.depth)
             policy.observe(tree, verdict.path)
             speculation.observe(tree, verdict.path, new_tokens)
     finally:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 
 @dataclass(frozen=True)
@@ -16,14 +16,12 @@ class Totals:
     drafted_tokens: int = 0
     accepted_tokens: int = 0
     wall_s: float = 0.0
+    drafting_forwards: int = 0  # target forwards that verified at least one drafted token
+    drafted_depth: int = 0  # over those forwards: the depth of the verified tree (a chain's length)
 
     def __add__(self, other: Totals) -> Totals:
         return Totals(
-            self.new_tokens + other.new_tokens,
-            self.target_forwards + other.target_forwards,
-            self.drafted_tokens + other.drafted_tokens,
-            self.accepted_tokens + other.accepted_tokens,
-            self.wall_s + other.wall_s,
+            *(getattr(self, f.name) + getattr(other, f.name) for f in fields(Totals))
         )
 
     @property
@@ -46,6 +44,23 @@ class Totals:
         """Share of drafted tokens accepted; None when nothing was drafted."""
         return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else None
 
+    @property
+    def plain_share(self) -> float | None:
+        """Share of target forwards that verified no drafted token (plain decoding steps)."""
+        if not self.target_forwards:
+            return None
+        return 1 - self.drafting_forwards / self.target_forwards
+
+    @property
+    def mean_draft_depth(self) -> float | None:
+        """Depth of the verified tree (chain length), averaged over the forwards that verified one."""
+        return self.drafted_depth / self.drafting_forwards if self.drafting_forwards else None
+
+    @property
+    def mean_draft_size(self) -> float | None:
+        """Drafted tokens (tree nodes) verified, averaged over the forwards that verified any."""
+        return self.drafted_tokens / self.drafting_forwards if self.drafting_forwards else None
+
 
 @dataclass(frozen=True)
 class Step:
@@ -55,6 +70,7 @@ class Step:
     committed: int  # tokens it committed: the accepted drafted ones, then the target's own
     # The proposing drafter (index in the method's drafters) of each accepted drafted token, if known.
     accepted_by: tuple[int, ...] = ()
+    depth: int = 0  # of the verified tree below the root (a chain: `drafted`)
 
     @property
     def accepted(self) -> int:
@@ -74,8 +90,12 @@ class DecodeStats:
     prefill_s: float = 0.0
     wall_s: float = 0.0
 
-    def record_step(self, drafted: int, committed: int, accepted_by: Sequence[int] = ()) -> None:
-        self.steps.append(Step(drafted, committed, tuple(accepted_by[: committed - 1])))
+    def record_step(
+        self, drafted: int, committed: int, accepted_by: Sequence[int] = (), depth: int | None = None
+    ) -> None:
+        """One target forward; `depth` of the verified tree defaults to a chain's (`drafted`)."""
+        depth = drafted if depth is None else depth
+        self.steps.append(Step(drafted, committed, tuple(accepted_by[: committed - 1]), depth))
 
     def truncate(self, new_tokens: int) -> None:
         """Keep only the first `new_tokens` committed tokens (text cut at a stop string): later steps go,
@@ -86,7 +106,7 @@ class DecodeStats:
             if left <= 0:
                 break
             if step.committed > left:
-                step = Step(step.drafted, left, step.accepted_by[: left - 1])
+                step = Step(step.drafted, left, step.accepted_by[: left - 1], step.depth)
             kept.append(step)
         self.steps = kept
 
@@ -127,7 +147,13 @@ class DecodeStats:
 
     def totals(self) -> Totals:
         return Totals(
-            self.new_tokens, self.target_forwards, self.drafted_tokens, self.accepted_tokens, self.wall_s
+            self.new_tokens,
+            self.target_forwards,
+            self.drafted_tokens,
+            self.accepted_tokens,
+            self.wall_s,
+            drafting_forwards=sum(1 for step in self.steps if step.drafted),
+            drafted_depth=sum(step.depth for step in self.steps),
         )
 
     @property
@@ -151,6 +177,7 @@ class DecodeStats:
         )
 
     def to_dict(self) -> dict[str, float | int | None]:
+        totals = self.totals()
         return {
             "prompt_tokens": self.prompt_tokens,
             "new_tokens": self.new_tokens,
@@ -162,4 +189,11 @@ class DecodeStats:
             "accepted_tokens": self.accepted_tokens,
             "mean_accepted_tokens": round(self.mean_accepted_tokens, 4),
             "acceptance_rate": None if self.acceptance_rate is None else round(self.acceptance_rate, 4),
+            "plain_share": _rounded(totals.plain_share),
+            "mean_draft_depth": _rounded(totals.mean_draft_depth),
+            "mean_draft_size": _rounded(totals.mean_draft_size),
         }
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)

@@ -56,6 +56,14 @@ class TokenTree:
         return cls(tokens, tuple(range(-1, len(draft))), draft_probs, by)
 
     @property
+    def depth(self) -> int:
+        """Levels below the root (0: the root alone)."""
+        depths = [0] * len(self)
+        for node in range(1, len(self)):
+            depths[node] = depths[self.parents[node]] + 1
+        return max(depths)
+
+    @property
     def is_chain(self) -> bool:
         """Every node's parent is the node before it: a plain causal forward reads it."""
         return all(p == i - 1 for i, p in enumerate(self.parents))

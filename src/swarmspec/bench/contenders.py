@@ -35,8 +35,29 @@ class Outcome:
     target_forwards: int
     drafted_tokens: int
     accepted_tokens: int
+    drafting_forwards: int  # forwards that verified at least one drafted token
+    drafted_depth: int  # summed over those: the verified tree's depth (a chain's length)
     # Accepted tokens per proposing drafter spec (swarmspec methods; transformers does not say).
     accepted_by_drafter: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def of_chains(
+        cls, token_ids: list[int], wall_s: float, prompt_len: int, fed_tokens: list[int]
+    ) -> Outcome:
+        """From the tokens fed to each target forward of chain speculation: the first feeds the prompt
+        plus its drafts, every later one the newest committed token plus its drafts; every forward
+        commits its accepted drafts plus one token of its own."""
+        drafted = [fed_tokens[0] - prompt_len, *(n - 1 for n in fed_tokens[1:])] if fed_tokens else []
+        forwards = len(fed_tokens)
+        return cls(
+            token_ids,
+            wall_s,
+            forwards,
+            sum(drafted),
+            len(token_ids) - forwards,
+            sum(1 for d in drafted if d),
+            sum(drafted),
+        )
 
 
 class Contender(ABC):
@@ -66,12 +87,15 @@ class SwarmspecMethod(Contender):
         for chunk in self.engine.token_chunks(prompt_ids, max_new_tokens, sampling, seed, stats):
             token_ids.extend(chunk)
         wall_s = time.perf_counter() - start
+        totals = stats.totals()
         return Outcome(
             token_ids,
             wall_s,
-            stats.target_forwards,
-            stats.drafted_tokens,
-            stats.accepted_tokens,
+            totals.target_forwards,
+            totals.drafted_tokens,
+            totals.accepted_tokens,
+            totals.drafting_forwards,
+            totals.drafted_depth,
             stats.accepted_by(self.drafters),
         )
 
@@ -80,10 +104,8 @@ class HFBaseline(Contender):
     """`model.generate`, plain, with an assistant model, or with prompt lookup.
 
     transformers reports no speculation counters, so a forward pre-hook on the target records the
-    tokens fed to each forward. Every forward after the first feeds the newest committed token plus the
-    candidates (the first feeds the prompt plus candidates), so candidates = fed tokens - prompt -
-    (forwards - 1); every forward commits its accepted candidates plus one token of its own, so
-    accepted = new tokens - forwards. For plain `generate` both give 0 drafted and 0 accepted.
+    tokens fed to each forward (`Outcome.of_chains`). For plain `generate` that gives 0 drafted and 0
+    accepted.
     """
 
     def __init__(
@@ -126,11 +148,7 @@ class HFBaseline(Contender):
             wall_s = time.perf_counter() - start
         finally:
             hook.remove()
-        token_ids = output[0, len(prompt_ids) :].tolist()
-        forwards = len(fed_tokens)
-        drafted = sum(fed_tokens) - len(prompt_ids) - (forwards - 1)
-        accepted = len(token_ids) - forwards
-        return Outcome(token_ids, wall_s, forwards, drafted, accepted)
+        return Outcome.of_chains(output[0, len(prompt_ids) :].tolist(), wall_s, len(prompt_ids), fed_tokens)
 
 
 class LlamaCppBaseline(Contender):
@@ -186,10 +204,7 @@ class LlamaCppBaseline(Contender):
             token_ids.append(token)
             if token in self.stop_token_ids or len(token_ids) >= max_new_tokens:
                 break
-        wall_s = time.perf_counter() - start
-        forwards = len(self.fed_tokens)
-        drafted = sum(self.fed_tokens) - len(prompt_ids) - (forwards - 1)
-        return Outcome(token_ids, wall_s, forwards, drafted, len(token_ids) - forwards)
+        return Outcome.of_chains(token_ids, time.perf_counter() - start, len(prompt_ids), self.fed_tokens)
 
 
 def hf_generation_config(

@@ -20,7 +20,9 @@ HOW_TO_READ = (
     "family the total of those. Speedup: tokens/s over the reference's, measured in the same run. Mean "
     "accepted tokens / target forward: committed tokens per target forward, the prefill counted (plain "
     "decoding: 1.00). Drafted tokens / target forward: tokens (tree nodes) verified per forward beside "
-    "the target's own, what the accepted ones cost. Acceptance rate: accepted / drafted tokens."
+    "the target's own, what the accepted ones cost. Acceptance rate: accepted / drafted tokens. Forwards "
+    "without drafts: plain decoding steps (the prefill counts as one). Draft depth (size) when drafting: "
+    "over the forwards that verified drafted tokens, the mean depth of the verified tree and its nodes."
 )
 
 
@@ -37,6 +39,8 @@ class RunRecord:
     target_forwards: int
     drafted_tokens: int
     accepted_tokens: int
+    drafting_forwards: int = 0  # forwards that verified at least one drafted token
+    drafted_depth: int = 0  # summed over those: the verified tree's depth
     # Accepted tokens per proposing drafter (swarmspec methods only).
     accepted_by_drafter: dict[str, int] = field(default_factory=dict)
 
@@ -46,7 +50,13 @@ class RunRecord:
 
     def totals(self) -> Totals:
         return Totals(
-            self.new_tokens, self.target_forwards, self.drafted_tokens, self.accepted_tokens, self.wall_s
+            self.new_tokens,
+            self.target_forwards,
+            self.drafted_tokens,
+            self.accepted_tokens,
+            self.wall_s,
+            self.drafting_forwards,
+            self.drafted_depth,
         )
 
 
@@ -64,6 +74,9 @@ class Row:
     mean_accepted_tokens: float  # tokens committed per target forward, all repeats
     drafted_per_forward: float  # drafted tokens (tree nodes) verified per target forward, all repeats
     acceptance_rate: float | None  # accepted / drafted tokens, all repeats; None when nothing was drafted
+    plain_share: float  # share of target forwards that verified no drafted token, all repeats
+    mean_draft_depth: float | None  # verified depth over the forwards that drafted; None: none did
+    mean_draft_size: float | None  # verified drafted tokens over the forwards that drafted
     identical: bool | None  # every output token-identical to the reference's; None when sampling
 
 
@@ -114,6 +127,9 @@ def summarize(records: Sequence[RunRecord], reference: str | None, greedy: bool)
             mean_accepted_tokens=counts.mean_accepted_tokens,
             drafted_per_forward=counts.drafted_per_forward,
             acceptance_rate=counts.acceptance_rate,
+            plain_share=counts.plain_share or 0.0,
+            mean_draft_depth=counts.mean_draft_depth,
+            mean_draft_size=counts.mean_draft_size,
             identical=identical,
         )
 
@@ -137,8 +153,9 @@ def markdown_tables(rows: Sequence[Row], reference: str | None) -> str:
     yes_no = {True: "yes", False: "**NO**", None: "n/a"}
     header = (
         f"| contender | tokens/s | speedup vs {ref} | mean accepted tokens / target forward "
-        f"| drafted tokens / target forward | acceptance rate | identical to {ref} |"
-        "\n|---|---|---|---|---|---|---|"
+        f"| drafted tokens / target forward | acceptance rate | forwards without drafts "
+        f"| draft depth (size) when drafting | identical to {ref} |"
+        "\n|---|---|---|---|---|---|---|---|---|"
     )
 
     def line(r: Row, first: str) -> str:
@@ -146,6 +163,8 @@ def markdown_tables(rows: Sequence[Row], reference: str | None) -> str:
             f"| {first} | {r.tokens_per_s:.2f} | {_fmt(r.speedup, '.2f', 'x')} "
             f"| {r.mean_accepted_tokens:.2f} | {r.drafted_per_forward:.2f} "
             f"| {_fmt(None if r.acceptance_rate is None else r.acceptance_rate * 100, '.1f', '%')} "
+            f"| {r.plain_share * 100:.0f}% "
+            f"| {_fmt(r.mean_draft_depth, '.2f')} ({_fmt(r.mean_draft_size, '.2f')}) "
             f"| {yes_no[r.identical]} |"
         )
 

@@ -75,6 +75,8 @@ def time_contenders(
                             target_forwards=outcome.target_forwards,
                             drafted_tokens=outcome.drafted_tokens,
                             accepted_tokens=outcome.accepted_tokens,
+                            drafting_forwards=outcome.drafting_forwards,
+                            drafted_depth=outcome.drafted_depth,
                             accepted_by_drafter=outcome.accepted_by_drafter,
                         )
                     )
