@@ -21,6 +21,7 @@ from swarmspec.policy import CostModelPolicy, FixedDepth, SpeculationPolicy, Ste
 from swarmspec.runners.hf import HFRunner
 from swarmspec.sampling import SamplingConfig, logits_to_probs
 from swarmspec.speculate import (
+    ChainSpeculation,
     ExpansionTree,
     MergedTree,
     Speculation,
@@ -46,6 +47,27 @@ def test_prompt_lookup_copies_what_followed_the_latest_match() -> None:
     assert drafter.propose(context, 1, GREEDY, None).tokens.tolist() == [2]
     assert len(drafter.propose([1, 2, 3], 4, GREEDY, None)) == 0  # no earlier occurrence
     assert len(drafter.propose(context, 0, GREEDY, None)) == 0
+
+
+def latest_follow(context: list[int], max_ngram: int, max_tokens: int) -> list[int]:
+    """Prompt lookup by brute force: what followed the latest earlier occurrence of the longest suffix."""
+    for n in range(min(max_ngram, len(context) - 1), 0, -1):
+        for start in range(len(context) - 1 - n, -1, -1):
+            if context[start : start + n] == context[-n:]:
+                return context[start + n : start + n + max_tokens]
+    return []
+
+
+def test_prompt_lookup_index_equals_brute_force_as_contexts_grow_and_restart() -> None:
+    generator = torch.Generator().manual_seed(0)
+    drafter = PromptLookupDrafter(vocab_size=6, max_ngram=3)
+    for _ in range(5):  # a new sequence each time: the index starts over
+        context = torch.randint(6, (3,), generator=generator).tolist()
+        for _ in range(60):
+            context += torch.randint(
+                6, (int(torch.randint(1, 4, (1,), generator=generator)),), generator=generator
+            ).tolist()
+            assert drafter.propose(context, 5, GREEDY, None).tokens.tolist() == latest_follow(context, 3, 5)
 
 
 def test_model_free_drafts_are_point_masses_when_sampling() -> None:
@@ -473,3 +495,37 @@ def test_accepted_tokens_by_drafter_name() -> None:
     assert stats.accepted_by_drafter == {0: 2, 2: 1, 1: 1}
     # A name given twice counts both drafters' tokens; every name is listed.
     assert stats.accepted_by(["m", "suffix", "m", "unused"]) == {"m": 3, "suffix": 1, "unused": 0}
+
+
+class CrashingDrafter(Drafter):
+    """Proposes like `inner` until its `crash_at`-th proposal, which raises."""
+
+    def __init__(self, inner: Drafter, crash_at: int) -> None:
+        self.inner, self.crash_at, self.calls = inner, crash_at, 0
+
+    def propose(self, context, max_tokens, sampling, generator) -> Draft:
+        self.calls += 1
+        if self.calls == self.crash_at:
+            raise RuntimeError("drafter bug")
+        return self.inner.propose(context, max_tokens, sampling, generator)
+
+
+@pytest.mark.parametrize("method", ["chain", "merged", "vote"])
+def test_a_crashing_drafter_is_dropped_and_the_output_is_unchanged(
+    method: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    target = tiny_qwen2(3)
+    prompt = [5, 9, 14, 5, 9, 20, 33, 5, 9]
+    plain, _ = run_decode(target, None, prompt, 40)
+    crashing = CrashingDrafter(ModelDrafter(HFRunner(target)), crash_at=3)
+    other = PromptLookupDrafter(96)
+    speculation = {
+        "chain": lambda: ChainSpeculation(crashing),
+        "merged": lambda: MergedTree([crashing, other]),
+        "vote": lambda: VoteSpeculation([crashing, other]),
+    }[method]()
+    output, stats = run_decode(target, speculation, prompt, 40)
+    assert output == plain
+    assert crashing.calls == 3  # never asked again in this generation
+    assert stats.accepted_tokens > 0  # it drafted well before it crashed
+    assert "drafter 0 (CrashingDrafter) failed; going on without it" in caplog.text

@@ -83,7 +83,8 @@ class StepCosts:
 @dataclass
 class AcceptanceStats:
     """P(node accepted | its parent accepted) per source (a drafter, or a drafter in a given state) and
-    depth, from exponentially decayed counts (recent steps weigh most). Each depth's estimate is shrunk
+    depth, from exponentially decayed counts: each step a source's nodes are verified, its older counts
+    weigh `decay` less (a source not verified keeps what it knew). Each depth's estimate is shrunk
     towards the source's rate over all depths, so a depth not verified yet inherits it: a source that
     does well gets to try deeper."""
 
@@ -108,14 +109,17 @@ class AcceptanceStats:
 
     def rate(self, source: int, depth: int) -> float:
         accepted, offered = self.accepted[source], self.offered[source]
-        overall = (sum(accepted.values()) + 1) / (sum(offered.values()) + 2)  # uniform prior
+        # Optimistic about a source with little data (prior mean 0.9, worth 2 observations): it gets
+        # verified and so measured; one with data soon stands on its own.
+        overall = (sum(accepted.values()) + 1.8) / (sum(offered.values()) + 2)
         return (accepted.get(depth, 0.0) + self.shrink * overall) / (offered.get(depth, 0.0) + self.shrink)
 
     def record(self, outcomes: Sequence[tuple[int, int, bool]]) -> None:
         """One step's verified nodes whose parent was accepted: (source, depth, accepted)."""
-        for counts in (*self.accepted, *self.offered):
-            for depth in counts:
-                counts[depth] *= self.decay
+        for source in {source for source, _, _ in outcomes}:
+            for counts in (self.accepted[source], self.offered[source]):
+                for depth in counts:
+                    counts[depth] *= self.decay
         for source, depth, accepted in outcomes:
             self.offered[source][depth] = self.offered[source].get(depth, 0.0) + 1
             if accepted:

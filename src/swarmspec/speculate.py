@@ -15,9 +15,11 @@ prompt, `observe` after every target forward with the tree, the accepted path an
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import Any, TypeVar
 
 import torch
 
@@ -26,28 +28,65 @@ from swarmspec.drafters.model import ModelDrafter
 from swarmspec.sampling import SamplingConfig
 from swarmspec.tree import TokenTree, TreeShape
 
+logger = logging.getLogger("swarmspec")
+T = TypeVar("T")
+
 
 class Speculation(ABC):
     """Builds the tree of candidates after the committed context; its root is the newest token.
 
-    `drafters` lists the drafters in a fixed order: a tree's `proposers` index into it.
+    `drafters` lists the drafters in a fixed order: a tree's `proposers` index into it. A drafter that
+    raises is logged and left out for the rest of the generation: drafts never decide the output, so the
+    generation goes on, identical, with the others (or none).
     """
 
-    drafters: list[Drafter]
+    def __init__(self, drafters: Sequence[Drafter]) -> None:
+        self.drafters = list(drafters)
+        self.failed: set[int] = set()  # drafters that raised during this generation
 
     def begin(self, prompt_ids: list[int]) -> None:
-        for drafter in self.drafters:
-            drafter.begin(prompt_ids)
+        self.failed = set()
+        for i, drafter in enumerate(self.drafters):
+            self._guarded(i, drafter.begin, None, prompt_ids)
 
     def observe(self, tree: TokenTree, path: list[int], committed: list[int]) -> None:
         """The target verified `tree`, accepted the nodes `path` and committed `committed` (the accepted
         tokens, cut at a stop token, then its own); after the prefill `tree` is the root alone."""
-        for drafter in self.drafters:
-            drafter.observe(committed)
+        for i, drafter in enumerate(self.drafters):
+            self._guarded(i, drafter.observe, None, committed)
 
     def end(self) -> None:
-        for drafter in self.drafters:
-            drafter.end()
+        for i, drafter in enumerate(self.drafters):
+            self._guarded(i, drafter.end, None)
+
+    def _guarded(self, index: int, call: Callable[..., T], fallback: T, *args: Any) -> T:
+        """`call(*args)` on behalf of drafter `index`; `fallback` if it failed now or before."""
+        if index in self.failed:
+            return fallback
+        try:
+            return call(*args)
+        except Exception:
+            self.failed.add(index)
+            name = type(self.drafters[index]).__name__
+            logger.warning("drafter %d (%s) failed; going on without it", index, name, exc_info=True)
+            return fallback
+
+    def propose_all(
+        self,
+        indices: Sequence[int],
+        context: list[int],
+        depths: Sequence[int],
+        sampling: SamplingConfig,
+        generator: torch.Generator | None,
+    ) -> list[Draft]:
+        """Drafters[i]'s chain for each i in `indices`, at most depths[i] long; a drafter given depth 0
+        does not run."""
+        return [
+            self._guarded(i, self.drafters[i].propose, Draft.empty(), context, depths[i], sampling, generator)
+            if depths[i] > 0
+            else Draft.empty()
+            for i in indices
+        ]
 
     @abstractmethod
     def speculate(
@@ -65,7 +104,7 @@ class NoSpeculation(Speculation):
     """Plain autoregressive decoding through the same loop: the tree is the root alone."""
 
     def __init__(self) -> None:
-        self.drafters = []
+        super().__init__([])
 
     def speculate(self, context, depths, sampling, generator) -> TokenTree:
         return TokenTree.chain(context[-1], torch.empty(0, dtype=torch.int64))
@@ -73,10 +112,10 @@ class NoSpeculation(Speculation):
 
 class ChainSpeculation(Speculation):
     def __init__(self, drafter: Drafter) -> None:
-        self.drafters = [drafter]
+        super().__init__([drafter])
 
     def speculate(self, context, depths, sampling, generator) -> TokenTree:
-        draft = self.drafters[0].propose(context, depths[0], sampling, generator)
+        (draft,) = self.propose_all([0], context, depths, sampling, generator)
         return TokenTree.chain(context[-1], draft.tokens, draft.probs)
 
 
@@ -86,10 +125,10 @@ class MergedTree(Speculation):
     def __init__(self, drafters: Sequence[Drafter]) -> None:
         if not drafters:
             raise ValueError("a merged tree needs at least one drafter")
-        self.drafters = list(drafters)
+        super().__init__(drafters)
 
     def speculate(self, context, depths, sampling, generator) -> TokenTree:
-        drafts = propose_all(self.drafters, context, depths, sampling, generator)
+        drafts = self.propose_all(range(len(self.drafters)), context, depths, sampling, generator)
         return merge_drafts(context[-1], drafts, dedupe=sampling.greedy)
 
 
@@ -101,32 +140,27 @@ class ExpansionTree(Speculation):
         grown_from = drafters[grower]
         if not isinstance(grown_from, ModelDrafter):
             raise ValueError(f"a tree is grown from a draft model, not {type(grown_from).__name__}")
-        self.drafters = list(drafters)
+        super().__init__(drafters)
         self.shape = shape
         self.grower_index = grower
         self.grower = grown_from
         self.others = [i for i in range(len(drafters)) if i != grower]
 
     def speculate(self, context, depths, sampling, generator) -> TokenTree:
-        tree = self.grower.propose_tree(context, self.shape, depths[self.grower_index], sampling, generator)
+        root_only = TokenTree.chain(context[-1], torch.empty(0, dtype=torch.int64))
+        tree = self._guarded(
+            self.grower_index,
+            self.grower.propose_tree,
+            root_only,
+            context,
+            self.shape,
+            depths[self.grower_index],
+            sampling,
+            generator,
+        )
         tree = replace(tree, proposers=(-1, *[self.grower_index] * (len(tree) - 1)))
-        others = [self.drafters[i] for i in self.others]
-        drafts = propose_all(others, context, [depths[i] for i in self.others], sampling, generator)
+        drafts = self.propose_all(self.others, context, depths, sampling, generator)
         return merge_into(tree, drafts, dedupe=sampling.greedy, proposers=self.others)
-
-
-def propose_all(
-    drafters: Sequence[Drafter],
-    context: list[int],
-    depths: Sequence[int],
-    sampling: SamplingConfig,
-    generator: torch.Generator | None,
-) -> list[Draft]:
-    """Each drafter's chain, at most its depth long; a drafter given depth 0 does not run."""
-    return [
-        d.propose(context, depth, sampling, generator) if depth > 0 else Draft.empty()
-        for d, depth in zip(drafters, depths, strict=True)
-    ]
 
 
 def merge_drafts(root: int, drafts: Sequence[Draft], dedupe: bool) -> TokenTree:
@@ -195,7 +229,7 @@ class VoteSpeculation(Speculation):
     ) -> None:
         if not drafters:
             raise ValueError("a vote needs at least one drafter")
-        self.drafters = list(drafters)
+        super().__init__(drafters)
         self.decay = decay
         self.prior = prior or VotePrior()
         self.weights = self.prior.weights_for(len(drafters))
@@ -210,7 +244,7 @@ class VoteSpeculation(Speculation):
         self.prior.weights = list(self.weights)
 
     def speculate(self, context, depths, sampling, generator) -> TokenTree:
-        drafts = propose_all(self.drafters, context, depths, sampling, generator)
+        drafts = self.propose_all(range(len(self.drafters)), context, depths, sampling, generator)
         self._last_drafts = drafts
         if not sampling.greedy:
             best = max(range(len(drafts)), key=self.weights.__getitem__)

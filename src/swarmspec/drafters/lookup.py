@@ -17,7 +17,8 @@ class PromptLookupDrafter(Drafter):
     """Prompt lookup decoding: find the latest earlier occurrence of the context's last n tokens
     (n from `max_ngram` down to `min_ngram`) in the prompt and output so far, and propose what followed.
 
-    Shines where the answer copies its input: summarization, RAG, code edits.
+    Shines where the answer copies its input: summarization, RAG, code edits. The n-grams of the
+    context are indexed as it grows (each token once), so a proposal costs the same at any length.
     """
 
     def __init__(self, vocab_size: int, max_ngram: int = 3, min_ngram: int = 1) -> None:
@@ -26,6 +27,10 @@ class PromptLookupDrafter(Drafter):
         self.vocab_size = vocab_size
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
+        self.indexed: list[int] = []  # the context whose n-grams are in `latest_end`
+        # n-gram -> index of its last token, latest occurrence among those ending before the context's
+        # last token (the context's own final n-gram is not a match for itself).
+        self.latest_end: dict[tuple[int, ...], int] = {}
 
     def propose(
         self,
@@ -36,21 +41,23 @@ class PromptLookupDrafter(Drafter):
     ) -> Draft:
         if max_tokens <= 0:
             return Draft.empty()
+        self._index(context)
         for n in range(min(self.max_ngram, len(context) - 1), self.min_ngram - 1, -1):
-            start = find_latest(context, context[-n:], end=len(context) - 1)
-            if start >= 0:
-                follow = context[start + n : start + n + max_tokens]
-                return point_mass_draft(follow, self.vocab_size, sampling)
+            end = self.latest_end.get(tuple(context[-n:]))
+            if end is not None:
+                return point_mass_draft(context[end + 1 : end + 1 + max_tokens], self.vocab_size, sampling)
         return Draft.empty()
 
-
-def find_latest(sequence: list[int], pattern: list[int], end: int) -> int:
-    """Start of the latest occurrence of `pattern` that ends before index `end`, or -1."""
-    n = len(pattern)
-    for start in range(end - n, -1, -1):
-        if sequence[start : start + n] == pattern:
-            return start
-    return -1
+    def _index(self, context: list[int]) -> None:
+        """Index the n-grams ending at positions up to len(context) - 2, reusing what is indexed when
+        `context` extends it (a new sequence starts over)."""
+        known = len(self.indexed)
+        if context[:known] != self.indexed:
+            self.indexed, self.latest_end, known = [], {}, 0
+        for end in range(max(known - 1, 0), len(context) - 1):
+            for n in range(self.min_ngram, min(self.max_ngram, end + 1) + 1):
+                self.latest_end[tuple(context[end - n + 1 : end + 1])] = end
+        self.indexed = list(context)
 
 
 def point_mass_draft(tokens: list[int], vocab_size: int, sampling: SamplingConfig) -> Draft:
