@@ -88,6 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fetch.set_defaults(run=run_fetch)
 
+    serve = command("serve", "an OpenAI-compatible HTTP server (completions, chat completions, metrics)")
+    serve.add_argument("--method", choices=METHODS, default=defaults.method, help="requests may override it")
+    add_engine_flags(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port")
+    serve.add_argument("--model-name", help="the model id clients send (default: the target spec)")
+    serve.add_argument("--max-queue", type=int, default=16, help="waiting requests before 503")
+    serve.add_argument(
+        "--max-tokens", type=int, default=512, help="chat completions' max_tokens when a request gives none"
+    )
+    serve.set_defaults(run=run_serve)
+
     prof = command("profile", "measure forward latency for k new tokens, per model")
     prof.add_argument("--target", default=defaults.target, help="model spec")
     prof.add_argument("--drafter", action="append", help="repeatable (default: the chain's drafter)")
@@ -172,6 +184,21 @@ def int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The `EngineConfig` of `add_engine_flags` and --method."""
+    return EngineConfig(
+        target=args.target,
+        method=args.method,
+        drafters=tuple(args.drafter or ()),
+        gamma=args.gamma,
+        max_depth=args.max_depth,
+        tree_widths=args.tree,
+        tree_budget=args.tree_budget,
+        target_threads=args.target_threads,
+        drafter_threads=args.drafter_threads,
+    )
+
+
 def run_generate(args: argparse.Namespace) -> int:
     from swarmspec.engine import Engine  # imports torch/transformers: keep `--help` fast
 
@@ -185,17 +212,7 @@ def run_generate(args: argparse.Namespace) -> int:
         chat=args.chat,
         stop=tuple(args.stop),
     )
-    config = EngineConfig(
-        target=args.target,
-        method=args.method,
-        drafters=tuple(args.drafter or ()),
-        gamma=args.gamma,
-        max_depth=args.max_depth,
-        tree_widths=args.tree,
-        tree_budget=args.tree_budget,
-        target_threads=args.target_threads,
-        drafter_threads=args.drafter_threads,
-    )
+    config = engine_config(args)
     start = time.perf_counter()
     drafter_note = f" with drafters {', '.join(config.drafters)}" if config.method != "ar" else ""
     print(f"loading {config.target}{drafter_note} ...", file=sys.stderr, flush=True)
@@ -253,6 +270,27 @@ def run_fetch(args: argparse.Namespace) -> int:
             else fetch(name)
         )
         print(f"{name}: {path}")
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from swarmspec.serve.app import Server, create_app
+    from swarmspec.serve.engines import MethodEngines
+
+    if args.max_queue < 1 or args.max_tokens < 1 or not 0 < args.port < 65536:
+        raise SwarmspecError("--max-queue and --max-tokens must be >= 1, --port in 1..65535")
+    config = engine_config(args)
+    print(f"loading {config.target} ...", file=sys.stderr, flush=True)
+    engines = MethodEngines(config)
+    engines(config.method)  # load and warm up before accepting requests
+    name = args.model_name or config.target
+    server = Server(engines, config.method, name, args.max_queue, args.max_tokens)
+    print(
+        f"serving {name} ({config.method}) on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True
+    )
+    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")
     return 0
 
 

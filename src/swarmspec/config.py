@@ -121,8 +121,20 @@ def default_drafters(method: str, target: str = "") -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
+class ChatMessage:
+    """One turn of a conversation."""
+
+    role: str  # "system", "user" or "assistant"
+    content: str
+
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
-    prompt: str
+    # The text to continue (with `chat`, a single user turn); empty when `messages` are given.
+    prompt: str = ""
     # Upper bound on generated tokens; generation also stops at EOS or a stop string.
     max_new_tokens: int = 256
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -132,9 +144,23 @@ class GenerationRequest:
     chat: bool = True
     # Generation stops when the text contains any of these; the stop string is not returned.
     stop: tuple[str, ...] = ()
+    # A conversation to answer, rendered with the target's chat template (instead of `prompt`).
+    messages: tuple[ChatMessage, ...] = ()
 
     def __post_init__(self) -> None:
-        if not self.prompt.strip():
+        if self.messages:
+            if self.prompt:
+                raise InvalidRequestError("give either a prompt or messages, not both")
+            if not self.chat:
+                raise InvalidRequestError("messages need the chat template (chat=True)")
+            bad_roles = sorted({m.role for m in self.messages} - set(CHAT_ROLES))
+            if bad_roles:
+                raise InvalidRequestError(
+                    f"unknown message roles {', '.join(bad_roles)}; use {', '.join(CHAT_ROLES)}"
+                )
+            if not any(m.content.strip() for m in self.messages):
+                raise InvalidRequestError("the messages are empty")
+        elif not self.prompt.strip():
             raise InvalidRequestError("the prompt is empty")
         if self.max_new_tokens < 1:
             raise InvalidRequestError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")

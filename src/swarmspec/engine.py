@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import secrets
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from swarmspec.config import AUTO, EngineConfig, GenerationRequest
+from swarmspec.config import AUTO, ChatMessage, EngineConfig, GenerationRequest
 from swarmspec.decode import decode
 from swarmspec.drafters.base import Drafter
 from swarmspec.drafters.lookup import PromptLookupDrafter, SuffixDrafter, SuffixIndex
 from swarmspec.drafters.model import ModelDrafter
+from swarmspec.errors import InvalidRequestError
 from swarmspec.metrics import DecodeStats
 from swarmspec.models.loading import LoadedModel, check_same_vocabulary, check_spec, load_model, split_spec
 from swarmspec.models.registry import REGISTRY
@@ -126,6 +127,8 @@ class Engine:
         return engine
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        if request.messages:
+            return encode_chat(self.tokenizer, request.messages)
         return encode_prompt(self.tokenizer, request.prompt, request.chat)
 
     def stream(self, request: GenerationRequest) -> TextStream:
@@ -242,10 +245,17 @@ def measure_step_costs(config: EngineConfig, target: ModelRunner, speculation: S
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, chat: bool) -> list[int]:
     """Token ids of `prompt`, as a single user turn in the chat template when `chat` and there is one."""
     if chat and tokenizer.chat_template:
-        messages = [{"role": "user", "content": prompt}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False).input_ids
+        return encode_chat(tokenizer, [ChatMessage("user", prompt)])
     return tokenizer(prompt).input_ids
+
+
+def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage]) -> list[int]:
+    """Token ids of a conversation in the chat template, ready for the assistant's answer."""
+    if not tokenizer.chat_template:
+        raise InvalidRequestError("this model has no chat template: send a plain prompt")
+    turns = [{"role": m.role, "content": m.content} for m in messages]
+    text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False).input_ids
 
 
 def warmed_up(runner: ModelRunner) -> ModelRunner:

@@ -20,9 +20,7 @@ class Totals:
     drafted_depth: int = 0  # over those forwards: the depth of the verified tree (a chain's length)
 
     def __add__(self, other: Totals) -> Totals:
-        return Totals(
-            *(getattr(self, f.name) + getattr(other, f.name) for f in fields(Totals))
-        )
+        return Totals(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(Totals)))
 
     @property
     def tokens_per_s(self) -> float:

@@ -1,0 +1,321 @@
+"""The HTTP server: OpenAI's completions and chat completions (streamed by server-sent events or not),
+models, health and Prometheus metrics, over one engine per speculation method.
+
+Generations run one at a time on a worker thread, in arrival order (continuous batching is not built
+yet); requests wait in a bounded queue, and when it is full a new request gets 503 with Retry-After
+at once instead of hanging. A client that disconnects stops its generation at the next target forward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from swarmspec.config import METHODS, GenerationRequest
+from swarmspec.engine import Engine, GenerationResult
+from swarmspec.errors import SwarmspecError
+from swarmspec.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ResponseIds,
+    error_body,
+    usage,
+)
+
+logger = logging.getLogger("swarmspec.serve")
+
+# Seconds a client told "queue full" is asked to wait before retrying.
+RETRY_AFTER_S = 1
+
+
+class Metrics:
+    """What /metrics exposes, in a registry of its own (several servers may live in one process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "swarmspec_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r
+        )
+        self.queue_depth = Gauge("swarmspec_queue_depth", "generations waiting to start", registry=r)
+        self.running = Gauge("swarmspec_running_batch_size", "generations running now", registry=r)
+        self.generated = Counter("swarmspec_generated_tokens", "tokens generated", registry=r)
+        self.drafted = Counter("swarmspec_drafted_tokens", "drafted tokens the target verified", registry=r)
+        self.accepted = Counter("swarmspec_accepted_tokens", "drafted tokens the target accepted", registry=r)
+        self.forwards = Counter("swarmspec_target_forwards", "target forward passes", registry=r)
+        self.acceptance = Gauge(
+            "swarmspec_acceptance_rate", "accepted / drafted tokens, last generation", registry=r
+        )
+        self.tokens_per_s = Gauge(
+            "swarmspec_tokens_per_second", "tokens/s of the last generation", registry=r
+        )
+        self.draft_depth = Gauge(
+            "swarmspec_speculation_length",
+            "mean verified draft depth when drafting, last generation",
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "swarmspec_time_to_first_token_seconds", "queueing + prefill + first forward", registry=r
+        )
+
+    def record(self, result: GenerationResult) -> None:
+        totals = result.stats.totals()
+        self.generated.inc(totals.new_tokens)
+        self.drafted.inc(totals.drafted_tokens)
+        self.accepted.inc(totals.accepted_tokens)
+        self.forwards.inc(totals.target_forwards)
+        self.tokens_per_s.set(totals.tokens_per_s)
+        self.acceptance.set(totals.acceptance_rate or 0.0)
+        self.draft_depth.set(totals.mean_draft_depth or 0.0)
+
+
+@dataclass
+class Job:
+    """One generation handed to the worker; its events come back on `events` in the server's loop."""
+
+    engine: Engine
+    request: GenerationRequest
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+class Worker:
+    """Runs jobs one at a time on its own thread, from a bounded FIFO queue."""
+
+    def __init__(self, max_queue: int, metrics: Metrics) -> None:
+        self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        self.metrics = metrics
+        self.thread = threading.Thread(target=self._run, name="swarmspec-worker", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> bool:
+        """False when the queue is full."""
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            return False
+        self.metrics.queue_depth.set(self.jobs.qsize())
+        return True
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+        self.thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            self.metrics.queue_depth.set(self.jobs.qsize())
+            if job.cancelled.is_set():
+                continue
+            self.metrics.running.set(1)
+            try:
+                self._generate(job)
+            except Exception:  # never lose the worker: the next request must still be served
+                logger.exception("generation failed")
+            finally:
+                self.metrics.running.set(0)
+
+    def _generate(self, job: Job) -> None:
+        def emit(kind: str, value: Any) -> None:
+            if not job.cancelled.is_set():  # nobody listens to a cancelled job
+                job.loop.call_soon_threadsafe(job.events.put_nowait, (kind, value))
+
+        try:
+            stream = job.engine.stream(job.request)
+            pieces = iter(stream)
+            try:
+                for i, piece in enumerate(pieces):
+                    if i == 0:
+                        self.metrics.ttft.observe(time.perf_counter() - job.submitted)
+                    emit("text", piece)
+                    if job.cancelled.is_set():
+                        return
+            finally:
+                pieces.close()  # stops the decode loop (no more target forwards) if it is still running
+            assert stream.result is not None
+            self.metrics.record(stream.result)
+            emit("done", stream.result)
+        except SwarmspecError as err:
+            emit("error", (400, str(err)))
+        except Exception as err:  # a bug or a crashed drafter: the request fails, the server lives
+            logger.exception("generation failed")
+            emit("error", (500, f"generation failed: {type(err).__name__}: {err}"))
+
+
+class Server:
+    """The app's state: the loaded engines (one per method, made on first use), worker and metrics."""
+
+    def __init__(
+        self,
+        engine_for: Callable[[str], Engine],
+        default_method: str,
+        model_name: str,
+        max_queue: int,
+        default_max_tokens: int,
+    ) -> None:
+        self.engine_for = engine_for
+        self.default_method = default_method
+        self.model_name = model_name
+        self.default_max_tokens = default_max_tokens
+        self.metrics = Metrics()
+        self.worker = Worker(max_queue, self.metrics)
+
+
+def create_app(server: Server) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await asyncio.to_thread(server.worker.stop)
+
+    app = FastAPI(
+        title="swarmspec", description="lossless speculative inference, OpenAI-compatible", lifespan=lifespan
+    )
+    app.state.server = server
+
+    def error(status: int, message: str, endpoint: str, **headers: str) -> JSONResponse:
+        server.metrics.requests.labels(endpoint, str(status)).inc()
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return JSONResponse(error_body(message, kind), status_code=status, headers=headers or None)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in exc.errors()
+        )
+        return error(400, f"invalid request: {problems}", request.url.path)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        card = {"id": server.model_name, "object": "model", "created": 0, "owned_by": "swarmspec"}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def serve(
+        body: CompletionRequest | ChatCompletionRequest, endpoint: str, request: Request
+    ) -> Response:
+        if body.model not in (None, server.model_name):
+            return error(
+                404,
+                f"model {body.model!r} is not served here; this server runs {server.model_name!r}",
+                endpoint,
+            )
+        method = body.method or server.default_method
+        if method not in METHODS:
+            return error(400, f"unknown method {method!r}; choose one of {', '.join(METHODS)}", endpoint)
+        try:
+            generation = body.to_generation(server.default_max_tokens)
+            engine = await asyncio.to_thread(server.engine_for, method)
+        except SwarmspecError as err:
+            return error(400, str(err), endpoint)
+        job = Job(engine, generation, asyncio.get_running_loop())
+        if not server.worker.submit(job):
+            return error(
+                503,
+                "the server is busy: the queue is full, retry later",
+                endpoint,
+                **{"Retry-After": str(RETRY_AFTER_S)},
+            )
+        ids = ResponseIds("completion" if isinstance(body, CompletionRequest) else "chat", server.model_name)
+        if body.stream:
+            server.metrics.requests.labels(endpoint, "200").inc()
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(
+                sse_events(job, ids, include_usage, request), media_type="text/event-stream"
+            )
+        text = []
+        try:
+            while True:
+                kind, value = await job.events.get()
+                if kind == "text":
+                    text.append(value)
+                elif kind == "error":
+                    return error(value[0], value[1], endpoint)
+                else:
+                    result: GenerationResult = value
+                    break
+        except asyncio.CancelledError:
+            job.cancelled.set()
+            raise
+        server.metrics.requests.labels(endpoint, "200").inc()
+        totals = result.stats.totals()
+        stats = {
+            "method": method,
+            "target_forwards": totals.target_forwards,
+            "drafted_tokens": totals.drafted_tokens,
+            "accepted_tokens": totals.accepted_tokens,
+            "tokens_per_s": round(totals.tokens_per_s, 3),
+        }
+        used = usage(result.stats.prompt_tokens, len(result.token_ids))
+        return JSONResponse(ids.full("".join(text), result.finish_reason, used, stats))
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await serve(body, "/v1/completions", request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await serve(body, "/v1/chat/completions", request)
+
+    return app
+
+
+async def sse_events(job: Job, ids: ResponseIds, include_usage: bool, request: Request) -> AsyncIterator[str]:
+    """Server-sent events: a chunk per text piece, the closing chunk, the usage (if asked), [DONE]."""
+
+    def event(payload: dict[str, Any]) -> str:
+        return f"data: {json.dumps(payload)}\n\n"
+
+    first = True
+    try:
+        while True:
+            kind, value = await job.events.get()
+            if await request.is_disconnected():
+                job.cancelled.set()
+                return
+            if kind == "text":
+                yield event(ids.chunk(value, first=first))
+                first = False
+            elif kind == "error":
+                yield event(
+                    error_body(value[1], "server_error" if value[0] >= 500 else "invalid_request_error")
+                )
+                break
+            else:
+                result: GenerationResult = value
+                if first:  # nothing was generated: the chat role still opens the message
+                    yield event(ids.chunk("", first=True))
+                yield event(ids.chunk(None, finish_reason=result.finish_reason))
+                if include_usage:
+                    yield event(ids.usage_chunk(usage(result.stats.prompt_tokens, len(result.token_ids))))
+                break
+        yield "data: [DONE]\n\n"
+    finally:  # the client went away mid-stream: stop generating for it
+        job.cancelled.set()

@@ -1,0 +1,45 @@
+"""The server's engines: the models loaded once, an engine per speculation method built on first use."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import replace
+
+from swarmspec.config import EngineConfig
+from swarmspec.engine import Engine
+from swarmspec.models.loading import LoadedModel, check_spec, load_model
+
+
+class MethodEngines:
+    """Engines over one target, one per method (a request may choose its method). The configured
+    drafters serve every method (chain takes the first); without drafters each method gets its default.
+    Models are loaded once, when the first engine needing them is built."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        target: LoadedModel | None = None,
+        draft_models: Mapping[str, LoadedModel] | None = None,
+    ) -> None:
+        self.config = config
+        self.given_drafters = config.drafters if config.method != "ar" else ()
+        self.target = target or load_model(config.target)
+        self.draft_models = dict(draft_models or {})
+        self.engines: dict[str, Engine] = {}
+        self._lock = threading.Lock()
+
+    def config_for(self, method: str) -> EngineConfig:
+        drafters = self.given_drafters[:1] if method == "chain" else self.given_drafters
+        return replace(self.config, method=method, drafters=drafters)
+
+    def __call__(self, method: str) -> Engine:
+        with self._lock:
+            if method not in self.engines:
+                config = self.config_for(method)  # validates
+                for spec in config.model_drafters:
+                    if spec not in self.draft_models:
+                        check_spec(spec)
+                        self.draft_models[spec] = load_model(spec)
+                self.engines[method] = Engine.from_models(config, self.target, self.draft_models)
+            return self.engines[method]
