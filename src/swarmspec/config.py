@@ -228,8 +228,9 @@ class BenchConfig:
             self.engine_config(method)  # validates
 
     def engine_config(self, method: str) -> EngineConfig:
-        """One method's engine: the given drafters (chain takes the first), else the method's default."""
-        drafters = self.drafters[:1] if method == "chain" else self.drafters
+        """One method's engine: the given drafters (chain takes the first, ar none), else the method's
+        default."""
+        drafters = {"chain": self.drafters[:1], "ar": ()}.get(method, self.drafters)
         is_tree = method == "tree"
         return EngineConfig(
             target=self.target,

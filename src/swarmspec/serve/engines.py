@@ -30,7 +30,7 @@ class MethodEngines:
         self._lock = threading.Lock()
 
     def config_for(self, method: str) -> EngineConfig:
-        drafters = self.given_drafters[:1] if method == "chain" else self.given_drafters
+        drafters = {"chain": self.given_drafters[:1], "ar": ()}.get(method, self.given_drafters)
         return replace(self.config, method=method, drafters=drafters)
 
     def __call__(self, method: str) -> Engine:
