@@ -26,6 +26,7 @@ from swarmspec.speculate import (
     MergedTree,
     Speculation,
     VoteSpeculation,
+    grow_tree,
     merge_drafts,
     weighted_vote,
 )
@@ -367,7 +368,7 @@ def test_expansion_tree_shape_and_greedy_children() -> None:
     draft_model = tiny_qwen2(7)
     drafter = ModelDrafter(HFRunner(draft_model))
     context = torch.randint(96, (10,), generator=torch.Generator().manual_seed(7)).tolist()
-    tree = drafter.propose_tree(context, FixedWidths((3, 2)), 4, GREEDY, None)
+    tree = grow_tree(drafter, context, FixedWidths((3, 2)), 4, GREEDY, None)
     assert tree.parents == (-1, 0, 0, 0, 1, 1, 2, 2, 3, 3)
     top3 = HFRunner(draft_model).forward(torch.tensor(context), num_logits=1)[0].topk(3).indices
     assert tree.tokens[1:4].tolist() == top3.tolist()
@@ -428,7 +429,7 @@ def test_node_budget_grows_deep_when_confident_and_wide_when_unsure() -> None:
     for scale, expect_chain in [(50.0, True), (0.01, False)]:  # a sharp and a near-uniform drafter
         drafter = ModelDrafter(HFRunner(tiny_qwen2(5)))
         drafter.runner.model.lm_head.weight.data *= scale
-        tree = drafter.propose_tree(context, tight, 4, GREEDY, None)
+        tree = grow_tree(drafter, context, tight, 4, GREEDY, None)
         assert len(tree) - 1 == 4 and tree.is_chain == expect_chain
         assert max(tree_depths(tree)) == (4 if expect_chain else 2)
 
@@ -437,7 +438,7 @@ def test_node_budget_grows_deep_when_confident_and_wide_when_unsure() -> None:
 def test_budget_tree_stays_within_budget_and_depth(seed: int, budget: int) -> None:
     context = torch.randint(96, (13,), generator=torch.Generator().manual_seed(seed)).tolist()
     drafter = ModelDrafter(HFRunner(tiny_qwen2(seed + 50, layers=1)))
-    tree = drafter.propose_tree(context, NodeBudget(budget), 4, GREEDY, None)
+    tree = grow_tree(drafter, context, NodeBudget(budget), 4, GREEDY, None)
     assert 1 <= len(tree) - 1 <= budget
     assert max(tree_depths(tree)) <= 4
 
@@ -448,7 +449,7 @@ def test_budget_tree_of_a_confident_drafter_is_a_long_chain() -> None:
     # The target drafting for itself, made confident: every level's best child dwarfs the rest.
     sharp = ModelDrafter(HFRunner(tiny_qwen2(4)))
     sharp.runner.model.lm_head.weight.data *= 50
-    tree = sharp.propose_tree(prompt, NodeBudget(budget=5, branch=3), 4, GREEDY, None)
+    tree = grow_tree(sharp, prompt, NodeBudget(budget=5, branch=3), 4, GREEDY, None)
     assert max(tree_depths(tree)) == 4
     output, stats = run_decode(target, ExpansionTree([sharp], NodeBudget(5), grower=0), prompt, 41, gamma=4)
     assert output == run_decode(target, None, prompt, 41)[0]
@@ -467,7 +468,7 @@ def test_drafter_keeps_the_accepted_paths_cache_entries() -> None:
     next tree equals a fresh drafter's, and only the target's own next token is fed."""
     context = torch.randint(96, (10,), generator=torch.Generator().manual_seed(3)).tolist()
     drafter = ModelDrafter(HFRunner(tiny_qwen2(3)))
-    tree = drafter.propose_tree(context, FixedWidths((2, 2, 2)), 3, GREEDY, None)
+    tree = grow_tree(drafter, context, FixedWidths((2, 2, 2)), 3, GREEDY, None)
     second = tree.children(0)[1]
     grandchild = tree.children(second)[0]  # depth 2: run by the drafter, so cached
     accepted = [int(tree.tokens[second]), int(tree.tokens[grandchild])]
@@ -482,9 +483,9 @@ def test_drafter_keeps_the_accepted_paths_cache_entries() -> None:
     drafter.observe([*accepted, 7])  # what the target committed: two tree nodes, then its own token
     next_context = [*context, *accepted, 7]
     shape = FixedWidths((2, 2))
-    kept = drafter.propose_tree(next_context, shape, 2, GREEDY, None)
+    kept = grow_tree(drafter, next_context, shape, 2, GREEDY, None)
     assert fed[0] == 1  # the catch-up forward reads only the token after the accepted path
-    fresh = ModelDrafter(HFRunner(tiny_qwen2(3))).propose_tree(next_context, shape, 2, GREEDY, None)
+    fresh = grow_tree(ModelDrafter(HFRunner(tiny_qwen2(3))), next_context, shape, 2, GREEDY, None)
     assert kept.tokens.tolist() == fresh.tokens.tolist() and kept.parents == fresh.parents
 
 

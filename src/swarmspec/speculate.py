@@ -3,7 +3,7 @@
 - `ChainSpeculation`: one drafter's chain (classic speculative decoding).
 - `VoteSpeculation`: several drafters vote, weighted by their running acceptance (Minions).
 - `ExpansionTree`: one draft model's top-k (or sampled) children per node, in a fixed shape or within a
-  node budget (most confident first), other drafters merged in.
+  node budget (most confident first), other drafters merged in (`grow_tree`).
 - `MergedTree`: several drafters' chains merged into one trie by shared prefixes (SpecInfer's
   merge-based tree); in sampling mode every proposal stays its own branch, since multi-step
   speculative sampling needs each node to be a draw from one drafter's distribution.
@@ -25,7 +25,7 @@ import torch
 
 from swarmspec.drafters.base import Draft, Drafter
 from swarmspec.drafters.model import ModelDrafter
-from swarmspec.sampling import SamplingConfig
+from swarmspec.sampling import SamplingConfig, logits_to_probs
 from swarmspec.tree import TokenTree, TreeShape
 
 logger = logging.getLogger("swarmspec")
@@ -150,8 +150,9 @@ class ExpansionTree(Speculation):
         root_only = TokenTree.chain(context[-1], torch.empty(0, dtype=torch.int64))
         tree = self._guarded(
             self.grower_index,
-            self.grower.propose_tree,
+            grow_tree,
             root_only,
+            self.grower,
             context,
             self.shape,
             depths[self.grower_index],
@@ -161,6 +162,61 @@ class ExpansionTree(Speculation):
         tree = replace(tree, proposers=(-1, *[self.grower_index] * (len(tree) - 1)))
         drafts = self.propose_all(self.others, context, depths, sampling, generator)
         return merge_into(tree, drafts, dedupe=sampling.greedy, proposers=self.others)
+
+
+def grow_tree(
+    drafter: ModelDrafter,
+    context: list[int],
+    shape: TreeShape,
+    max_depth: int,
+    sampling: SamplingConfig,
+    generator: torch.Generator | None,
+) -> TokenTree:
+    """A token tree grown from a draft model level by level, `shape` saying how many children each node
+    of the newest level gets.
+
+    Greedy: a node's n children are the n most probable tokens of its distribution. Sampling: n
+    independent draws from it (repeats stay separate children), each child keeping that distribution,
+    as multi-step speculative sampling requires. One drafter forward per level reads all its nodes.
+    """
+    root_only = TokenTree.chain(context[-1], torch.empty(0, dtype=torch.int64))
+    levels = shape.levels(max_depth)
+    if levels == 0:  # nothing to draft (the generation's last token): skip the catch-up forward
+        return root_only
+    logits = drafter.tree_root_logits(context)[None]  # [1, V]: after the root
+    tokens, parents = [context[-1]], [-1]
+    probs: list[torch.Tensor] = [torch.zeros_like(logits[0])]
+    path_confidences = [1.0]
+    frontier = [0]
+    tree = root_only
+    for depth in range(levels):
+        # Greedy drafting has no distribution; its confidence is the drafter's plain softmax.
+        dists = logits.softmax(dim=-1) if sampling.greedy else logits_to_probs(logits, sampling)
+        counts = shape.child_counts(
+            depth, levels, len(tokens) - 1, [path_confidences[n] for n in frontier], dists
+        )
+        children = []
+        for node, dist, count in zip(frontier, dists, counts, strict=True):
+            if count == 0:
+                continue
+            if sampling.greedy:
+                chosen = dist.topk(count).indices
+            else:
+                chosen = torch.multinomial(dist, count, replacement=True, generator=generator)
+            for token in chosen.tolist():
+                tokens.append(token)
+                parents.append(node)
+                if not sampling.greedy:
+                    probs.append(dist)
+                path_confidences.append(path_confidences[node] * dist[token].item())
+                children.append(len(tokens) - 1)
+        frontier = children
+        tree = TokenTree(torch.tensor(tokens, dtype=torch.int64), tuple(parents))
+        if not frontier or depth + 1 == levels:  # leaves need no logits
+            break
+        logits = drafter.tree_level_logits(tree, frontier)
+    drafter.keep_tree(tree)
+    return replace(tree, draft_probs=None if sampling.greedy else torch.stack(probs))
 
 
 def merge_drafts(root: int, drafts: Sequence[Draft], dedupe: bool) -> TokenTree:

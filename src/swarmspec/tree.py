@@ -99,7 +99,7 @@ def position_ids(tree_mask: torch.Tensor, root_position: int) -> torch.Tensor:  
 
 
 class TreeShape(ABC):
-    """How a draft model grows a tree level by level (`ModelDrafter.propose_tree`): how many children
+    """How a draft model grows a tree level by level (`speculate.grow_tree`): how many children
     each node of the newest level gets.
 
     The counts may depend only on what is known before the level is drawn (the nodes so far and their

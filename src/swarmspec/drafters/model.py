@@ -1,4 +1,5 @@
-"""A draft model proposing a chain of tokens (one forward each) or a tree (one forward per level)."""
+"""A draft model proposing a chain of tokens (one forward each), or running a tree's levels for
+`speculate.grow_tree` (one forward per level)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import torch
 
 from swarmspec.drafters.base import Draft, Drafter
 from swarmspec.runners.base import ModelRunner
-from swarmspec.sampling import SamplingConfig, choose_tokens, logits_to_probs
-from swarmspec.tree import TokenTree, TreeShape
+from swarmspec.sampling import SamplingConfig, choose_tokens
+from swarmspec.tree import TokenTree
 
 
 class ModelDrafter(Drafter):
@@ -25,6 +26,7 @@ class ModelDrafter(Drafter):
         self.cached_ids: list[int] = []
         # The last tree's nodes that sit in the cache after `cached_ids`: (parent, token) -> cache slot.
         self.cached_tree: dict[tuple[int, int], int] | None = None
+        self._tree_slots: dict[int, int] = {}  # the tree being grown: node -> cache slot
 
     def propose(
         self,
@@ -48,66 +50,30 @@ class ModelDrafter(Drafter):
                 logits = self._run(token.view(1))
         return Draft(torch.stack(tokens), torch.stack(probs) if probs else None)
 
-    def propose_tree(
-        self,
-        context: list[int],
-        shape: TreeShape,
-        max_depth: int,
-        sampling: SamplingConfig,
-        generator: torch.Generator | None,
-    ) -> TokenTree:
-        """A token tree grown level by level, `shape` saying how many children each node gets.
+    # A tree is grown by `speculate.grow_tree`, level by level, through these three calls: the logits
+    # after the root, then one forward per level of new nodes, then `keep_tree` records where the nodes
+    # sit in the cache so that `observe` can keep the accepted path.
 
-        Greedy: a node's n children are the n most probable tokens of its distribution. Sampling: n
-        independent draws from it (repeats stay separate children), each child keeping that distribution,
-        as multi-step speculative sampling requires. One drafter forward per level reads all its nodes.
-        """
-        levels = shape.levels(max_depth)
-        if levels == 0:  # nothing to draft (the generation's last token): skip the catch-up forward
-            return TokenTree.chain(context[-1], torch.empty(0, dtype=torch.int64))
-        logits = self._catch_up(context)[None]  # [1, V]: after the root
-        base = self.runner.cached_len  # the root, context[-1], is the last cached token
-        tokens, parents = [context[-1]], [-1]
-        probs: list[torch.Tensor] = [torch.zeros_like(logits[0])]
-        path_confidences = [1.0]
-        frontier = [0]
-        slots = {0: base - 1}  # node -> cache position, for the nodes the drafter has run
-        for depth in range(levels):
-            # Greedy drafting has no distribution; its confidence is the drafter's plain softmax.
-            dists = logits.softmax(dim=-1) if sampling.greedy else logits_to_probs(logits, sampling)
-            counts = shape.child_counts(
-                depth, levels, len(tokens) - 1, [path_confidences[n] for n in frontier], dists
-            )
-            children = []
-            for node, dist, count in zip(frontier, dists, counts, strict=True):
-                if count == 0:
-                    continue
-                if sampling.greedy:
-                    chosen = dist.topk(count).indices
-                else:
-                    chosen = torch.multinomial(dist, count, replacement=True, generator=generator)
-                for token in chosen.tolist():
-                    tokens.append(token)
-                    parents.append(node)
-                    if not sampling.greedy:
-                        probs.append(dist)
-                    path_confidences.append(path_confidences[node] * dist[token].item())
-                    children.append(len(tokens) - 1)
-            frontier = children
-            if not frontier or depth + 1 == levels:  # leaves need no logits
-                break
-            tree = TokenTree(torch.tensor(tokens), tuple(parents))
-            mask = tree.ancestor_mask()[frontier]  # [k, nodes so far]: cached ones are a prefix
-            slots.update((node, self.runner.cached_len + i) for i, node in enumerate(frontier))
-            logits = self.runner.forward(tree.tokens[frontier], num_logits=len(frontier), tree_mask=mask)
+    def tree_root_logits(self, context: list[int]) -> torch.Tensor:  # [V] after context[-1], the root
+        logits = self._catch_up(context)
+        self._tree_slots = {0: self.runner.cached_len - 1}  # node -> cache slot, for the nodes run
+        return logits
+
+    def tree_level_logits(self, tree: TokenTree, level: list[int]) -> torch.Tensor:  # [len(level), V]
+        """Run the nodes `level` of `tree` (their ancestors are run already); the logits after each."""
+        mask = tree.ancestor_mask()[level]  # [k, nodes so far]: the cached ones are a prefix
+        self._tree_slots.update((node, self.runner.cached_len + i) for i, node in enumerate(level))
+        return self.runner.forward(tree.tokens[level], num_logits=len(level), tree_mask=mask)
+
+    def keep_tree(self, tree: TokenTree) -> None:
+        """The grown tree is final: its run nodes stay cached until `observe` says which were accepted."""
         self.cached_tree = {}
-        canonical = {0: base - 1}
-        for node in sorted(slots)[1:]:
+        canonical = {0: self._tree_slots[0]}
+        tokens = tree.tokens.tolist()
+        for node in sorted(self._tree_slots)[1:]:
             # Repeated samples under one parent hold equal entries: the first copy stands for all.
-            key = (canonical[parents[node]], tokens[node])
-            canonical[node] = self.cached_tree.setdefault(key, slots[node])
-        draft_probs = None if sampling.greedy else torch.stack(probs)
-        return TokenTree(torch.tensor(tokens, dtype=torch.int64), tuple(parents), draft_probs)
+            key = (canonical[tree.parents[node]], tokens[node])
+            canonical[node] = self.cached_tree.setdefault(key, self._tree_slots[node])
 
     def observe(self, committed: list[int]) -> None:
         if self.cached_tree is not None:
