@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -109,13 +110,29 @@ def test_chat_completion_and_method_override(client: openai.OpenAI, engines: Met
 
 
 def test_seeded_sampling_is_reproducible(client: openai.OpenAI) -> None:
+    # Plain decoding: with speculation, what the engine learned from the first request (suffix index,
+    # vote weights, acceptance) may change the second one's drafts and so which random numbers it uses.
     texts = {
-        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=15, temperature=0.9, seed=5)
+        client.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=15, temperature=0.9, seed=5, extra_body={"method": "ar"}
+        )
         .choices[0]
         .text
         for _ in range(2)
     }
     assert len(texts) == 1
+
+
+def test_other_methods_drop_the_tree_shape(engines: MethodEngines) -> None:
+    shaped = MethodEngines(
+        replace(engines.config, method="tree", tree_budget=6), engines.target, engines.draft_models
+    )
+    assert shaped.config_for("tree").tree_budget == 6
+    assert (
+        shaped.config_for("chain").tree_budget == 0
+        and shaped.config_for("chain").drafters == engines.config.drafters[:1]
+    )
+    assert shaped.config_for("ar").drafters == ()
 
 
 @pytest.mark.parametrize(
@@ -180,7 +197,7 @@ class BlockingEngine:
 def test_full_queue_answers_503_at_once(server: tuple[Server, str]) -> None:
     state, url = server
     blocker = BlockingEngine()
-    loop_less = [Job(blocker, GenerationRequest(prompt="x"), loop=None) for _ in range(3)]  # type: ignore[arg-type]
+    loop_less = [Job(lambda: blocker, GenerationRequest(prompt="x"), loop=None) for _ in range(3)]  # type: ignore[arg-type]
     assert state.worker.submit(loop_less[0])
     deadline = time.monotonic() + 10
     while state.worker.jobs.qsize():  # the worker took the blocking job; now fill the queue (2)

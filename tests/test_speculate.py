@@ -280,17 +280,24 @@ class TokenPickyPolicy(CostModelPolicy):
         return tree.keep(keep)
 
 
-def auto_policy(drafters: int, picky: bool = False) -> CostModelPolicy:
-    """The self-tuning policy on a CPU-like cost curve (each verified node costs 0.6 forwards): with
-    these drafters' acceptance it verifies some nodes and drops others, step by step."""
-    costs = StepCosts({1: 10.0, 2: 16.0, 8: 52.0}, (0.0,) * drafters)
+# A CPU-like cost curve (each verified node costs 0.6 forwards), and one where the second row is dear
+# and the next ones cheap: there the best node count can depend on nodes ranked below a node.
+COST_CURVES = {"linear": {1: 10.0, 2: 16.0, 8: 52.0}, "concave": {1: 10.0, 2: 20.0, 8: 24.0}}
+
+
+def auto_policy(drafters: int, picky: bool = False, curve: str = "linear") -> CostModelPolicy:
+    """The self-tuning policy: with these drafters' acceptance it verifies some nodes and drops others,
+    step by step."""
+    costs = StepCosts(COST_CURVES[curve], (0.0,) * drafters)
     return (TokenPickyPolicy if picky else CostModelPolicy)(costs, max_depth=2)
 
 
+@pytest.mark.parametrize("curve", COST_CURVES)
 @pytest.mark.parametrize("tree", SPECULATIONS)
-def test_tree_sampling_through_the_self_tuning_policy_is_exact(tree: str) -> None:
+def test_tree_sampling_through_the_self_tuning_policy_is_exact(tree: str, curve: str) -> None:
     speculation = SPECULATIONS[tree]()
-    assert tree_p_value(0, speculation, policy=auto_policy(len(speculation.drafters))) > 1e-3
+    policy = auto_policy(len(speculation.drafters), curve=curve)
+    assert tree_p_value(0, speculation, policy=policy) > 1e-3
 
 
 @pytest.mark.parametrize("tree", ["merged", "budget"])
@@ -530,3 +537,12 @@ def test_a_crashing_drafter_is_dropped_and_the_output_is_unchanged(
     assert crashing.calls == 3  # never asked again in this generation
     assert stats.accepted_tokens > 0  # it drafted well before it crashed
     assert "drafter 0 (CrashingDrafter) failed; going on without it" in caplog.text
+
+
+def test_sampled_vote_takes_the_heaviest_drafter_that_drafted() -> None:
+    vote = VoteSpeculation(trigram_drafters(2, 3), prior=None)
+    vote.weights = [1.0, 0.2]
+    tree = vote.speculate([0, 1], [0, 2], SamplingConfig(temperature=1.0), torch.Generator().manual_seed(0))
+    assert tree.proposers == (-1, 1, 1)  # drafter 0 was given depth 0: drafter 1's chain
+    empty = vote.speculate([0, 1], [0, 0], SamplingConfig(temperature=1.0), None)
+    assert len(empty) == 1

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from swarmspec.config import AUTO, ChatMessage, EngineConfig, GenerationRequest
@@ -234,7 +235,7 @@ def measure_step_costs(config: EngineConfig, target: ModelRunner, speculation: S
     for spec, drafter in zip(config.drafters, speculation.drafters, strict=True):
         if isinstance(drafter, ModelDrafter):
             latency = forward_costs(
-                key(spec, config.drafter_threads), drafter.runner, ks=(1, 2), persist=persistent(spec)
+                key(spec, config.drafter_threads), drafter.runner, ks=(1,), persist=persistent(spec)
             )
             draft_token_ms.append(latency[1])
         else:
@@ -254,7 +255,10 @@ def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessa
     if not tokenizer.chat_template:
         raise InvalidRequestError("this model has no chat template: send a plain prompt")
     turns = [{"role": m.role, "content": m.content} for m in messages]
-    text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    try:
+        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    except TemplateError as err:  # the template refuses the conversation, e.g. roles out of order
+        raise InvalidRequestError(f"the chat template refused these messages: {err}") from err
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
@@ -325,10 +329,14 @@ class TextStream:
         return len(token_ids)
 
     def _held_back(self, text: str) -> int:
-        """Characters at the end of `text` that may still change or turn into a stop string."""
-        if text.endswith("\ufffd"):  # a multi-byte character split across tokens
-            return 1
-        return max(
-            (n for s in self._stop for n in range(len(s) - 1, 0, -1) if text.endswith(s[:n])),
-            default=0,
+        """Characters at the end of `text` that may still change or turn into a stop string: a multi-byte
+        character split across tokens, and before it what could be the start of a stop string."""
+        stem = text.rstrip("\ufffd")
+        return (
+            len(text)
+            - len(stem)
+            + max(
+                (n for s in self._stop for n in range(len(s) - 1, 0, -1) if stem.endswith(s[:n])),
+                default=0,
+            )
         )

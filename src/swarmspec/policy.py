@@ -3,8 +3,9 @@
 Each step the decode loop asks the policy how deep every drafter may propose (`draft_depths`), then
 which of the proposed nodes the target verifies (`select`), and after the target forward tells it what
 was accepted (`observe`). Dropping nodes never changes what is output: the verifier decides, always. In
-sampling mode which nodes are kept depends only on the tree's structure and proposers, never on the
-drawn tokens, so every kept node is still a draw from the distribution stored with it.
+sampling mode whether a node is kept depends only on the nodes ranked above it (their depths and
+proposers), never on its own drawn token or on anything decided after it was drawn, so every kept node
+is still a draw from the distribution stored with it.
 
 `CostModelPolicy` maximizes expected committed tokens per second of the step,
 
@@ -240,6 +241,12 @@ class CostModelPolicy(SpeculationPolicy):
         return values
 
     def select(self, tree: TokenTree) -> TokenTree:
+        """The most valuable nodes, as many as maximize the step's rate.
+
+        In sampling mode the count stops at the first node that does not raise the rate, so whether a
+        node is verified depends only on the nodes ranked above it: never on its own children, whose
+        number a tree shape may have chosen after seeing the node's drawn token (`NodeBudget`).
+        """
         values = self.node_values(tree)
         # Most valuable first; a node never outranks its parent (values shrink along a path, ties go to
         # the earlier node, and parents come first), so every prefix of the ranking is a tree.
@@ -251,13 +258,20 @@ class CostModelPolicy(SpeculationPolicy):
             rate = expected / (self._draft_ms + self.costs.verify(count + 1))
             if rate > best_rate:
                 best_count, best_rate = count, rate
+            elif tree.draft_probs is not None:
+                break
+        kept = ranked[:best_count]
         proposers = tree.proposers or (-1, *[0] * (len(tree) - 1))
-        if best_count == 0 and ranked:
+        if not kept and ranked:
+            # A probe a draft model paid for is verified (its one token hangs from the root); else the
+            # top node's drafter counts an idle step and may be due for a probe.
+            paid = [n for n in ranked if proposers[n] in self._probing and tree.parents[n] == 0]
             top = proposers[ranked[0]]
-            # A probe the draft model paid for is verified; a free drafter's counts one idle step.
-            if top in self._probing or self._probe_due(top, self.costs.draft_token_ms[top]):
-                best_count = 1
-        return tree.keep(sorted([0, *ranked[:best_count]]))
+            if paid:
+                kept = paid[:1]
+            elif self._probe_due(top, self.costs.draft_token_ms[top]):
+                kept = ranked[:1]
+        return tree.keep(sorted([0, *kept]))
 
     def observe(self, tree: TokenTree, path: list[int]) -> None:
         accepted = {0, *path}
@@ -272,8 +286,10 @@ class CostModelPolicy(SpeculationPolicy):
         for drafter in {d for d, _, _ in outcomes}:
             self._streak[drafter] = int(all(ok for d, _, ok in outcomes if d == drafter))
         for drafter in self._probing:
-            hit = any(d == drafter and ok for d, _, ok in outcomes)
-            interval = self.probe_every if hit else 2 * self._probe_interval[drafter]
+            verified = [ok for d, _, ok in outcomes if d == drafter]
+            if not verified:  # its probe did not make it into the tree (another drafter's node did)
+                continue
+            interval = self.probe_every if any(verified) else 2 * self._probe_interval[drafter]
             self._probe_interval[drafter] = min(interval, self.max_probe_every)
             self._probe_wait[drafter] = self._probe_interval[drafter]
         self._probing.clear()

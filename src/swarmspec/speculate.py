@@ -277,7 +277,8 @@ class VoteSpeculation(Speculation):
 
     Sampling needs every verified token to be a draw from the distribution stored with it, which a
     token-by-token vote over several drafters' samples is not. There the vote is between drafters: the
-    chain of the heaviest drafter (weights come from earlier steps only) is verified, losslessly.
+    chain of the heaviest drafter that drafted (weights come from earlier steps only) is verified,
+    losslessly.
     """
 
     def __init__(
@@ -303,7 +304,12 @@ class VoteSpeculation(Speculation):
         drafts = self.propose_all(range(len(self.drafters)), context, depths, sampling, generator)
         self._last_drafts = drafts
         if not sampling.greedy:
-            best = max(range(len(drafts)), key=self.weights.__getitem__)
+            # Among the drafters that drafted (not ones the policy left out or that failed: whether a
+            # draft is empty never depends on this step's draws).
+            drafted = [i for i, draft in enumerate(drafts) if len(draft)]
+            if not drafted:
+                return TokenTree.chain(context[-1], torch.empty(0, dtype=torch.int64))
+            best = max(drafted, key=self.weights.__getitem__)
             draft = drafts[best]
             return TokenTree.chain(context[-1], draft.tokens, draft.probs, [best] * len(draft))
         chains = [d.tokens.tolist() for d in drafts]

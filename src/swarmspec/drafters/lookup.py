@@ -18,7 +18,8 @@ class PromptLookupDrafter(Drafter):
     (n from `max_ngram` down to `min_ngram`) in the prompt and output so far, and propose what followed.
 
     Shines where the answer copies its input: summarization, RAG, code edits. The n-grams of the
-    context are indexed as it grows (each token once), so a proposal costs the same at any length.
+    context are indexed as it grows (each token once): a proposal looks its n-grams up instead of
+    scanning the context.
     """
 
     def __init__(self, vocab_size: int, max_ngram: int = 3, min_ngram: int = 1) -> None:

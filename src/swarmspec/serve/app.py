@@ -3,12 +3,15 @@ models, health and Prometheus metrics, over one engine per speculation method.
 
 Generations run one at a time on a worker thread, in arrival order (continuous batching is not built
 yet); requests wait in a bounded queue, and when it is full a new request gets 503 with Retry-After
-at once instead of hanging. A client that disconnects stops its generation at the next target forward.
+at once instead of hanging. The worker also builds a method's engine on its first request, so loading
+and cost measurement never run beside a generation. A client that disconnects stops its generation
+(at the next text piece the decode loop yields).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import queue
@@ -35,6 +38,7 @@ from swarmspec.config import METHODS, GenerationRequest
 from swarmspec.engine import Engine, GenerationResult
 from swarmspec.errors import SwarmspecError
 from swarmspec.serve.protocol import (
+    DEFAULT_COMPLETION_TOKENS,
     ChatCompletionRequest,
     CompletionRequest,
     ResponseIds,
@@ -46,6 +50,8 @@ logger = logging.getLogger("swarmspec.serve")
 
 # Seconds a client told "queue full" is asked to wait before retrying.
 RETRY_AFTER_S = 1
+# How often a waiting non-streamed request checks whether its client is still there.
+DISCONNECT_POLL_S = 1.0
 
 
 class Metrics:
@@ -93,7 +99,7 @@ class Metrics:
 class Job:
     """One generation handed to the worker; its events come back on `events` in the server's loop."""
 
-    engine: Engine
+    engine: Callable[[], Engine]  # called on the worker thread
     request: GenerationRequest
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
@@ -120,7 +126,16 @@ class Worker:
         return True
 
     def stop(self) -> None:
-        self.jobs.put(None)
+        """Drop the waiting jobs, let the running one end (or its client's cancel), end the thread."""
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.cancelled.set()
+        with contextlib.suppress(queue.Full):
+            self.jobs.put(None, timeout=5)
         self.thread.join(timeout=30)
 
     def _run(self) -> None:
@@ -142,7 +157,7 @@ class Worker:
                 job.loop.call_soon_threadsafe(job.events.put_nowait, (kind, value))
 
         try:
-            stream = job.engine.stream(job.request)
+            stream = job.engine().stream(job.request)
             pieces = iter(stream)
             try:
                 for i, piece in enumerate(pieces):
@@ -231,11 +246,15 @@ def create_app(server: Server) -> FastAPI:
         if method not in METHODS:
             return error(400, f"unknown method {method!r}; choose one of {', '.join(METHODS)}", endpoint)
         try:
-            generation = body.to_generation(server.default_max_tokens)
-            engine = await asyncio.to_thread(server.engine_for, method)
+            default_max_tokens = (
+                DEFAULT_COMPLETION_TOKENS
+                if isinstance(body, CompletionRequest)
+                else server.default_max_tokens
+            )
+            generation = body.to_generation(default_max_tokens)
         except SwarmspecError as err:
             return error(400, str(err), endpoint)
-        job = Job(engine, generation, asyncio.get_running_loop())
+        job = Job(lambda: server.engine_for(method), generation, asyncio.get_running_loop())
         if not server.worker.submit(job):
             return error(
                 503,
@@ -251,9 +270,16 @@ def create_app(server: Server) -> FastAPI:
                 sse_events(job, ids, include_usage, request), media_type="text/event-stream"
             )
         text = []
+        getter = asyncio.ensure_future(job.events.get())
         try:
             while True:
-                kind, value = await job.events.get()
+                done, _ = await asyncio.wait({getter}, timeout=DISCONNECT_POLL_S)
+                if not done:
+                    if await request.is_disconnected():  # nobody will read the answer: stop generating
+                        server.metrics.requests.labels(endpoint, "disconnected").inc()
+                        return Response(status_code=499)
+                    continue
+                kind, value = getter.result()
                 if kind == "text":
                     text.append(value)
                 elif kind == "error":
@@ -261,9 +287,10 @@ def create_app(server: Server) -> FastAPI:
                 else:
                     result: GenerationResult = value
                     break
-        except asyncio.CancelledError:
-            job.cancelled.set()
-            raise
+                getter = asyncio.ensure_future(job.events.get())
+        finally:
+            getter.cancel()
+            job.cancelled.set()  # a no-op for a finished job
         server.metrics.requests.labels(endpoint, "200").inc()
         totals = result.stats.totals()
         stats = {

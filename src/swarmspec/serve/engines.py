@@ -6,7 +6,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import replace
 
-from swarmspec.config import EngineConfig
+from swarmspec.config import EngineConfig, default_drafters
 from swarmspec.engine import Engine
 from swarmspec.models.loading import LoadedModel, check_spec, load_model
 
@@ -23,15 +23,27 @@ class MethodEngines:
         draft_models: Mapping[str, LoadedModel] | None = None,
     ) -> None:
         self.config = config
-        self.given_drafters = config.drafters if config.method != "ar" else ()
+        # Drafters the user chose serve every method; the method's defaults only the configured method.
+        default = default_drafters(config.method, config.target)
+        self.given_drafters = () if config.method == "ar" or config.drafters == default else config.drafters
         self.target = target or load_model(config.target)
         self.draft_models = dict(draft_models or {})
         self.engines: dict[str, Engine] = {}
         self._lock = threading.Lock()
 
     def config_for(self, method: str) -> EngineConfig:
+        """The configured engine with another method (tree shapes only for the tree)."""
         drafters = {"chain": self.given_drafters[:1], "ar": ()}.get(method, self.given_drafters)
-        return replace(self.config, method=method, drafters=drafters)
+        if method == self.config.method:
+            return self.config
+        tree = method == "tree"
+        return replace(
+            self.config,
+            method=method,
+            drafters=drafters,
+            tree_widths=self.config.tree_widths if tree else (),
+            tree_budget=self.config.tree_budget if tree else 0,
+        )
 
     def __call__(self, method: str) -> Engine:
         with self._lock:

@@ -72,7 +72,7 @@ class CompletionRequest(_Request):
     prompt: str | list[str]
     echo: bool = False
 
-    def to_generation(self, default_max_tokens: int = DEFAULT_COMPLETION_TOKENS) -> GenerationRequest:
+    def to_generation(self, default_max_tokens: int) -> GenerationRequest:
         prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
         if len(prompts) != 1:
             raise InvalidRequestError(f"give one prompt per request, got {len(prompts)}")
