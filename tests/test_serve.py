@@ -148,6 +148,7 @@ def test_other_methods_drop_the_tree_shape(engines: MethodEngines) -> None:
         ({"prompt": PROMPT, "model": "gpt-4"}, 404, "model 'gpt-4' is not served here"),
         ({"max_tokens": 3}, 400, "prompt: Field required"),
         ({"prompt": "t1 " * 600, "max_tokens": 5}, 400, "exceeds the target's context"),
+        ({"prompt": "t1 " * 600, "max_tokens": 5, "stream": True}, 400, "exceeds the target's context"),
     ],
 )
 def test_bad_requests_get_openai_errors(

@@ -41,11 +41,7 @@ def decode(
     the next forward feeds as the root of the tree. `policy` chooses how deep the drafters propose and
     which of their nodes the target verifies.
     """
-    if len(prompt_ids) + max_new_tokens > target.max_length:
-        raise InvalidRequestError(
-            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-            f"target's context of {target.max_length} tokens"
-        )
+    check_fits(len(prompt_ids), max_new_tokens, target.max_length)
     start = time.perf_counter()
     stats.prompt_tokens = len(prompt_ids)
     speculation.begin(prompt_ids)
@@ -90,6 +86,15 @@ def decode(
     finally:
         policy.end()
         speculation.end()
+
+
+def check_fits(prompt_tokens: int, max_new_tokens: int, max_length: int) -> None:
+    """A request must fit the target's context whole: refused up front, never cut short."""
+    if prompt_tokens + max_new_tokens > max_length:
+        raise InvalidRequestError(
+            f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+            f"target's context of {max_length} tokens"
+        )
 
 
 def _through_first_stop(tokens: list[int], stop_token_ids: frozenset[int]) -> list[int]:

@@ -128,9 +128,7 @@ class Engine:
         return engine
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
-        if request.messages:
-            return encode_chat(self.tokenizer, request.messages)
-        return encode_prompt(self.tokenizer, request.prompt, request.chat)
+        return encode_request(self.tokenizer, request)
 
     def stream(self, request: GenerationRequest) -> TextStream:
         """Start a generation; iterate the result for text pieces, then read `.result`."""
@@ -241,6 +239,13 @@ def measure_step_costs(config: EngineConfig, target: ModelRunner, speculation: S
         else:
             draft_token_ms.append(0.0)
     return StepCosts(verify_ms, tuple(draft_token_ms))
+
+
+def encode_request(tokenizer: PreTrainedTokenizerBase, request: GenerationRequest) -> list[int]:
+    """The request's prompt ids: its messages or its prompt (see `encode_chat`, `encode_prompt`)."""
+    if request.messages:
+        return encode_chat(tokenizer, request.messages)
+    return encode_prompt(tokenizer, request.prompt, request.chat)
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, chat: bool) -> list[int]:

@@ -37,6 +37,7 @@ from prometheus_client import (
 from swarmspec.config import METHODS, GenerationRequest
 from swarmspec.engine import Engine, GenerationResult
 from swarmspec.errors import SwarmspecError
+from swarmspec.serve.engines import MethodEngines
 from swarmspec.serve.protocol import (
     DEFAULT_COMPLETION_TOKENS,
     ChatCompletionRequest,
@@ -183,13 +184,13 @@ class Server:
 
     def __init__(
         self,
-        engine_for: Callable[[str], Engine],
+        engines: MethodEngines,
         default_method: str,
         model_name: str,
         max_queue: int,
         default_max_tokens: int,
     ) -> None:
-        self.engine_for = engine_for
+        self.engines = engines
         self.default_method = default_method
         self.model_name = model_name
         self.default_max_tokens = default_max_tokens
@@ -252,9 +253,10 @@ def create_app(server: Server) -> FastAPI:
                 else server.default_max_tokens
             )
             generation = body.to_generation(default_max_tokens)
+            await asyncio.to_thread(server.engines.check, generation)  # a streamed request gets 400 too
         except SwarmspecError as err:
             return error(400, str(err), endpoint)
-        job = Job(lambda: server.engine_for(method), generation, asyncio.get_running_loop())
+        job = Job(lambda: server.engines(method), generation, asyncio.get_running_loop())
         if not server.worker.submit(job):
             return error(
                 503,

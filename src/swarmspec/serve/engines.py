@@ -6,8 +6,9 @@ import threading
 from collections.abc import Mapping
 from dataclasses import replace
 
-from swarmspec.config import EngineConfig, default_drafters
-from swarmspec.engine import Engine
+from swarmspec.config import EngineConfig, GenerationRequest, default_drafters
+from swarmspec.decode import check_fits
+from swarmspec.engine import Engine, encode_request
 from swarmspec.models.loading import LoadedModel, check_spec, load_model
 
 
@@ -44,6 +45,11 @@ class MethodEngines:
             tree_widths=self.config.tree_widths if tree else (),
             tree_budget=self.config.tree_budget if tree else 0,
         )
+
+    def check(self, request: GenerationRequest) -> None:
+        """Refuse, before it waits in the queue, a request that does not fit the target's context."""
+        prompt_ids = encode_request(self.target.tokenizer, request)
+        check_fits(len(prompt_ids), request.max_new_tokens, self.target.max_length)
 
     def __call__(self, method: str) -> Engine:
         with self._lock:
