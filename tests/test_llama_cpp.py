@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from swarmspec.config import LLAMA_CPP_PREFIX, EngineConfig, GenerationRequest
+from swarmspec.config import AUTO, LLAMA_CPP_PREFIX, EngineConfig, GenerationRequest
 from swarmspec.decode import decode
 from swarmspec.drafters.model import ModelDrafter
 from swarmspec.engine import Engine
@@ -139,6 +139,7 @@ CONFIGS = [
     EngineConfig(target=TARGET, method="tree", tree_budget=8, gamma=5),
     EngineConfig(target=TARGET, method="tree", tree_widths=(2, 2, 1), gamma=3),
     EngineConfig(target=TARGET, method="vote", gamma=3),
+    EngineConfig(target=TARGET, method="vote"),  # self-tuning, from this machine's measured costs
 ]
 
 
@@ -152,7 +153,8 @@ def test_every_method_greedy_equals_plain_decoding(target: LoadedModel, drafter:
         for config, engine in zip(CONFIGS, engines, strict=True):
             result = engine.generate(request)
             assert result.token_ids == expected, (config, prompt)
-            assert result.stats.drafted_tokens > 0 or config.drafters == ("prompt-lookup",)
+            if config.gamma != AUTO and config.model_drafters:  # a fixed gamma always drafts
+                assert result.stats.drafted_tokens > 0
 
 
 def test_llama_cpp_runner_is_used(target: LoadedModel) -> None:

@@ -102,7 +102,7 @@ def test_tree_and_vote_equal_transformers_generate(
 ) -> None:
     """Token trees and the vote over the int8 drafter, prompt lookup and suffix matching."""
     drafters = (f"int8:{DEFAULT_DRAFTER}", "prompt-lookup", "suffix")
-    config = EngineConfig(target=DEFAULT_TARGET, drafters=drafters, **shape)
+    config = EngineConfig(target=DEFAULT_TARGET, drafters=drafters, gamma=4, **shape)  # always drafting
     engine = Engine.from_models(config, target, {drafters[0]: load_model(drafters[0])})
     for prompt in PROMPTS:
         result = engine.generate(GenerationRequest(prompt, max_new_tokens=NEW_TOKENS))
