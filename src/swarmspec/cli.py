@@ -8,6 +8,7 @@ import json
 import shlex
 import sys
 import time
+from typing import Any
 
 from swarmspec.config import (
     AUTO,
@@ -184,19 +185,23 @@ def int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def engine_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The values of `add_engine_flags`, by their field names in `EngineConfig` and `BenchConfig`."""
+    return {
+        "target": args.target,
+        "drafters": tuple(args.drafter or ()),
+        "gamma": args.gamma,
+        "max_depth": args.max_depth,
+        "tree_widths": args.tree,
+        "tree_budget": args.tree_budget,
+        "target_threads": args.target_threads,
+        "drafter_threads": args.drafter_threads,
+    }
+
+
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     """The `EngineConfig` of `add_engine_flags` and --method."""
-    return EngineConfig(
-        target=args.target,
-        method=args.method,
-        drafters=tuple(args.drafter or ()),
-        gamma=args.gamma,
-        max_depth=args.max_depth,
-        tree_widths=args.tree,
-        tree_budget=args.tree_budget,
-        target_threads=args.target_threads,
-        drafter_threads=args.drafter_threads,
-    )
+    return EngineConfig(method=args.method, **engine_flags(args))
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -326,14 +331,7 @@ def run_bench(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         methods=args.methods,
         baselines=args.baselines,
-        target=args.target,
-        drafters=tuple(args.drafter or ()),
-        gamma=args.gamma,
-        max_depth=args.max_depth,
-        tree_widths=args.tree,
-        tree_budget=args.tree_budget,
-        target_threads=args.target_threads,
-        drafter_threads=args.drafter_threads,
+        **engine_flags(args),
         sampling=SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p),
         seed=args.seed,
         repeats=args.repeats,

@@ -64,22 +64,9 @@ def time_contenders(
                 for contender in contenders:
                     bar.set_postfix_str(f"{question.family} #{question.question_id} {contender.name}")
                     outcome = contender.generate(prompt_ids, max_new_tokens, sampling, seed + index)
-                    records.append(
-                        RunRecord(
-                            question_id=question.question_id,
-                            family=question.family,
-                            contender=contender.name,
-                            repeat=repeat,
-                            token_ids=outcome.token_ids,
-                            wall_s=outcome.wall_s,
-                            target_forwards=outcome.target_forwards,
-                            drafted_tokens=outcome.drafted_tokens,
-                            accepted_tokens=outcome.accepted_tokens,
-                            drafting_forwards=outcome.drafting_forwards,
-                            drafted_depth=outcome.drafted_depth,
-                            accepted_by_drafter=outcome.accepted_by_drafter,
-                        )
-                    )
+                    run = {"question_id": question.question_id, "family": question.family, "repeat": repeat}
+                    # An outcome's fields are the record's, by name.
+                    records.append(RunRecord(**run, contender=contender.name, **asdict(outcome)))
                     bar.update()
     return records
 
