@@ -19,6 +19,7 @@ from swarmspec.config import (
     EngineConfig,
     Gamma,
     GenerationRequest,
+    SimulationConfig,
     default_baselines,
     default_drafters,
 )
@@ -128,6 +129,36 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=bench_defaults.repeats, help="figures are medians")
     bench.add_argument("--out", help="report directory (default: bench-results/<UTC time>)")
     bench.set_defaults(run=run_bench)
+
+    sim_defaults = SimulationConfig()
+    sim = command("simulate", "DSI vs SI vs plain decoding: a grid of drafter costs x acceptance, or a trace")
+    sim.add_argument(
+        "--drafter-costs", type=float_list, default=sim_defaults.drafter_costs, help="grid: c values"
+    )
+    sim.add_argument(
+        "--acceptances", type=float_list, default=sim_defaults.acceptances, help="grid: a values"
+    )
+    sim.add_argument(
+        "--targets", type=int, default=sim_defaults.targets, help="DSI's target instances (trace: 1..N)"
+    )
+    sim.add_argument(
+        "--lookaheads", type=int_list, default=sim_defaults.lookaheads, help="each runs at its best"
+    )
+    sim.add_argument("--tokens", type=int, default=sim_defaults.tokens, help="tokens per simulated run")
+    sim.add_argument("--seed", type=int, default=sim_defaults.seed, help="of the acceptance draws")
+    sim.add_argument("--target", help="trace: this machine's stored profile of this target")
+    sim.add_argument("--drafter", help="trace: a drafter model's stored profile, or prompt-lookup / suffix")
+    sim.add_argument(
+        "--target-threads", type=int, default=0, help="trace: threads the target was profiled at"
+    )
+    sim.add_argument(
+        "--drafter-threads", type=int, default=0, help="trace: threads the drafter was profiled at"
+    )
+    sim.add_argument("--acceptance", type=float, help="trace: the drafter's acceptance rate")
+    sim.add_argument("--report", help="trace: estimate the acceptance rate from this bench.json")
+    sim.add_argument("--contender", default=sim_defaults.contender, help="trace: --report's contender")
+    sim.add_argument("--out", help="report directory (default: simulate-results/<UTC time>)")
+    sim.set_defaults(run=run_simulate)
     return parser
 
 
@@ -176,6 +207,13 @@ def gamma_value(text: str) -> Gamma:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of tokens or {AUTO}, got {text!r}") from None
+
+
+def float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(item) for item in comma_list(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -338,6 +376,32 @@ def run_bench(args: argparse.Namespace) -> int:
         out=args.out,
     )
     result = bench(config, command_line=args.command_line)
+    print(result.markdown)
+    for kind, path in result.paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    from swarmspec.dsi.report import run_simulation
+
+    config = SimulationConfig(
+        drafter_costs=args.drafter_costs,
+        acceptances=args.acceptances,
+        targets=args.targets,
+        lookaheads=args.lookaheads,
+        tokens=args.tokens,
+        seed=args.seed,
+        target=args.target,
+        drafter=args.drafter,
+        target_threads=args.target_threads,
+        drafter_threads=args.drafter_threads,
+        acceptance=args.acceptance,
+        report=args.report,
+        contender=args.contender,
+        out=args.out,
+    )
+    result = run_simulation(config, command_line=args.command_line)
     print(result.markdown)
     for kind, path in result.paths.items():
         print(f"{kind}: {path}")

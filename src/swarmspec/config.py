@@ -264,3 +264,50 @@ class BenchConfig:
         if "hf-assisted" in self.baselines:
             specs.append(self.assistant)
         return tuple(dict.fromkeys(specs))
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """`swarmspec simulate`: DSI, SI and plain decoding on the DSI paper's model (see dsi.simulator)."""
+
+    # The grid: drafter cost c (target forwards per drafted token) x acceptance rate a.
+    drafter_costs: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+    acceptances: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+    # DSI's target instances in the grid; a trace predicts for 1..targets.
+    targets: int = 4
+    # Each contender runs at its best lookahead among these.
+    lookaheads: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10)
+    # Tokens each simulated run generates (figures are its mean latency per token).
+    tokens: int = 2000
+    seed: int = 0
+    # Trace-driven mode: this machine's stored cost profiles of a target and a drafter (a model spec, or
+    # prompt-lookup / suffix: free), with threads as they were profiled (0: every core).
+    target: str | None = None
+    drafter: str | None = None
+    target_threads: int = 0
+    drafter_threads: int = 0
+    # The drafter's i.i.d. acceptance rate, or a bench report (bench.json) to estimate it from.
+    acceptance: float | None = None
+    report: str | None = None
+    contender: str = "chain"
+    # Report directory; None means simulate-results/<UTC timestamp>.
+    out: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.targets < 1 or self.tokens < 1 or not self.lookaheads or min(self.lookaheads) < 1:
+            raise InvalidRequestError("targets, tokens and lookaheads must be >= 1")
+        if any(c < 0 for c in self.drafter_costs) or not self.drafter_costs:
+            raise InvalidRequestError("drafter costs must be >= 0")
+        rates = [*self.acceptances, *([self.acceptance] if self.acceptance is not None else [])]
+        if not rates or any(not 0 <= a <= 1 for a in rates):
+            raise InvalidRequestError("acceptance rates must be in [0, 1]")
+        if self.trace:
+            if not self.target or not self.drafter:
+                raise InvalidRequestError("a trace needs both --target and --drafter")
+            if (self.acceptance is None) == (self.report is None):
+                raise InvalidRequestError("a trace needs one of --acceptance A or --report bench.json")
+
+    @property
+    def trace(self) -> bool:
+        """Trace-driven: predict for this machine's measured costs instead of the grid."""
+        return bool(self.target or self.drafter or self.report or self.acceptance is not None)
