@@ -76,7 +76,7 @@ def decode(
             root_position = len(context) - 1
             target.compact(len(context), [root_position + node for node in verdict.path])
             # Nothing after a stop token is output, nor counted.
-            new_tokens = _through_first_stop(
+            new_tokens = through_first_stop(
                 [*tree.tokens[verdict.path].tolist(), verdict.next_token], stop_token_ids
             )
             proposers = [] if tree.proposers is None else [tree.proposers[node] for node in verdict.path]
@@ -97,7 +97,7 @@ def check_fits(prompt_tokens: int, max_new_tokens: int, max_length: int) -> None
         )
 
 
-def _through_first_stop(tokens: list[int], stop_token_ids: frozenset[int]) -> list[int]:
+def through_first_stop(tokens: list[int], stop_token_ids: frozenset[int]) -> list[int]:
     for i, token in enumerate(tokens):
         if token in stop_token_ids:
             return tokens[: i + 1]

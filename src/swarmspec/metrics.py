@@ -87,6 +87,9 @@ class DecodeStats:
     steps: list[Step] = field(default_factory=list)
     prefill_s: float = 0.0
     wall_s: float = 0.0
+    # Target forwards whose logits nothing used (DSI: a job on a rejected draft, or one that another
+    # instance overtook); not among `steps`.
+    discarded_forwards: int = 0
 
     def record_step(
         self, drafted: int, committed: int, accepted_by: Sequence[int] = (), depth: int | None = None
@@ -183,6 +186,7 @@ class DecodeStats:
             "prefill_s": round(self.prefill_s, 4),
             "tokens_per_s": round(self.tokens_per_s, 3),
             "target_forwards": self.target_forwards,
+            "discarded_forwards": self.discarded_forwards,
             "drafted_tokens": self.drafted_tokens,
             "accepted_tokens": self.accepted_tokens,
             "mean_accepted_tokens": round(self.mean_accepted_tokens, 4),

@@ -13,11 +13,12 @@ curve says otherwise (`verify_cost`: rows -> forwards, e.g. this CPU's t(k) / t(
   beyond what is committed). A free target instance starts a job on the committed prefix plus every
   drafted token so far whenever (a) no job in flight gives the target's token at the next position
   (with two instances or more), or (b) the drafter has k tokens that no job in flight covers. With one
-  instance only (b) applies, and DSI is SI. A job that finishes commits, from the next
-  position on, the drafted tokens the target agrees with and then the target's own token; a rejection
-  drops every draft after it, cancels every job that depended on them and restarts the drafter from the
-  corrected token. Rule (a) keeps a job on the committed prefix always in flight, which is why DSI is
-  never slower than non-SI (with a flat cost curve); rule (b) is the speculation parallelism.
+  instance only (b) applies, and DSI is SI. A job that finishes commits, from the next position on,
+  the drafted tokens the target agrees with and then the target's own token; a rejection drops every
+  draft after it, cancels every job that depended on them and restarts the drafter from the corrected
+  token. The target's own token after the last drafted one only costs the drafter the token it was
+  drafting for that position. Rule (a) keeps a job on the committed prefix always in flight, which is
+  why DSI is never slower than non-SI (with a flat cost curve); rule (b) is the speculation parallelism.
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ class _Event:
     kind: str = field(compare=False)  # "job" or "draft"
     job: _Job | None = field(compare=False, default=None)
     restarts: int = field(compare=False, default=0)  # a draft event from before a restart is stale
+    position: int = field(compare=False, default=0)  # where a drafted token goes
 
 
 class _Draws:
@@ -148,7 +150,7 @@ class _DsiTimeline:
             self.now = event.time
             if event.kind == "draft":
                 if event.restarts == self.restarts:
-                    self._add_draft()
+                    self._add_draft(event.position)
             else:
                 assert event.job is not None
                 if event.job in self.running:  # else it was cancelled
@@ -157,11 +159,13 @@ class _DsiTimeline:
         return self.now / self.committed
 
     def _push(self, delay: float, kind: str, job: _Job | None = None) -> None:
-        event = _Event(self.now + delay, next(self.order), kind, job, self.restarts)
+        event = _Event(self.now + delay, next(self.order), kind, job, self.restarts, len(self.sequence))
         heapq.heappush(self.events, event)
 
-    def _add_draft(self) -> None:
+    def _add_draft(self, position: int) -> None:
         self.drafting = False
+        if position < len(self.sequence):
+            return  # the target's own token took its place meanwhile: the drafter goes on after it
         token = next(self.ids)
         self.right[token] = self.draws.next()
         self.sequence.append(token)
@@ -170,7 +174,7 @@ class _DsiTimeline:
         """Keep the drafter busy while it is less than `window` tokens ahead."""
         while not self.drafting and len(self.sequence) - self.committed < self.window:
             if self.setting.drafter_cost == 0:
-                self._add_draft()
+                self._add_draft(len(self.sequence))
             else:
                 self.drafting = True
                 self._push(self.setting.drafter_cost, "draft")
@@ -199,23 +203,19 @@ class _DsiTimeline:
                 position += 1
                 continue
             # The target's own token: a correction, or the token after the last drafted one.
+            if drafted:  # a rejection: the drafter's work after it is lost
+                self.restarts += 1
+                self.drafting = False
             del self.sequence[position:]
             token = next(self.ids)
             self.right[token] = True
             self.sequence.append(token)
             self.committed = position + 1
-            self._restart_drafter()
+            for other in list(self.running):  # each verifies a dropped draft or ends before `position`
+                self._release(other)
             return
         for done in [job for job in self.running if job.end < self.committed]:
             self._release(done)  # it covers only committed positions now
-
-    def _restart_drafter(self) -> None:
-        """Drafts after a corrected position are gone: so are the drafter's work and every job in flight
-        (each one either verifies a dropped draft or ends before the next position)."""
-        self.restarts += 1
-        self.drafting = False
-        for job in list(self.running):
-            self._release(job)
 
     def _release(self, job: _Job) -> None:
         self.running.remove(job)

@@ -1,0 +1,337 @@
+"""DSI on threads: several target instances verify drafts at once, without waiting for each other.
+
+One drafter thread drafts ahead of what is committed (up to `lookahead` tokens per target instance). A
+free target instance starts a verification job on the committed tokens plus every drafted token so far
+whenever (a) no job in flight gives the target's token at the next position (with two instances or
+more: a plain-decoding lane, which is why DSI is never much slower than plain decoding), or (b) the
+drafter has `lookahead` tokens no job in flight covers (speculation parallelism). With one instance only
+(b) applies, and DSI is ordinary speculative decoding. `dsi.simulator` models exactly this schedule.
+
+The manager (the generator below, on the caller's thread) alone owns the sequence. When a job finishes
+it verifies, from the next position on, the drafted tokens the job's logits cover with the ordinary
+chain verifier, and commits the accepted ones and the target's own token. A rejection drops every draft
+after it and starts a new epoch: jobs and drafts of an older epoch are stale and dropped when they come
+back (a forward in progress cannot be interrupted; its instance is free again when it returns). A draft
+that comes back after the target committed its own token where the draft starts is kept if it agrees.
+Lossless: every committed token comes out of the verifier, on logits computed for exactly the committed
+tokens before it.
+
+Target instances are runners over one copy of the weights (llama.cpp: one model, a context each;
+PyTorch: one module, a cache each), each caching what it last verified and rolling back to the longest
+prefix it shares with its next job.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from swarmspec.decode import check_fits, through_first_stop
+from swarmspec.drafters.base import Draft, Drafter
+from swarmspec.errors import SwarmspecError
+from swarmspec.metrics import DecodeStats
+from swarmspec.runners.base import ModelRunner
+from swarmspec.sampling import SamplingConfig
+from swarmspec.speculate import common_prefix_len
+from swarmspec.tree import TokenTree
+from swarmspec.verify import Verifier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Job:
+    epoch: int
+    base: int  # committed tokens when it started: it gives the target's token at positions base..end
+    tokens: list[int]  # the sequence it verifies: committed tokens, then drafted ones
+    instance: int
+
+    @property
+    def end(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass(frozen=True)
+class _Verified:
+    job: _Job
+    logits: torch.Tensor | None  # [end - base + 1, V]: the target's distribution at positions base..end
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class _Drafted:
+    epoch: int
+    start: int  # the position of its first token
+    asked: int
+    draft: Draft | None
+    error: BaseException | None = None
+
+
+class _TargetInstance(threading.Thread):
+    """Runs verification jobs on one runner, one at a time."""
+
+    def __init__(self, runner: ModelRunner, events: queue.Queue) -> None:
+        super().__init__(daemon=True, name="swarmspec-dsi-target")
+        self.runner = runner
+        self.events = events
+        self.inbox: queue.Queue[_Job | None] = queue.Queue()
+        self.cached: list[int] | None = None  # None: the cache holds another sequence (reset first)
+
+    def run(self) -> None:
+        while (job := self.inbox.get()) is not None:
+            try:
+                self.events.put(_Verified(job, self._verify(job)))
+            except BaseException as err:  # reported to the manager, which fails the request
+                self.events.put(_Verified(job, None, err))
+
+    def _verify(self, job: _Job) -> torch.Tensor:
+        if self.cached is None:
+            # A new sequence starts from an empty cache: its prompt is processed as a prompt.
+            self.runner.reset()
+            self.cached = []
+        # Feed again at least the token before `base`: its logits give the first row.
+        shared = common_prefix_len(self.cached, job.tokens[: job.base - 1])
+        self.runner.rollback(shared)
+        self.cached = job.tokens
+        new = torch.tensor(job.tokens[shared:], dtype=torch.int64)
+        return self.runner.forward(new, num_logits=job.end - job.base + 1)
+
+
+@dataclass
+class _DraftRequest:
+    epoch: int
+    context: list[int]
+    max_tokens: int
+    committed: list[int]  # committed since the last request, for `Drafter.observe`
+
+
+class _DrafterThread(threading.Thread):
+    """Calls the drafter (and only this thread does): begin, observe, propose, end."""
+
+    def __init__(
+        self,
+        drafter: Drafter,
+        prompt_ids: list[int],
+        sampling: SamplingConfig,
+        generator: torch.Generator,
+        events: queue.Queue,
+    ) -> None:
+        super().__init__(daemon=True, name="swarmspec-dsi-drafter")
+        self.drafter = drafter
+        self.prompt_ids = prompt_ids
+        self.sampling = sampling
+        self.generator = generator
+        self.events = events
+        self.inbox: queue.Queue[_DraftRequest | list[int]] = queue.Queue()  # a list: the last commits, stop
+
+    def run(self) -> None:
+        failed = False
+        try:
+            self.drafter.begin(self.prompt_ids)
+        except BaseException as err:
+            failed = True
+            self.events.put(_Drafted(-1, -1, 0, None, err))
+        while isinstance(request := self.inbox.get(), _DraftRequest):
+            if failed:
+                continue
+            try:
+                self.drafter.observe(request.committed)
+                draft = self.drafter.propose(
+                    request.context, request.max_tokens, self.sampling, self.generator
+                )
+                self.events.put(_Drafted(request.epoch, len(request.context), request.max_tokens, draft))
+            except BaseException as err:
+                failed = True
+                self.events.put(_Drafted(request.epoch, len(request.context), request.max_tokens, None, err))
+        try:
+            if not failed:
+                self.drafter.observe(request)
+            self.drafter.end()
+        except Exception:
+            log.exception("the drafter failed while ending its sequence")
+
+
+@dataclass
+class _State:
+    """The manager's view: the sequence (prompt, committed, drafted), jobs in flight, the drafter."""
+
+    sequence: list[int]
+    committed: int  # sequence[:committed] is committed
+    draft_probs: list[torch.Tensor] = field(default_factory=list)  # one [V] row per drafted token (sampling)
+    epoch: int = 0
+    running: dict[int, _Job] = field(default_factory=dict)  # instance -> its job
+    drafting: bool = False
+    drafter_failed: bool = False
+    dry: tuple[int, int] | None = None  # (epoch, length) where the drafter last had nothing more
+    reported: int = 0  # committed tokens the drafter has been told about
+
+    @property
+    def drafted(self) -> int:
+        return len(self.sequence) - self.committed
+
+
+def dsi_decode(
+    instances: Sequence[ModelRunner],
+    drafter: Drafter,
+    verifier: Verifier,
+    prompt_ids: list[int],
+    *,
+    max_new_tokens: int,
+    lookahead: int,
+    sampling: SamplingConfig,
+    stop_token_ids: frozenset[int],
+    generator: torch.Generator,
+    stats: DecodeStats,
+) -> Iterator[list[int]]:
+    """Yield the tokens each finished verification job commits, until a stop token or `max_new_tokens`.
+
+    `instances`: the target's runners, one per instance (see the module docstring for the schedule).
+    """
+    if lookahead < 1 or not instances:
+        raise ValueError(f"need lookahead >= 1 and a target instance, got {lookahead}, {len(instances)}")
+    check_fits(len(prompt_ids), max_new_tokens, instances[0].max_length)
+    events: queue.Queue[_Verified | _Drafted] = queue.Queue()
+    targets = [_TargetInstance(runner, events) for runner in instances]
+    # The drafter samples on its own thread, so from its own generator (seeded from the request's).
+    draft_generator = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+    drafter_thread = _DrafterThread(drafter, prompt_ids, sampling, draft_generator, events)
+    state = _State(list(prompt_ids), len(prompt_ids), reported=len(prompt_ids))
+    limit = len(prompt_ids) + max_new_tokens  # the sequence never needs a position past this
+    window = lookahead * len(instances)
+    idle = list(range(len(instances)))
+
+    def dispatch() -> None:
+        while idle:
+            valid = [
+                job
+                for job in state.running.values()
+                if job.epoch == state.epoch and job.end >= state.committed
+            ]
+            furthest = max((job.end for job in valid), default=state.committed)
+            drafter_blocked = not state.drafting and not can_draft()
+            plain_lane = not valid and (len(instances) > 1 or drafter_blocked)
+            if not plain_lane and len(state.sequence) - furthest < lookahead:
+                return
+            job = _Job(state.epoch, state.committed, list(state.sequence), idle.pop())
+            state.running[job.instance] = job
+            targets[job.instance].inbox.put(job)
+
+    def draft_room() -> int:
+        return min(lookahead, window - state.drafted, limit - 1 - len(state.sequence))
+
+    def can_draft() -> bool:
+        return (
+            not state.drafter_failed and draft_room() > 0 and state.dry != (state.epoch, len(state.sequence))
+        )
+
+    def request_drafts() -> None:
+        if state.drafting or not can_draft():
+            return
+        committed = state.sequence[state.reported : state.committed]
+        state.reported = state.committed
+        request = _DraftRequest(state.epoch, list(state.sequence), draft_room(), committed)
+        drafter_thread.inbox.put(request)
+        state.drafting = True
+
+    def on_drafted(event: _Drafted) -> None:
+        state.drafting = False
+        if event.error is not None:
+            state.drafter_failed = True
+            log.warning("drafter %s raised %r; going on without drafts", type(drafter).__name__, event.error)
+            return
+        assert event.draft is not None
+        if event.epoch != state.epoch:
+            return  # drafted after a token that was since rejected
+        # The target may have committed its own tokens where this draft starts: keep the draft only if
+        # it agrees with them (its later tokens were drafted after the same context).
+        tokens, overlap = event.draft.tokens.tolist(), state.sequence[event.start :]
+        if tokens[: len(overlap)] != overlap:
+            return
+        if len(tokens) < event.asked:
+            state.dry = (state.epoch, event.start + len(tokens))
+        state.sequence.extend(tokens[len(overlap) :])
+        if event.draft.probs is not None:
+            state.draft_probs.extend(event.draft.probs[len(overlap) :])
+
+    def on_verified(event: _Verified) -> list[int]:
+        job = event.job
+        del state.running[job.instance]
+        idle.append(job.instance)
+        if event.error is not None:
+            raise SwarmspecError(f"target instance {job.instance} failed: {event.error!r}") from event.error
+        assert event.logits is not None
+        if job.epoch != state.epoch or job.end < state.committed:
+            stats.discarded_forwards += 1  # it verified a rejected draft, or only committed positions
+            return []
+        first = state.committed  # position of the first token this job decides
+        # The job's last row also decides a draft made after the job started, if there is one.
+        beyond = len(state.sequence) > job.end
+        checked = state.sequence[first : job.end + beyond]
+        rows = event.logits[first - job.base :]  # [len(checked) + 1 - beyond, V]
+        if beyond:  # a bonus row the verdict cannot use: it is read only if the draft beyond is accepted
+            rows = torch.cat([rows, rows[-1:]])
+        probs = torch.stack(state.draft_probs[: len(checked)]) if checked and not sampling.greedy else None
+        tree = TokenTree.chain(state.sequence[first - 1], torch.tensor(checked, dtype=torch.int64), probs)
+        verdict = verifier(tree, rows, generator)
+        verified = len(checked)
+        if beyond and verdict.accepted_len == len(checked):
+            # The last accepted draft is the target's token at the job's last row (counted as its own,
+            # as in greedy, where it equals the target's argmax): the drafts after it stand.
+            new_tokens, verified = checked, len(checked) - 1
+            del state.draft_probs[: len(new_tokens)]
+        else:
+            position = first + verdict.accepted_len  # where the target's own token goes
+            new_tokens = [*checked[: verdict.accepted_len], verdict.next_token]
+            if len(state.sequence) > position:  # a rejection: jobs and drafts after it are stale
+                state.epoch += 1
+            del state.sequence[position:]
+            state.sequence.append(verdict.next_token)
+            state.draft_probs.clear()
+        state.committed = first + len(new_tokens)
+        new_tokens = through_first_stop(new_tokens, stop_token_ids)  # nothing after it is output, nor counted
+        stats.record_step(verified, len(new_tokens))
+        return new_tokens
+
+    start = time.perf_counter()
+    stats.prompt_tokens = len(prompt_ids)
+    for target in targets:
+        target.start()
+    drafter_thread.start()
+    try:
+        # Every instance processes the prompt (the first to finish commits the first token).
+        for instance in idle:
+            job = _Job(state.epoch, state.committed, list(state.sequence), instance)
+            state.running[instance] = job
+            targets[instance].inbox.put(job)
+        idle.clear()
+        produced = 0
+        while True:
+            request_drafts()
+            dispatch()
+            event = events.get()
+            if isinstance(event, _Drafted):
+                on_drafted(event)
+                continue
+            # Drafts never reach past max_new_tokens, so neither do commits.
+            new_tokens = on_verified(event)
+            if not new_tokens:
+                continue
+            stats.wall_s = time.perf_counter() - start
+            if produced == 0:
+                stats.prefill_s = stats.wall_s
+            produced += len(new_tokens)
+            yield new_tokens
+            if produced >= max_new_tokens or new_tokens[-1] in stop_token_ids:
+                return
+    finally:
+        for target in targets:
+            target.inbox.put(None)
+        drafter_thread.inbox.put(state.sequence[state.reported : state.committed])
+        for thread in [*targets, drafter_thread]:
+            thread.join()

@@ -1,0 +1,246 @@
+"""DSI on threads: the output equals plain decoding for any drafter and any number of target instances,
+stale work is never committed, sampling stays exact, and threads end with the generation."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from test_decode_greedy import greedy_accepting_one_extra, prompt_for
+
+from swarmspec.drafters.base import Draft, Drafter
+from swarmspec.drafters.lookup import PromptLookupDrafter
+from swarmspec.drafters.model import ModelDrafter
+from swarmspec.dsi.orchestrator import dsi_decode
+from swarmspec.errors import SwarmspecError
+from swarmspec.metrics import DecodeStats
+from swarmspec.runners.base import ModelRunner
+from swarmspec.runners.hf import HFRunner
+from swarmspec.sampling import SamplingConfig
+from swarmspec.verify import Verifier, make_verifier
+
+from test_sampling_exact import (
+    NEW_TOKENS,
+    PROMPT,
+    SAMPLING_CONFIGS,
+    VOCAB,
+    broken,
+    exact_distribution,
+    p_value,
+)
+from tiny_models import TrigramLM, run_decode, tiny_qwen2
+
+
+def run_dsi(
+    instances: list[ModelRunner],
+    drafter: Drafter,
+    prompt: list[int],
+    max_new_tokens: int,
+    lookahead: int = 3,
+    sampling: SamplingConfig | None = None,
+    verifier: Verifier | None = None,
+    seed: int = 0,
+    stop_token_ids: frozenset[int] = frozenset(),
+) -> tuple[list[int], DecodeStats]:
+    sampling = sampling or SamplingConfig()
+    stats = DecodeStats()
+    chunks = dsi_decode(
+        instances, drafter, verifier or make_verifier(sampling), prompt,
+        max_new_tokens=max_new_tokens, lookahead=lookahead, sampling=sampling,
+        stop_token_ids=stop_token_ids, generator=torch.Generator().manual_seed(seed), stats=stats,
+    )  # fmt: skip
+    return [t for chunk in chunks for t in chunk], stats
+
+
+class ReferenceDrafter(Drafter):
+    """Proposes the target's own greedy continuation, wrong at chosen absolute output positions (a
+    position is wrong every time it is drafted), or always wrong."""
+
+    def __init__(self, reference: list[int], prompt_len: int, wrong: set[int] | None = None) -> None:
+        self.reference, self.prompt_len = reference, prompt_len
+        self.wrong = set(range(len(reference))) if wrong is None else wrong
+
+    def propose(self, context, max_tokens, sampling, generator) -> Draft:
+        start = len(context) - self.prompt_len
+        tokens = []
+        for i, token in enumerate(self.reference[start : start + max_tokens], start):
+            # Past a wrong token the context is not the target's any more: what follows is wrong too.
+            if i in self.wrong or context[self.prompt_len :] != self.reference[:start]:
+                token = (token + 1) % 96
+            tokens.append(token)
+        return Draft.of(tokens)
+
+
+class SlowRunner(HFRunner):
+    """An HF runner that takes at least `delay` seconds per forward, so jobs overlap."""
+
+    def __init__(self, model, delay: float) -> None:
+        super().__init__(model)
+        self.delay = delay
+
+    def forward(self, input_ids, num_logits, tree_mask=None):
+        time.sleep(self.delay)
+        return super().forward(input_ids, num_logits, tree_mask)
+
+
+def dsi_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("swarmspec-dsi")]
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("targets", [1, 2, 3])
+@pytest.mark.parametrize("lookahead", [1, 3])
+def test_random_drafter_matches_plain_decoding(seed: int, targets: int, lookahead: int) -> None:
+    target, other = tiny_qwen2(seed), tiny_qwen2(seed + 100)
+    prompt = prompt_for(seed, 3 + seed * 5)
+    reference, _ = run_decode(target, None, prompt, 40)
+    instances = [HFRunner(target) for _ in range(targets)]
+    output, stats = run_dsi(instances, ModelDrafter(HFRunner(other)), prompt, 40, lookahead)
+    assert output == reference
+    assert stats.new_tokens == 40
+    if targets == 1:  # with more, the plain lane often commits before a draft of this slow drafter is back
+        assert stats.drafted_tokens > 0
+
+
+@pytest.mark.parametrize("targets", [1, 2, 4])
+@pytest.mark.parametrize("wrong", [None, set(), {0, 5, 6, 17}, set(range(3, 40, 4))], ids=str)
+def test_scripted_drafters_match_plain_decoding(targets: int, wrong: set[int] | None) -> None:
+    target = tiny_qwen2(7)
+    prompt = prompt_for(7, 5)
+    reference, _ = run_decode(target, None, prompt, 40)
+    drafter = ReferenceDrafter(reference, len(prompt), wrong)
+    output, stats = run_dsi([HFRunner(target) for _ in range(targets)], drafter, prompt, 40, lookahead=3)
+    assert output == reference
+    if wrong is None:  # always wrong: one token per job, as plain decoding
+        assert stats.accepted_tokens == 0
+    elif not wrong:  # always right
+        assert stats.acceptance_rate == 1.0 and stats.target_forwards < 40 // 2
+
+
+def test_prompt_lookup_drafter_matches_plain_decoding() -> None:
+    target = tiny_qwen2(2)
+    prompt = prompt_for(2, 8) * 3  # repetitive: lookup finds matches
+    reference, _ = run_decode(target, None, prompt, 50)
+    output, _ = run_dsi(
+        [HFRunner(target) for _ in range(2)], PromptLookupDrafter(96), prompt, 50, lookahead=4
+    )
+    assert output == reference
+
+
+def test_a_rejection_cancels_the_jobs_in_flight_after_it() -> None:
+    target = tiny_qwen2(5)
+    prompt = prompt_for(5, 6)
+    reference, _ = run_decode(target, None, prompt, 30)
+    drafter = ReferenceDrafter(reference, len(prompt), wrong={4, 13, 14, 22})
+    instances: list[ModelRunner] = [SlowRunner(target, 0.02) for _ in range(4)]
+    output, stats = run_dsi(instances, drafter, prompt, 30, lookahead=2)
+    assert output == reference  # nothing stale was committed
+    assert stats.discarded_forwards > len(instances) - 1  # beyond the other instances' prefills
+    assert stats.new_tokens == sum(step.committed for step in stats.steps) == 30
+
+
+def test_broken_verifier_is_caught() -> None:
+    target = tiny_qwen2(0)
+    prompt = prompt_for(0, 8)
+    reference, _ = run_decode(target, None, prompt, 40)
+    drafter = ReferenceDrafter(reference, len(prompt), wrong={3, 10, 25})
+    output, _ = run_dsi(
+        [HFRunner(target) for _ in range(2)], drafter, prompt, 40, verifier=greedy_accepting_one_extra
+    )
+    assert output != reference
+
+
+def test_stops_at_a_stop_token() -> None:
+    target = tiny_qwen2(3)
+    prompt = prompt_for(3, 4)
+    reference, _ = run_decode(target, None, prompt, 60)
+    stop = reference[17]
+    expected = reference[: reference.index(stop) + 1]
+    drafter = ReferenceDrafter(reference, len(prompt), wrong={9})
+    output, stats = run_dsi([HFRunner(target)] * 1 + [HFRunner(target)], drafter, prompt, 60, lookahead=4,
+                            stop_token_ids=frozenset([stop]))  # fmt: skip
+    assert output == expected and stats.new_tokens == len(expected)
+
+
+class CrashingDrafter(Drafter):
+    def __init__(self, after: int) -> None:
+        self.calls, self.after = 0, after
+
+    def propose(self, context, max_tokens, sampling, generator) -> Draft:
+        self.calls += 1
+        if self.calls > self.after:
+            raise RuntimeError("drafter bug")
+        return Draft.of([0] * max_tokens)
+
+
+def test_a_crashing_drafter_leaves_plain_decoding(caplog: pytest.LogCaptureFixture) -> None:
+    target = tiny_qwen2(4)
+    prompt = prompt_for(4, 6)
+    reference, _ = run_decode(target, None, prompt, 30)
+    for targets in (1, 2):
+        output, _ = run_dsi([HFRunner(target) for _ in range(targets)], CrashingDrafter(2), prompt, 30)
+        assert output == reference
+    assert "drafter bug" in caplog.text
+
+
+class BrokenRunner(HFRunner):
+    def forward(self, input_ids, num_logits, tree_mask=None):
+        raise RuntimeError("device lost")
+
+
+def test_a_failing_target_instance_fails_the_request_and_stops_every_thread() -> None:
+    target = tiny_qwen2(4)
+    prompt = prompt_for(4, 6)
+    with pytest.raises(SwarmspecError, match=r"target instance .* failed.*device lost"):
+        run_dsi([HFRunner(target), BrokenRunner(target)], ModelDrafter(HFRunner(tiny_qwen2(9))), prompt, 30)
+    assert dsi_threads() == []
+
+
+def test_threads_end_when_the_consumer_stops_early() -> None:
+    target = tiny_qwen2(4)
+    greedy = SamplingConfig()
+    chunks = dsi_decode(
+        [HFRunner(target), HFRunner(target)], ModelDrafter(HFRunner(tiny_qwen2(9))), make_verifier(greedy),
+        prompt_for(4, 6), max_new_tokens=50, lookahead=2, sampling=greedy, stop_token_ids=frozenset(),
+        generator=torch.Generator().manual_seed(0), stats=DecodeStats(),
+    )  # fmt: skip
+    next(chunks)
+    assert dsi_threads()
+    chunks.close()
+    assert dsi_threads() == []
+
+
+def dsi_sampled_counts(verifier: Verifier, sampling: SamplingConfig, samples: int) -> torch.Tensor:
+    """The first NEW_TOKENS tokens of `samples` DSI generations (trigram target, 2 instances)."""
+    generator = torch.Generator().manual_seed(4321)
+    counts = torch.zeros(VOCAB**NEW_TOKENS, dtype=torch.float64)
+    instances: list[ModelRunner] = [TrigramLM(seed=1, vocab_size=VOCAB) for _ in range(2)]
+    drafter = ModelDrafter(TrigramLM(seed=2, vocab_size=VOCAB))
+    for _ in range(samples):
+        tokens = dsi_decode(
+            instances, drafter, verifier, PROMPT, max_new_tokens=NEW_TOKENS + 1, lookahead=2,
+            sampling=sampling, stop_token_ids=frozenset(), generator=generator, stats=DecodeStats(),
+        )  # fmt: skip
+        t1, t2, t3, _ = (t for chunk in tokens for t in chunk)
+        counts[(t1 * VOCAB + t2) * VOCAB + t3] += 1
+    return counts
+
+
+@pytest.mark.parametrize("sampling", SAMPLING_CONFIGS, ids=["t1.0", "t1.3-topk4-topp0.95"])
+def test_sampling_through_dsi_matches_the_target_distribution(sampling: SamplingConfig) -> None:
+    counts = dsi_sampled_counts(make_verifier(sampling), sampling, 3_000)
+    assert p_value(counts, exact_distribution(TrigramLM(seed=1, vocab_size=VOCAB), sampling)) > 1e-3
+
+
+def test_broken_sampling_verifier_fails_through_dsi() -> None:
+    sampling = SAMPLING_CONFIGS[0]
+    counts = dsi_sampled_counts(broken("target_instead_of_residual", sampling), sampling, 3_000)
+    assert p_value(counts, exact_distribution(TrigramLM(seed=1, vocab_size=VOCAB), sampling)) < 1e-6
+
+
+def test_refuses_bad_settings() -> None:
+    target = tiny_qwen2(1)
+    with pytest.raises(ValueError, match="lookahead"):
+        run_dsi([HFRunner(target)], PromptLookupDrafter(96), [1, 2, 3], 5, lookahead=0)
