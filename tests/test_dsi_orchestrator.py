@@ -8,12 +8,11 @@ import time
 
 import pytest
 import torch
-from test_decode_greedy import greedy_accepting_one_extra, prompt_for
 
 from swarmspec.drafters.base import Draft, Drafter
 from swarmspec.drafters.lookup import PromptLookupDrafter
 from swarmspec.drafters.model import ModelDrafter
-from swarmspec.dsi.orchestrator import dsi_decode
+from swarmspec.dsi.orchestrator import LocalInstance, dsi_decode
 from swarmspec.errors import SwarmspecError
 from swarmspec.metrics import DecodeStats
 from swarmspec.runners.base import ModelRunner
@@ -21,6 +20,7 @@ from swarmspec.runners.hf import HFRunner
 from swarmspec.sampling import SamplingConfig
 from swarmspec.verify import Verifier, make_verifier
 
+from test_decode_greedy import greedy_accepting_one_extra, prompt_for
 from test_sampling_exact import (
     NEW_TOKENS,
     PROMPT,
@@ -47,7 +47,7 @@ def run_dsi(
     sampling = sampling or SamplingConfig()
     stats = DecodeStats()
     chunks = dsi_decode(
-        instances, drafter, verifier or make_verifier(sampling), prompt,
+        [LocalInstance(runner) for runner in instances], drafter, verifier or make_verifier(sampling), prompt,
         max_new_tokens=max_new_tokens, lookahead=lookahead, sampling=sampling,
         stop_token_ids=stop_token_ids, generator=torch.Generator().manual_seed(seed), stats=stats,
     )  # fmt: skip
@@ -202,7 +202,8 @@ def test_threads_end_when_the_consumer_stops_early() -> None:
     target = tiny_qwen2(4)
     greedy = SamplingConfig()
     chunks = dsi_decode(
-        [HFRunner(target), HFRunner(target)], ModelDrafter(HFRunner(tiny_qwen2(9))), make_verifier(greedy),
+        [LocalInstance(HFRunner(target)) for _ in range(2)], ModelDrafter(HFRunner(tiny_qwen2(9))),
+        make_verifier(greedy),
         prompt_for(4, 6), max_new_tokens=50, lookahead=2, sampling=greedy, stop_token_ids=frozenset(),
         generator=torch.Generator().manual_seed(0), stats=DecodeStats(),
     )  # fmt: skip
@@ -216,7 +217,7 @@ def dsi_sampled_counts(verifier: Verifier, sampling: SamplingConfig, samples: in
     """The first NEW_TOKENS tokens of `samples` DSI generations (trigram target, 2 instances)."""
     generator = torch.Generator().manual_seed(4321)
     counts = torch.zeros(VOCAB**NEW_TOKENS, dtype=torch.float64)
-    instances: list[ModelRunner] = [TrigramLM(seed=1, vocab_size=VOCAB) for _ in range(2)]
+    instances = [LocalInstance(TrigramLM(seed=1, vocab_size=VOCAB)) for _ in range(2)]
     drafter = ModelDrafter(TrigramLM(seed=2, vocab_size=VOCAB))
     for _ in range(samples):
         tokens = dsi_decode(

@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--max-k", type=int, default=32, help="largest k")
     prof.add_argument("--context", type=int, default=256, help="cached tokens under each timed forward")
     prof.add_argument("--repeats", type=int, default=3, help="figures are medians")
+    prof.add_argument("--target-threads", type=int, default=0, help="llama.cpp threads (0: every core)")
+    prof.add_argument("--drafter-threads", type=int, default=0, help="llama.cpp threads (0: every core)")
     prof.set_defaults(run=run_profile)
 
     bench_defaults = BenchConfig()
@@ -184,9 +186,13 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tree", type=int_list, default=(), help="tree widths per depth, e.g. 3,2,1,1")
     parser.add_argument("--tree-budget", type=int, default=0, help="grow <= N nodes from the model drafter")
-    help_threads = "llama.cpp threads (0: every core)"
+    help_threads = "llama.cpp threads (0: every core; dsi: the cores shared out)"
     parser.add_argument("--target-threads", type=int, default=defaults.target_threads, help=help_threads)
     parser.add_argument("--drafter-threads", type=int, default=defaults.drafter_threads, help=help_threads)
+    parser.add_argument("--targets", type=int, default=defaults.targets, help="dsi: target instances")
+    parser.add_argument(
+        "--lookahead", type=int, default=defaults.lookahead, help="dsi: drafted tokens per job"
+    )
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser, sampling: SamplingConfig, seed: int | None) -> None:
@@ -234,6 +240,8 @@ def engine_flags(args: argparse.Namespace) -> dict[str, Any]:
         "tree_budget": args.tree_budget,
         "target_threads": args.target_threads,
         "drafter_threads": args.drafter_threads,
+        "targets": args.targets,
+        "lookahead": args.lookahead,
     }
 
 
@@ -339,18 +347,26 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def run_profile(args: argparse.Namespace) -> int:
     from swarmspec.models.loading import load_model
-    from swarmspec.profile import CostProfile, device_name, format_table, measure_forward_latency
+    from swarmspec.profile import CostProfile, device_name, format_table, measure_forward_latency, profile_key
 
     if args.max_k < 1 or args.context < 1 or args.repeats < 1:
         raise SwarmspecError("--max-k, --context and --repeats must be >= 1")
+    if args.target_threads < 0 or args.drafter_threads < 0:
+        raise SwarmspecError("thread counts must be >= 1 (0: every core)")
     device = device_name()
     profiles = []
-    for spec in [args.target, *(args.drafter or default_drafters("chain", args.target))]:
-        print(f"profiling {spec} on {device} (k = 1..{args.max_k}, {args.repeats} repeats)", file=sys.stderr)
-        runner = load_model(spec).new_runner()
+    models = [(args.target, args.target_threads)]
+    models += [
+        (spec, args.drafter_threads) for spec in args.drafter or default_drafters("chain", args.target)
+    ]
+    for spec, threads in models:
+        # Stored under the name the engine and `simulate` look up for a runner with these threads.
+        key = profile_key(spec, threads)
+        print(f"profiling {key} on {device} (k = 1..{args.max_k}, {args.repeats} repeats)", file=sys.stderr)
+        runner = load_model(spec).new_runner(threads or None)
         ks = list(range(1, args.max_k + 1))
-        latency = measure_forward_latency(runner, ks, args.context, args.repeats, label=spec)
-        profile = CostProfile(spec, device, args.context, args.repeats, latency)
+        latency = measure_forward_latency(runner, ks, args.context, args.repeats, label=key)
+        profile = CostProfile(key, device, args.context, args.repeats, latency)
         print(f"  saved {profile.save()}", file=sys.stderr)
         profiles.append(profile)
         del runner

@@ -10,7 +10,7 @@ from swarmspec.models.registry import DEFAULT_DRAFTER, DEFAULT_TARGET
 from swarmspec.sampling import SamplingConfig
 from swarmspec.tree import FixedWidths, NodeBudget, TreeShape
 
-METHODS = ("ar", "chain", "tree", "vote")
+METHODS = ("ar", "chain", "tree", "vote", "dsi")
 # Drafters that need no model: n-gram lookup in the prompt and output, suffix match over earlier outputs.
 MODEL_FREE_DRAFTERS = ("prompt-lookup", "suffix")
 # What users of `transformers` pick instead: plain generate, assisted generation, prompt lookup.
@@ -22,6 +22,8 @@ BASELINES = (*HF_BASELINES, *LLAMA_CPP_BASELINES)
 # Model specs with this prefix run on llama.cpp (see models.loading.VARIANTS).
 LLAMA_CPP_PREFIX = "llamacpp:"
 AUTO = "auto"
+# Where DSI's target and drafter instances run.
+WORKERS = ("threads", "ray")
 Gamma = int | Literal["auto"]
 
 
@@ -40,7 +42,8 @@ class EngineConfig:
     # "ar": plain autoregressive decoding (the baseline); "chain": one drafter proposes gamma tokens;
     # "tree": every drafter's proposal merged into one token tree (or a tree grown from the first model
     # drafter, see tree_widths and tree_budget); "vote": a weighted vote of the drafters picks one
-    # chain (Minions).
+    # chain (Minions); "dsi": several target instances verify one drafter's drafts at once (DSI, see
+    # targets and lookahead).
     method: str = "chain"
     # Model specs (optionally prefixed "int8:" / "onednn:") or model-free drafters (MODEL_FREE_DRAFTERS).
     # Empty: the method's default, see `default_drafters`.
@@ -57,9 +60,18 @@ class EngineConfig:
     # tree only: a dynamic tree of at most this many drafted nodes from the first model drafter, the
     # most confident first (see tree.NodeBudget), the other drafters merged in; 0: off.
     tree_budget: int = 0
-    # llama.cpp threads of the target's runner and of each draft model's runner; 0: every core.
+    # llama.cpp threads of the target's runner (dsi: of each instance) and of each draft model's runner;
+    # 0: every core (dsi: the cores shared out between the instances and a draft model).
     target_threads: int = 0
     drafter_threads: int = 0
+    # dsi only: target instances verifying at once (one copy of the weights, a cache each), and drafted
+    # tokens per verification job.
+    targets: int = 2
+    lookahead: int = 3
+    # dsi only: where the instances run: "threads" in this process (one copy of the weights), or "ray"
+    # actors (a process each, on this machine or the cluster at ray_address).
+    workers: str = "threads"
+    ray_address: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -67,11 +79,18 @@ class EngineConfig:
         check_gamma(self.gamma, self.max_depth)
         if self.target_threads < 0 or self.drafter_threads < 0:
             raise InvalidRequestError("thread counts must be >= 1 (0: every core)")
+        if self.workers not in WORKERS:
+            raise InvalidRequestError(f"unknown workers {self.workers!r}; choose one of {', '.join(WORKERS)}")
+        if self.targets < 1 or self.lookahead < 1:
+            raise InvalidRequestError(
+                f"--targets and --lookahead must be >= 1, got {self.targets}, {self.lookahead}"
+            )
         if not self.drafters:
             object.__setattr__(self, "drafters", default_drafters(self.method, self.target))
-        if self.method == "chain" and len(self.drafters) != 1:
+        if self.method in ("chain", "dsi") and len(self.drafters) != 1:
             raise InvalidRequestError(
-                f"chain takes one drafter, got {len(self.drafters)}; use --method tree or vote for several"
+                f"{self.method} takes one drafter, got {len(self.drafters)}; "
+                "use --method tree or vote for several"
             )
         if self.tree_widths or self.tree_budget:
             if self.method != "tree":
@@ -110,12 +129,12 @@ def default_baselines(target: str) -> tuple[str, ...]:
 
 
 def default_drafters(method: str, target: str = "") -> tuple[str, ...]:
-    """chain: the packaged 0.5B model (on the target's backend); tree and vote: the model plus both
-    model-free drafters."""
+    """chain and dsi: the packaged 0.5B model (on the target's backend); tree and vote: the model plus
+    both model-free drafters."""
     model = LLAMA_CPP_PREFIX + DEFAULT_DRAFTER if target.startswith(LLAMA_CPP_PREFIX) else DEFAULT_DRAFTER
     if method == "ar":
         return ()
-    if method == "chain":
+    if method in ("chain", "dsi"):
         return (model,)
     return (model, *MODEL_FREE_DRAFTERS)
 
@@ -192,6 +211,11 @@ class BenchConfig:
     # llama.cpp threads of the target (and the llama.cpp baselines) and of each draft model; 0: every core.
     target_threads: int = 0
     drafter_threads: int = 0
+    # dsi: target instances, lookahead and where they run (see EngineConfig).
+    targets: int = 2
+    lookahead: int = 3
+    workers: str = "threads"
+    ray_address: str | None = None
     # Question i, repeat r is generated with seed + i (the same for every contender and repeat).
     seed: int = 0
     # Timed runs per question and contender; figures are medians over them.
@@ -230,7 +254,7 @@ class BenchConfig:
     def engine_config(self, method: str) -> EngineConfig:
         """One method's engine: the given drafters (chain takes the first, ar none), else the method's
         default."""
-        drafters = {"chain": self.drafters[:1], "ar": ()}.get(method, self.drafters)
+        drafters = {"chain": self.drafters[:1], "dsi": self.drafters[:1], "ar": ()}.get(method, self.drafters)
         is_tree = method == "tree"
         return EngineConfig(
             target=self.target,
@@ -242,6 +266,10 @@ class BenchConfig:
             tree_budget=self.tree_budget if is_tree else 0,
             target_threads=self.target_threads,
             drafter_threads=self.drafter_threads,
+            targets=self.targets,
+            lookahead=self.lookahead,
+            workers=self.workers,
+            ray_address=self.ray_address,
         )
 
     @property

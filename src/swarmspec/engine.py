@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import secrets
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from jinja2 import TemplateError
@@ -17,12 +20,13 @@ from swarmspec.decode import decode
 from swarmspec.drafters.base import Drafter
 from swarmspec.drafters.lookup import PromptLookupDrafter, SuffixDrafter, SuffixIndex
 from swarmspec.drafters.model import ModelDrafter
+from swarmspec.dsi.orchestrator import LocalInstance, TargetInstance, dsi_decode
 from swarmspec.errors import InvalidRequestError
 from swarmspec.metrics import DecodeStats
 from swarmspec.models.loading import LoadedModel, check_same_vocabulary, check_spec, load_model, split_spec
 from swarmspec.models.registry import REGISTRY
 from swarmspec.policy import AcceptancePrior, CostModelPolicy, FixedDepth, SpeculationPolicy, StepCosts
-from swarmspec.profile import forward_costs
+from swarmspec.profile import forward_costs, profile_key
 from swarmspec.runners.base import ModelRunner
 from swarmspec.sampling import SamplingConfig
 from swarmspec.speculate import (
@@ -34,7 +38,7 @@ from swarmspec.speculate import (
     VotePrior,
     VoteSpeculation,
 )
-from swarmspec.verify import make_verifier
+from swarmspec.verify import Verifier, make_verifier
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,29 @@ class SequenceState:
     speculation: Speculation
     policy: SpeculationPolicy
 
+    def run(self, prompt_ids: list[int], verifier: Verifier, **options: Any) -> Iterator[list[int]]:
+        """The decode loop (see `decode.decode` for the options)."""
+        return decode(self.target, self.speculation, verifier, prompt_ids, policy=self.policy, **options)
+
+
+@dataclass
+class DsiState:
+    """What one DSI generation mutates: the target instances' caches (over one copy of the weights)
+    and its drafter."""
+
+    instances: list[TargetInstance]
+    drafter: Drafter
+    lookahead: int
+
+    def run(self, prompt_ids: list[int], verifier: Verifier, **options: Any) -> Iterator[list[int]]:
+        """DSI's orchestrator (see `dsi.orchestrator.dsi_decode` for the options)."""
+        return dsi_decode(
+            self.instances, self.drafter, verifier, prompt_ids, lookahead=self.lookahead, **options
+        )
+
+
+GenerationState = SequenceState | DsiState
+
 
 @dataclass
 class SharedLearning:
@@ -69,21 +96,21 @@ class SharedLearning:
 class Engine:
     """Loaded models plus a decoding method chosen at construction, serving any number of generations.
 
-    Each generation runs on a `SequenceState` of its own, taken from a pool of idle ones (or built by
-    `new_state`) and returned when it ends, so interleaved or concurrent generations never share a
-    cache; the weights are loaded once.
+    Each generation runs on a state of its own (`SequenceState`, or `DsiState`), taken from a pool of
+    idle ones (or built by `new_state`) and returned when it ends, so interleaved or concurrent
+    generations never share a cache; the weights are loaded once.
     """
 
     def __init__(
         self,
-        new_state: Callable[[], SequenceState],
+        new_state: Callable[[], GenerationState],
         tokenizer: PreTrainedTokenizerBase,
         stop_token_ids: frozenset[int],
     ) -> None:
         self.new_state = new_state
         self.tokenizer = tokenizer
         self.stop_token_ids = stop_token_ids
-        self._idle: list[SequenceState] = []
+        self._idle: list[GenerationState] = []
         self._lock = threading.Lock()
 
     @classmethod
@@ -109,8 +136,10 @@ class Engine:
         shared = SharedLearning()
         step_costs = costs
 
-        def new_state() -> SequenceState:
+        def new_state() -> GenerationState:
             nonlocal step_costs
+            if config.method == "dsi":
+                return new_dsi_state(config, target, draft_models, shared)
             target_runner = warmed_up(target.new_runner(config.target_threads or None))
             speculation = build_speculation(config, target, draft_models, shared)
             if config.gamma != AUTO or config.method == "ar":
@@ -151,13 +180,10 @@ class Engine:
         # The request's own generator: no global RNG is read or reseeded.
         generator = torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(63))
         try:
-            yield from decode(
-                state.target,
-                state.speculation,
-                make_verifier(sampling),
+            yield from state.run(
                 prompt_ids,
+                make_verifier(sampling),
                 max_new_tokens=max_new_tokens,
-                policy=state.policy,
                 sampling=sampling,
                 stop_token_ids=self.stop_token_ids,
                 generator=generator,
@@ -173,13 +199,13 @@ class Engine:
         assert stream.result is not None
         return stream.result
 
-    def _acquire(self) -> SequenceState:
+    def _acquire(self) -> GenerationState:
         with self._lock:
             if self._idle:
                 return self._idle.pop()
         return self.new_state()
 
-    def _release(self, state: SequenceState) -> None:
+    def _release(self, state: GenerationState) -> None:
         with self._lock:
             self._idle.append(state)
 
@@ -194,17 +220,7 @@ def build_speculation(
     caches of its own and the engine's shared learning."""
     if config.method == "ar":
         return NoSpeculation()
-    vocab_size = target.vocab_size
-    drafters: list[Drafter] = []  # in the order given
-    for spec in config.drafters:
-        if spec == "prompt-lookup":
-            drafters.append(PromptLookupDrafter(vocab_size))
-        elif spec == "suffix":
-            drafters.append(SuffixDrafter(vocab_size, shared.suffix_index))
-        else:
-            check_same_vocabulary(target, draft_models[spec])
-            runner = draft_models[spec].new_runner(config.drafter_threads or None)
-            drafters.append(ModelDrafter(warmed_up(runner)))
+    drafters = build_drafters(config, target, draft_models, shared, config.drafter_threads)
     if config.method == "chain":
         return ChainSpeculation(drafters[0])
     if config.method == "tree" and config.tree_shape is not None:
@@ -215,25 +231,100 @@ def build_speculation(
     return VoteSpeculation(drafters, prior=shared.vote_prior)
 
 
+def build_drafters(
+    config: EngineConfig,
+    target: LoadedModel,
+    draft_models: Mapping[str, LoadedModel],
+    shared: SharedLearning,
+    threads: int,
+) -> list[Drafter]:
+    """The configured drafters, in the order given, with caches of their own (draft models' runners
+    with `threads` llama.cpp threads, 0: every core)."""
+    drafters: list[Drafter] = []
+    for spec in config.drafters:
+        if spec == "prompt-lookup":
+            drafters.append(PromptLookupDrafter(target.vocab_size))
+        elif spec == "suffix":
+            drafters.append(SuffixDrafter(target.vocab_size, shared.suffix_index))
+        else:
+            check_same_vocabulary(target, draft_models[spec])
+            drafters.append(ModelDrafter(warmed_up(draft_models[spec].new_runner(threads or None))))
+    return drafters
+
+
+def new_dsi_state(
+    config: EngineConfig,
+    target: LoadedModel,
+    draft_models: Mapping[str, LoadedModel],
+    shared: SharedLearning,
+) -> DsiState:
+    """DSI's target instances and drafter: runners over the loaded weights on threads, or Ray actors
+    that load the models in their own processes (a draft model too; a model-free drafter stays here)."""
+    threads = dsi_threads(config)
+    if config.workers == "threads":
+        instances: list[TargetInstance] = [
+            LocalInstance(warmed_up(target.new_runner(threads))) for _ in range(config.targets)
+        ]
+        (drafter,) = build_drafters(config, target, draft_models, shared, threads)
+        return DsiState(instances, drafter, config.lookahead)
+    from swarmspec.dsi.ray_workers import RayDrafter, RayInstance, start_ray
+
+    start_ray(config.ray_address, actors=config.targets + len(config.model_drafters))
+    new_runner = functools.partial(runner_in_actor, shippable(target), threads)
+    instances = [RayInstance(new_runner) for _ in range(config.targets)]
+    (spec,) = config.drafters
+    if spec in config.model_drafters:
+        check_same_vocabulary(target, draft_models[spec])
+        drafter: Drafter = RayDrafter(
+            functools.partial(drafter_in_actor, shippable(draft_models[spec]), threads)
+        )
+    else:
+        (drafter,) = build_drafters(config, target, draft_models, shared, threads)
+    return DsiState(instances, drafter, config.lookahead)
+
+
+def shippable(model: LoadedModel) -> LoadedModel | str:
+    """What an actor is given to load a model: its spec when it can load it by name (the weights are
+    not sent), else the loaded model itself (a PyTorch model built in memory)."""
+    return model.spec if is_loadable(model.spec) else model
+
+
+def runner_in_actor(model: LoadedModel | str, threads: int) -> ModelRunner:
+    loaded = load_model(model) if isinstance(model, str) else model
+    return warmed_up(loaded.new_runner(threads or None))
+
+
+def drafter_in_actor(model: LoadedModel | str, threads: int) -> Drafter:
+    return ModelDrafter(runner_in_actor(model, threads))
+
+
+def is_loadable(spec: str) -> bool:
+    """A model users load again by name (registered, or a path), not one built in memory."""
+    name = split_spec(spec)[1]
+    return name in REGISTRY or Path(name).expanduser().exists()
+
+
+def dsi_threads(config: EngineConfig) -> int:
+    """llama.cpp threads of each DSI target instance and of a draft model: as configured, else the cores
+    shared out between them (a model-free drafter needs none)."""
+    if config.target_threads:
+        return config.target_threads
+    workers = config.targets + len(config.model_drafters)
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
 def measure_step_costs(config: EngineConfig, target: ModelRunner, speculation: Speculation) -> StepCosts:
     """The policy's costs: the target's forward over k rows and each draft model's per-token forward
     (model-free drafters: 0), from this machine's stored profiles or measured now and stored."""
 
-    def key(spec: str, threads: int) -> str:
-        return f"{spec} x{threads} threads" if threads else spec
-
-    def persistent(spec: str) -> bool:  # a model users load again (not one built in memory)
-        name = split_spec(spec)[1]
-        return name in REGISTRY or Path(name).expanduser().exists()
-
     verify_ms = forward_costs(
-        key(config.target, config.target_threads), target, persist=persistent(config.target)
+        profile_key(config.target, config.target_threads), target, persist=is_loadable(config.target)
     )
     draft_token_ms = []
     for spec, drafter in zip(config.drafters, speculation.drafters, strict=True):
         if isinstance(drafter, ModelDrafter):
             latency = forward_costs(
-                key(spec, config.drafter_threads), drafter.runner, ks=(1,), persist=persistent(spec)
+                profile_key(spec, config.drafter_threads), drafter.runner, ks=(1,), persist=is_loadable(spec)
             )
             draft_token_ms.append(latency[1])
         else:

@@ -62,6 +62,11 @@ def device_name() -> str:
     return f"{cpu} x{torch.get_num_threads()} threads"
 
 
+def profile_key(spec: str, threads: int) -> str:
+    """The name a profile is stored under: the model spec, and the runner's llama.cpp threads if set."""
+    return f"{spec} x{threads} threads" if threads else spec
+
+
 def profile_path(model: str, device: str) -> Path:
     def slug(text: str) -> str:
         return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower()

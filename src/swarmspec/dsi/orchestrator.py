@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -46,20 +47,53 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class _Job:
+class Job:
+    """A verification job: the target's distribution at positions base..end of `tokens`."""
+
     epoch: int
     base: int  # committed tokens when it started: it gives the target's token at positions base..end
     tokens: list[int]  # the sequence it verifies: committed tokens, then drafted ones
     instance: int
+    fresh: bool = False  # the first job of a generation: the instance's cache holds another sequence
 
     @property
     def end(self) -> int:
         return len(self.tokens)
 
 
+class TargetInstance(Protocol):
+    """Where verification jobs run: a runner in this process (`LocalInstance`) or a Ray actor."""
+
+    max_length: int
+
+    def verify(self, job: Job) -> torch.Tensor:  # [end - base + 1, V] logits
+        """Run `job` (blocking); called by one thread at a time."""
+
+
+class LocalInstance:
+    """A target runner in this process that caches what it last verified and rolls back to the longest
+    prefix it shares with the next job."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+        self.max_length = runner.max_length
+        self.cached: list[int] = []
+
+    def verify(self, job: Job) -> torch.Tensor:
+        if job.fresh:  # a new sequence's prompt is processed as a prompt, from an empty cache
+            self.runner.reset()
+            self.cached = []
+        # Feed again at least the token before `base`: its logits give the first row.
+        shared = common_prefix_len(self.cached, job.tokens[: job.base - 1])
+        self.runner.rollback(shared)
+        self.cached = job.tokens
+        new = torch.tensor(job.tokens[shared:], dtype=torch.int64)
+        return self.runner.forward(new, num_logits=job.end - job.base + 1)
+
+
 @dataclass(frozen=True)
 class _Verified:
-    job: _Job
+    job: Job
     logits: torch.Tensor | None  # [end - base + 1, V]: the target's distribution at positions base..end
     error: BaseException | None = None
 
@@ -73,34 +107,21 @@ class _Drafted:
     error: BaseException | None = None
 
 
-class _TargetInstance(threading.Thread):
-    """Runs verification jobs on one runner, one at a time."""
+class _InstanceThread(threading.Thread):
+    """Hands one instance its jobs, one at a time, and reports each result to the manager."""
 
-    def __init__(self, runner: ModelRunner, events: queue.Queue) -> None:
+    def __init__(self, instance: TargetInstance, events: queue.Queue) -> None:
         super().__init__(daemon=True, name="swarmspec-dsi-target")
-        self.runner = runner
+        self.instance = instance
         self.events = events
-        self.inbox: queue.Queue[_Job | None] = queue.Queue()
-        self.cached: list[int] | None = None  # None: the cache holds another sequence (reset first)
+        self.inbox: queue.Queue[Job | None] = queue.Queue()
 
     def run(self) -> None:
         while (job := self.inbox.get()) is not None:
             try:
-                self.events.put(_Verified(job, self._verify(job)))
+                self.events.put(_Verified(job, self.instance.verify(job)))
             except BaseException as err:  # reported to the manager, which fails the request
                 self.events.put(_Verified(job, None, err))
-
-    def _verify(self, job: _Job) -> torch.Tensor:
-        if self.cached is None:
-            # A new sequence starts from an empty cache: its prompt is processed as a prompt.
-            self.runner.reset()
-            self.cached = []
-        # Feed again at least the token before `base`: its logits give the first row.
-        shared = common_prefix_len(self.cached, job.tokens[: job.base - 1])
-        self.runner.rollback(shared)
-        self.cached = job.tokens
-        new = torch.tensor(job.tokens[shared:], dtype=torch.int64)
-        return self.runner.forward(new, num_logits=job.end - job.base + 1)
 
 
 @dataclass
@@ -165,7 +186,7 @@ class _State:
     committed: int  # sequence[:committed] is committed
     draft_probs: list[torch.Tensor] = field(default_factory=list)  # one [V] row per drafted token (sampling)
     epoch: int = 0
-    running: dict[int, _Job] = field(default_factory=dict)  # instance -> its job
+    running: dict[int, Job] = field(default_factory=dict)  # instance -> its job
     drafting: bool = False
     drafter_failed: bool = False
     dry: tuple[int, int] | None = None  # (epoch, length) where the drafter last had nothing more
@@ -177,7 +198,7 @@ class _State:
 
 
 def dsi_decode(
-    instances: Sequence[ModelRunner],
+    instances: Sequence[TargetInstance],
     drafter: Drafter,
     verifier: Verifier,
     prompt_ids: list[int],
@@ -191,13 +212,13 @@ def dsi_decode(
 ) -> Iterator[list[int]]:
     """Yield the tokens each finished verification job commits, until a stop token or `max_new_tokens`.
 
-    `instances`: the target's runners, one per instance (see the module docstring for the schedule).
+    `instances`: where the target's verification jobs run (see the module docstring for the schedule).
     """
     if lookahead < 1 or not instances:
         raise ValueError(f"need lookahead >= 1 and a target instance, got {lookahead}, {len(instances)}")
     check_fits(len(prompt_ids), max_new_tokens, instances[0].max_length)
     events: queue.Queue[_Verified | _Drafted] = queue.Queue()
-    targets = [_TargetInstance(runner, events) for runner in instances]
+    targets = [_InstanceThread(instance, events) for instance in instances]
     # The drafter samples on its own thread, so from its own generator (seeded from the request's).
     draft_generator = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
     drafter_thread = _DrafterThread(drafter, prompt_ids, sampling, draft_generator, events)
@@ -218,7 +239,7 @@ def dsi_decode(
             plain_lane = not valid and (len(instances) > 1 or drafter_blocked)
             if not plain_lane and len(state.sequence) - furthest < lookahead:
                 return
-            job = _Job(state.epoch, state.committed, list(state.sequence), idle.pop())
+            job = Job(state.epoch, state.committed, list(state.sequence), idle.pop())
             state.running[job.instance] = job
             targets[job.instance].inbox.put(job)
 
@@ -306,7 +327,7 @@ def dsi_decode(
     try:
         # Every instance processes the prompt (the first to finish commits the first token).
         for instance in idle:
-            job = _Job(state.epoch, state.committed, list(state.sequence), instance)
+            job = Job(state.epoch, state.committed, list(state.sequence), instance, fresh=True)
             state.running[instance] = job
             targets[instance].inbox.put(job)
         idle.clear()

@@ -24,7 +24,7 @@ from swarmspec.dsi.simulator import (
 )
 from swarmspec.errors import InvalidRequestError
 from swarmspec.policy import StepCosts
-from swarmspec.profile import CostProfile, device_name
+from swarmspec.profile import CostProfile, device_name, profile_key
 
 
 @dataclass(frozen=True)
@@ -267,12 +267,12 @@ def stored_costs(config: SimulationConfig) -> tuple[StepCosts, float]:
     a model-free drafter)."""
 
     def profile(spec: str, threads: int) -> dict[int, float]:
-        key = f"{spec} x{threads} threads" if threads else spec
+        key = profile_key(spec, threads)
         stored = CostProfile.load(key)
         if stored is None:
             raise InvalidRequestError(
                 f"no stored cost profile of {key} on this machine ({device_name()}); measure it with "
-                f"`swarmspec profile --target {spec}` (or run a generation with --gamma auto)"
+                f"`swarmspec profile --target {spec} --target-threads {threads}`"
             )
         return stored.latency_ms
 

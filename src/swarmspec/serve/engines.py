@@ -34,7 +34,8 @@ class MethodEngines:
 
     def config_for(self, method: str) -> EngineConfig:
         """The configured engine with another method (tree shapes only for the tree)."""
-        drafters = {"chain": self.given_drafters[:1], "ar": ()}.get(method, self.given_drafters)
+        one = self.given_drafters[:1]
+        drafters = {"chain": one, "dsi": one, "ar": ()}.get(method, self.given_drafters)
         if method == self.config.method:
             return self.config
         tree = method == "tree"

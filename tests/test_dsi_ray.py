@@ -1,0 +1,94 @@
+"""DSI with Ray actors (local Ray, started by the test): target instances and the drafter in other
+processes give exactly plain decoding; an actor that dies fails the request clearly, never with a wrong
+token."""
+
+from __future__ import annotations
+
+import functools
+import threading
+
+import pytest
+import torch
+
+from swarmspec.config import EngineConfig
+from swarmspec.drafters.model import ModelDrafter
+from swarmspec.dsi.orchestrator import dsi_decode
+from swarmspec.dsi.ray_workers import RayDrafter, RayInstance, start_ray
+from swarmspec.engine import Engine
+from swarmspec.errors import SwarmspecError
+from swarmspec.metrics import DecodeStats
+from swarmspec.runners.hf import HFRunner
+from swarmspec.sampling import SamplingConfig
+from swarmspec.verify import make_verifier
+
+from test_decode_greedy import prompt_for
+from test_dsi_orchestrator import ReferenceDrafter
+from tiny_models import run_decode, tiny_loaded, tiny_qwen2
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # starting Ray takes seconds
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    start_ray(actors=4)
+    yield
+    ray.shutdown()
+
+
+def new_drafter(seed: int) -> ModelDrafter:
+    return ModelDrafter(HFRunner(tiny_qwen2(seed)))
+
+
+def run(instances, drafter, prompt, max_new_tokens: int, stats: DecodeStats | None = None) -> list[int]:
+    greedy = SamplingConfig()
+    chunks = dsi_decode(
+        instances, drafter, make_verifier(greedy), prompt, max_new_tokens=max_new_tokens, lookahead=3,
+        sampling=greedy, stop_token_ids=frozenset(), generator=torch.Generator().manual_seed(0),
+        stats=stats or DecodeStats(),
+    )  # fmt: skip
+    return [t for chunk in chunks for t in chunk]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_ray_actors_match_plain_decoding(seed: int) -> None:
+    target = tiny_qwen2(seed)
+    prompt = prompt_for(seed, 4 + 3 * seed)
+    reference, _ = run_decode(target, None, prompt, 30)
+    instances = [RayInstance(functools.partial(HFRunner, target), num_cpus=1) for _ in range(2)]
+    # A drafter in an actor of its own (an agreeing one: the target itself), and one in this process.
+    assert run(instances, RayDrafter(functools.partial(new_drafter, seed)), prompt, 30) == reference
+    scripted = ReferenceDrafter(reference, len(prompt), wrong={2, 9, 10})
+    assert run(instances, scripted, prompt, 30) == reference
+
+
+def test_a_dying_actor_fails_the_request_and_commits_nothing_wrong() -> None:
+    target = tiny_qwen2(1)
+    prompt = prompt_for(1, 6)
+    reference, _ = run_decode(target, None, prompt, 200)
+    instances = [RayInstance(functools.partial(HFRunner, target), num_cpus=1) for _ in range(2)]
+    greedy = SamplingConfig()
+    chunks = dsi_decode(
+        instances, ReferenceDrafter(reference, len(prompt), wrong={5, 40}), make_verifier(greedy), prompt,
+        max_new_tokens=200, lookahead=2, sampling=greedy, stop_token_ids=frozenset(),
+        generator=torch.Generator().manual_seed(0), stats=DecodeStats(),
+    )  # fmt: skip
+    output = list(next(chunks))
+    threading.Timer(0.05, ray.kill, args=(instances[1].actor,)).start()
+    with pytest.raises(SwarmspecError, match="Ray target actor died"):
+        for chunk in chunks:
+            output.extend(chunk)
+    assert output == reference[: len(output)]
+
+
+def test_an_engine_with_ray_workers_equals_plain_decoding() -> None:
+    target, drafter = tiny_loaded("tiny-target", 1), tiny_loaded("tiny-drafter", 7, layers=1)
+    plain = Engine.from_models(EngineConfig(target=target.spec, method="ar"), target, {})
+    config = EngineConfig(target=target.spec, method="dsi", drafters=(drafter.spec,), workers="ray")
+    engine = Engine.from_models(config, target, {drafter.spec: drafter})
+    for seed in range(2):
+        prompt = prompt_for(seed, 9)
+        expected = [t for c in plain.token_chunks(prompt, 24, SamplingConfig(), 0, DecodeStats()) for t in c]
+        stats = DecodeStats()
+        assert [t for c in engine.token_chunks(prompt, 24, SamplingConfig(), 0, stats) for t in c] == expected
+        assert stats.new_tokens == len(expected)
