@@ -35,7 +35,9 @@ def contenders_for(
         EngineConfig(
             target=target.spec,
             method=method,
-            drafters=(draft_model.spec,) if method == "chain" else (draft_model.spec, *MODEL_FREE_DRAFTERS),
+            drafters=(draft_model.spec,)
+            if method in ("chain", "dsi")
+            else (draft_model.spec, *MODEL_FREE_DRAFTERS),
             gamma=gamma,
         )
         for method in methods

@@ -316,7 +316,7 @@ def dsi_decode(
             state.draft_probs.clear()
         state.committed = first + len(new_tokens)
         new_tokens = through_first_stop(new_tokens, stop_token_ids)  # nothing after it is output, nor counted
-        stats.record_step(verified, len(new_tokens))
+        stats.record_step(verified, len(new_tokens), accepted_by=[0] * (len(new_tokens) - 1))  # one drafter
         return new_tokens
 
     start = time.perf_counter()
