@@ -120,6 +120,7 @@ def test_simulate_cli_grid_writes_a_report(tmp_path: Path, capsys: pytest.Captur
     assert main([*args, "--tokens", "300", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "speedup over SI" in printed and "| 0.9 |" in printed
+    assert "SI speedup over non-SI" in printed and "SI is slower than plain decoding in" in printed
     assert {p.name for p in out.iterdir()} == {"simulate.json", "simulate.md", "dsi-speedup.png"}
     assert len(json.loads((out / "simulate.json").read_text())["cells"]) == 4
 

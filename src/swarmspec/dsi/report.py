@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -40,6 +41,11 @@ class Cell:
     si_lookahead: int
     dsi: float
     dsi_lookahead: int
+
+    @property
+    def si_speedup(self) -> float:
+        """SI against plain decoding: below 1 where speculation loses."""
+        return self.non_si / self.si
 
     @property
     def speedup_over_si(self) -> float:
@@ -102,57 +108,68 @@ def simulate_grid(
     return cells
 
 
-def grid_tables(cells: Sequence[Cell]) -> str:
-    """Markdown: DSI's speedup over min(SI, non-SI) and over SI, acceptance rows x drafter-cost columns."""
+def _panels(targets: int) -> list[tuple[str, str]]:
+    """(title, Cell property) of each table and heatmap of the grid."""
+    return [
+        ("SI speedup over non-SI (below 1: SI is slower than plain decoding)", "si_speedup"),
+        (f"DSI ({targets} target instances) speedup over the faster of SI and non-SI", "speedup_over_best"),
+        (f"DSI ({targets} target instances) speedup over SI", "speedup_over_si"),
+    ]
+
+
+def _grid(cells: Sequence[Cell], value: str) -> tuple[list[float], list[float], list[list[float]]]:
+    """Drafter costs, acceptance rates, and `value` per [rate][cost]."""
     costs = sorted({c.drafter_cost for c in cells})
     rates = sorted({c.acceptance for c in cells})
     by_key = {(c.drafter_cost, c.acceptance): c for c in cells}
-    targets = cells[0].targets
+    return costs, rates, [[getattr(by_key[c, a], value) for c in costs] for a in rates]
+
+
+def grid_tables(cells: Sequence[Cell]) -> str:
+    """Markdown, acceptance rows x drafter-cost columns: SI against non-SI, then DSI's speedups."""
     parts = []
-    for title, value in (
-        (f"DSI ({targets} target instances) speedup over the faster of SI and non-SI", "speedup_over_best"),
-        (f"DSI ({targets} target instances) speedup over SI", "speedup_over_si"),
-    ):
+    for title, value in _panels(cells[0].targets):
+        costs, rates, grid = _grid(cells, value)
         header = "| a \\ c | " + " | ".join(f"{c:g}" for c in costs) + " |"
         lines = [f"### {title}", "", header, "|" + "---|" * (len(costs) + 1)]
-        for a in rates:
-            lines.append(
-                f"| {a:g} | " + " | ".join(f"{getattr(by_key[c, a], value):.2f}" for c in costs) + " |"
-            )
+        for a, row in zip(rates, grid, strict=True):
+            lines.append(f"| {a:g} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
         parts.append("\n".join(lines))
-    needed = " ".join(
-        f"c={c:g}: {min_targets(Setting(c, 0.5, by_key[c, rates[-1]].dsi_lookahead))}" for c in costs
-    )
+    worst = min(c.speedup_over_best for c in cells)
+    slower = sum(c.si_speedup < 1 for c in cells)
     parts.append(
-        f"Target instances DSI needs so the drafter never waits, ceil(1/(k*c)) at its best k: {needed}"
+        f"DSI against the faster of SI and non-SI: {worst:.2f}x at worst over the {len(cells)} settings; "
+        f"SI is slower than plain decoding in {slower} of them."
     )
+    costs = sorted({c.drafter_cost for c in cells})
+    needed = ", ".join(f"c={c:g}: {min_targets(Setting(c, 0.5, 1))}" for c in costs)
+    parts.append(f"Target instances DSI needs at lookahead 1 so the drafter never waits, ceil(1/c): {needed}")
     return "\n\n".join(parts) + "\n"
 
 
 def plot_grid(cells: Sequence[Cell], path: Path) -> None:
-    """Two heatmaps over (drafter cost, acceptance): DSI over min(SI, non-SI), and DSI over SI."""
+    """Heatmaps over (drafter cost, acceptance): SI over non-SI, DSI over min(SI, non-SI), DSI over SI;
+    the red line bounds the region where SI is slower than plain decoding."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    costs = sorted({c.drafter_cost for c in cells})
-    rates = sorted({c.acceptance for c in cells})
-    by_key = {(c.drafter_cost, c.acceptance): c for c in cells}
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
-    for ax, (title, value) in zip(
-        axes, (("over min(SI, non-SI)", "speedup_over_best"), ("over SI", "speedup_over_si")), strict=True
-    ):
-        grid = [[getattr(by_key[c, a], value) for c in costs] for a in rates]
+    _, _, si_grid = _grid(cells, "si_speedup")
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5))
+    for ax, (title, value) in zip(axes, _panels(cells[0].targets), strict=True):
+        costs, rates, grid = _grid(cells, value)
         image = ax.imshow(grid, origin="lower", cmap="viridis", aspect="auto")
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white", fontsize=7)
+        if min(map(min, si_grid)) < 1 < max(map(max, si_grid)):
+            ax.contour(si_grid, levels=[1.0], colors="red", linewidths=1.5)
         ax.set_xticks(range(len(costs)), [f"{c:g}" for c in costs])
         ax.set_yticks(range(len(rates)), [f"{a:g}" for a in rates])
         ax.set_xlabel("drafter cost c (target forwards per drafted token)")
         ax.set_ylabel("acceptance rate a")
-        ax.set_title(f"DSI ({cells[0].targets} targets) speedup {title}")
+        ax.set_title(textwrap.fill(title, 50), fontsize=9)
         fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
