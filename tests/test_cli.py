@@ -66,6 +66,15 @@ from swarmspec.cli import main
         (["bench", "--categories", "poetry"], "unknown categories poetry"),
         (["bench", "--temperature", "-1"], "temperature must be"),
         (["bench", "--drafter", "no-such-model"], "no model 'no-such-model'"),
+        (["generate", "hi", "--method", "dsi", "--targets", "0"], "--targets and --lookahead must be >= 1"),
+        (["generate", "hi", "--method", "dsi", "--lookahead", "0"], "--targets and --lookahead must be >= 1"),
+        (
+            ["generate", "hi", "--method", "dsi", "--drafter", "prompt-lookup", "--drafter", "suffix"],
+            "dsi takes one drafter, got 2",
+        ),
+        (["simulate", "--target", "x"], "a trace needs both --target and --drafter"),
+        (["simulate", "--acceptances", "0.5,1.5"], "acceptance rates must be in [0, 1]"),
+        (["simulate", "--lookaheads", "0"], "targets, tokens and lookaheads must be >= 1"),
     ],
 )
 def test_user_errors(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -99,3 +108,15 @@ def test_console_script_prints_no_traceback() -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "swarmspec: error: no model 'nope/not-a-dir/x'" in result.stderr
+
+
+def test_dsi_flags_map_onto_the_engine_config() -> None:
+    from swarmspec.cli import build_parser, engine_config
+
+    args = build_parser().parse_args(
+        ["generate", "hi", "--method", "dsi", "--targets", "3", "--lookahead", "2", "--workers", "ray",
+         "--ray-address", "auto", "--drafter", "prompt-lookup"]
+    )  # fmt: skip
+    config = engine_config(args)
+    assert (config.targets, config.lookahead, config.workers, config.ray_address) == (3, 2, "ray", "auto")
+    assert config.drafters == ("prompt-lookup",)

@@ -15,6 +15,7 @@ from swarmspec.config import (
     HF_BASELINES,
     LLAMA_CPP_PREFIX,
     METHODS,
+    WORKERS,
     BenchConfig,
     EngineConfig,
     Gamma,
@@ -193,6 +194,12 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--lookahead", type=int, default=defaults.lookahead, help="dsi: drafted tokens per job"
     )
+    parser.add_argument(
+        "--workers", choices=WORKERS, default=defaults.workers, help="dsi: instances on threads or Ray actors"
+    )
+    parser.add_argument(
+        "--ray-address", help="dsi --workers ray: join this cluster (default: start Ray here)"
+    )
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser, sampling: SamplingConfig, seed: int | None) -> None:
@@ -242,6 +249,8 @@ def engine_flags(args: argparse.Namespace) -> dict[str, Any]:
         "drafter_threads": args.drafter_threads,
         "targets": args.targets,
         "lookahead": args.lookahead,
+        "workers": args.workers,
+        "ray_address": args.ray_address,
     }
 
 

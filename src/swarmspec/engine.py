@@ -21,6 +21,7 @@ from swarmspec.drafters.base import Drafter
 from swarmspec.drafters.lookup import PromptLookupDrafter, SuffixDrafter, SuffixIndex
 from swarmspec.drafters.model import ModelDrafter
 from swarmspec.dsi.orchestrator import LocalInstance, TargetInstance, dsi_decode
+from swarmspec.dsi.ray_workers import RayActor, RayDrafter, RayInstance, start_ray
 from swarmspec.errors import InvalidRequestError
 from swarmspec.metrics import DecodeStats
 from swarmspec.models.loading import LoadedModel, check_same_vocabulary, check_spec, load_model, split_spec
@@ -63,6 +64,9 @@ class SequenceState:
         """The decode loop (see `decode.decode` for the options)."""
         return decode(self.target, self.speculation, verifier, prompt_ids, policy=self.policy, **options)
 
+    def close(self) -> None:
+        """Nothing to release beyond memory."""
+
 
 @dataclass
 class DsiState:
@@ -78,6 +82,12 @@ class DsiState:
         return dsi_decode(
             self.instances, self.drafter, verifier, prompt_ids, lookahead=self.lookahead, **options
         )
+
+    def close(self) -> None:
+        """Stop the Ray actors, if any."""
+        for part in [*self.instances, self.drafter]:
+            if isinstance(part, RayActor):
+                part.kill()
 
 
 GenerationState = SequenceState | DsiState
@@ -179,6 +189,7 @@ class Engine:
         state = self._acquire()
         # The request's own generator: no global RNG is read or reseeded.
         generator = torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(63))
+        failed = False
         try:
             yield from state.run(
                 prompt_ids,
@@ -189,8 +200,13 @@ class Engine:
                 generator=generator,
                 stats=stats,
             )
+        except Exception:
+            failed = True  # a failure may have left the state broken (a DSI instance's Ray actor died)
+            state.close()
+            raise
         finally:  # also when the consumer stops early
-            self._release(state)
+            if not failed:
+                self._release(state)
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         stream = self.stream(request)
@@ -260,26 +276,26 @@ def new_dsi_state(
 ) -> DsiState:
     """DSI's target instances and drafter: runners over the loaded weights on threads, or Ray actors
     that load the models in their own processes (a draft model too; a model-free drafter stays here)."""
-    threads = dsi_threads(config)
+    target_threads, drafter_threads = dsi_threads(config)
     if config.workers == "threads":
         instances: list[TargetInstance] = [
-            LocalInstance(warmed_up(target.new_runner(threads))) for _ in range(config.targets)
+            LocalInstance(warmed_up(target.new_runner(target_threads))) for _ in range(config.targets)
         ]
-        (drafter,) = build_drafters(config, target, draft_models, shared, threads)
+        (drafter,) = build_drafters(config, target, draft_models, shared, drafter_threads)
         return DsiState(instances, drafter, config.lookahead)
-    from swarmspec.dsi.ray_workers import RayDrafter, RayInstance, start_ray
-
-    start_ray(config.ray_address, actors=config.targets + len(config.model_drafters))
-    new_runner = functools.partial(runner_in_actor, shippable(target), threads)
-    instances = [RayInstance(new_runner) for _ in range(config.targets)]
+    start_ray(config.ray_address)
+    # On a Ray started here actors reserve no CPU: the threads above already share the cores out, and a
+    # second concurrent generation's actors must not wait for the first's. A cluster places them.
+    cpus = 1 if config.ray_address else 0
+    new_runner = functools.partial(runner_in_actor, shippable(target), target_threads)
+    instances = [RayInstance(new_runner, cpus) for _ in range(config.targets)]
     (spec,) = config.drafters
     if spec in config.model_drafters:
         check_same_vocabulary(target, draft_models[spec])
-        drafter: Drafter = RayDrafter(
-            functools.partial(drafter_in_actor, shippable(draft_models[spec]), threads)
-        )
+        model = shippable(draft_models[spec])
+        drafter: Drafter = RayDrafter(functools.partial(drafter_in_actor, model, drafter_threads), cpus)
     else:
-        (drafter,) = build_drafters(config, target, draft_models, shared, threads)
+        (drafter,) = build_drafters(config, target, draft_models, shared, drafter_threads)
     return DsiState(instances, drafter, config.lookahead)
 
 
@@ -304,13 +320,11 @@ def is_loadable(spec: str) -> bool:
     return name in REGISTRY or Path(name).expanduser().exists()
 
 
-def dsi_threads(config: EngineConfig) -> int:
+def dsi_threads(config: EngineConfig) -> tuple[int, int]:
     """llama.cpp threads of each DSI target instance and of a draft model: as configured, else the cores
     shared out between them (a model-free drafter needs none)."""
-    if config.target_threads:
-        return config.target_threads
-    workers = config.targets + len(config.model_drafters)
-    return max(1, (os.cpu_count() or 1) // workers)
+    shared = max(1, (os.cpu_count() or 1) // (config.targets + len(config.model_drafters)))
+    return config.target_threads or shared, config.drafter_threads or shared
 
 
 def measure_step_costs(config: EngineConfig, target: ModelRunner, speculation: Speculation) -> StepCosts:

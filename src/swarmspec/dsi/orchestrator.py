@@ -4,8 +4,10 @@ One drafter thread drafts ahead of what is committed (up to `lookahead` tokens p
 free target instance starts a verification job on the committed tokens plus every drafted token so far
 whenever (a) no job in flight gives the target's token at the next position (with two instances or
 more: a plain-decoding lane, which is why DSI is never much slower than plain decoding), or (b) the
-drafter has `lookahead` tokens no job in flight covers (speculation parallelism). With one instance only
-(b) applies, and DSI is ordinary speculative decoding. `dsi.simulator` models exactly this schedule.
+drafter has `lookahead` tokens no job in flight covers (speculation parallelism). With one instance (a)
+applies only when the drafter cannot give more (no match, failed, window or length reached), so DSI is
+ordinary speculative decoding. `dsi.simulator` models these rules, drafting token by token and
+cancelling work at once, where here a chunk of drafts or a forward in progress runs to its end.
 
 The manager (the generator below, on the caller's thread) alone owns the sequence. When a job finishes
 it verifies, from the next position on, the drafted tokens the job's logits cover with the ordinary
@@ -267,18 +269,23 @@ def dsi_decode(
             log.warning("drafter %s raised %r; going on without drafts", type(drafter).__name__, event.error)
             return
         assert event.draft is not None
+        draft = event.draft
+        if not sampling.greedy and len(draft) and (draft.probs is None or len(draft.probs) != len(draft)):
+            state.drafter_failed = True  # without them speculative sampling cannot stay exact
+            log.warning("drafter %s gave no distribution for its sampled draft", type(drafter).__name__)
+            return
         if event.epoch != state.epoch:
             return  # drafted after a token that was since rejected
         # The target may have committed its own tokens where this draft starts: keep the draft only if
         # it agrees with them (its later tokens were drafted after the same context).
-        tokens, overlap = event.draft.tokens.tolist(), state.sequence[event.start :]
+        tokens, overlap = draft.tokens.tolist()[: event.asked], state.sequence[event.start :]
         if tokens[: len(overlap)] != overlap:
             return
         if len(tokens) < event.asked:
             state.dry = (state.epoch, event.start + len(tokens))
         state.sequence.extend(tokens[len(overlap) :])
-        if event.draft.probs is not None:
-            state.draft_probs.extend(event.draft.probs[len(overlap) :])
+        if draft.probs is not None and not sampling.greedy:
+            state.draft_probs.extend(draft.probs[len(overlap) : len(tokens)])
 
     def on_verified(event: _Verified) -> list[int]:
         job = event.job
@@ -314,8 +321,9 @@ def dsi_decode(
             del state.sequence[position:]
             state.sequence.append(verdict.next_token)
             state.draft_probs.clear()
+        # Nothing after a stop token is output, counted or told to the drafter.
+        new_tokens = through_first_stop(new_tokens, stop_token_ids)
         state.committed = first + len(new_tokens)
-        new_tokens = through_first_stop(new_tokens, stop_token_ids)  # nothing after it is output, nor counted
         stats.record_step(verified, len(new_tokens), accepted_by=[0] * (len(new_tokens) - 1))  # one drafter
         return new_tokens
 

@@ -9,7 +9,6 @@ stale results are dropped by epoch in the manager whatever process they come fro
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -30,16 +29,21 @@ def _ray() -> Any:
     return ray
 
 
-def start_ray(address: str | None = None, actors: int = 1) -> None:
-    """Join the cluster at `address`, or start Ray on this machine (once per process) with room for
-    `actors` one-CPU actors even on fewer cores (they then share them)."""
+def start_ray(address: str | None = None) -> None:
+    """Join the cluster at `address`, or start Ray on this machine (once per process)."""
     ray = _ray()
-    if ray.is_initialized():
-        return
-    cpus = None if address else max(os.cpu_count() or 1, actors)
-    ray.init(
-        address=address, num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False
-    )
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+
+
+class RayActor:
+    """A part of a generation that lives in a Ray actor."""
+
+    actor: Any
+
+    def kill(self) -> None:
+        """Stop the actor (its process's resources go back to the cluster)."""
+        _ray().kill(self.actor)
 
 
 class _TargetActor:
@@ -54,24 +58,34 @@ class _TargetActor:
         return self.instance.verify(job)
 
 
-class RayInstance:
+class RayInstance(RayActor):
     """A target instance in a Ray actor; `new_runner` is called there."""
 
     def __init__(self, new_runner: Callable[[], ModelRunner], num_cpus: float = 1) -> None:
         ray = _ray()
         actor_class = ray.remote(num_cpus=num_cpus, max_restarts=0)(_TargetActor)
         self.actor = actor_class.remote(new_runner)
-        self.max_length = self._get(self.actor.max_length.remote())
+        self.max_length = _get(self.actor.max_length.remote(), "target", timeout=PLACEMENT_TIMEOUT_S)
 
     def verify(self, job: Job) -> torch.Tensor:
-        return self._get(self.actor.verify.remote(job))
+        return _get(self.actor.verify.remote(job), "target")
 
-    def _get(self, ref: Any) -> Any:
-        ray = _ray()
-        try:
-            return ray.get(ref)
-        except ray.exceptions.RayActorError as err:
-            raise SwarmspecError(f"a Ray target actor died: {err}") from None
+
+# How long an actor may take to be placed and to load its model before the request fails.
+PLACEMENT_TIMEOUT_S = 900.0
+
+
+def _get(ref: Any, role: str, timeout: float | None = None) -> Any:
+    ray = _ray()
+    try:
+        return ray.get(ref, timeout=timeout)
+    except ray.exceptions.RayActorError as err:
+        raise SwarmspecError(f"a Ray {role} actor died: {err}") from None
+    except ray.exceptions.GetTimeoutError:
+        raise SwarmspecError(
+            f"a Ray {role} actor was not ready after {timeout:.0f} s: no free CPU in the cluster, or its "
+            "model is still loading"
+        ) from None
 
 
 class _DrafterActor:
@@ -89,28 +103,22 @@ class _DrafterActor:
         return self.drafter.propose(context, max_tokens, sampling, generator)
 
 
-class RayDrafter(Drafter):
+class RayDrafter(Drafter, RayActor):
     """A drafter in a Ray actor: every call is forwarded to it."""
 
     def __init__(self, new_drafter: Callable[[], Drafter], num_cpus: float = 1) -> None:
         ray = _ray()
         self.actor = ray.remote(num_cpus=num_cpus, max_restarts=0)(_DrafterActor).remote(new_drafter)
-
-    def _get(self, ref: Any) -> Any:
-        ray = _ray()
-        try:
-            return ray.get(ref)
-        except ray.exceptions.RayActorError as err:
-            raise SwarmspecError(f"the Ray drafter actor died: {err}") from None
+        _get(self.actor.call.remote("end"), "drafter", timeout=PLACEMENT_TIMEOUT_S)  # placed and loaded
 
     def begin(self, prompt_ids: list[int]) -> None:
-        self._get(self.actor.call.remote("begin", prompt_ids))
+        _get(self.actor.call.remote("begin", prompt_ids), "drafter")
 
     def observe(self, committed: list[int]) -> None:
-        self._get(self.actor.call.remote("observe", committed))
+        _get(self.actor.call.remote("observe", committed), "drafter")
 
     def end(self) -> None:
-        self._get(self.actor.call.remote("end"))
+        _get(self.actor.call.remote("end"), "drafter")
 
     def propose(
         self,
@@ -121,4 +129,4 @@ class RayDrafter(Drafter):
     ) -> Draft:
         # The generator stays here: the actor samples from one seeded by a draw from it.
         seed = int(torch.randint(2**62, (1,), generator=generator)) if generator is not None else None
-        return self._get(self.actor.propose.remote(context, max_tokens, sampling, seed))
+        return _get(self.actor.propose.remote(context, max_tokens, sampling, seed), "drafter")
