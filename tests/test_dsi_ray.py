@@ -31,13 +31,9 @@ pytestmark = pytest.mark.slow  # starting Ray takes seconds
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    start_ray(actors=4)
+    start_ray()
     yield
     ray.shutdown()
-
-
-def new_drafter(seed: int) -> ModelDrafter:
-    return ModelDrafter(HFRunner(tiny_qwen2(seed)))
 
 
 def run(instances, drafter, prompt, max_new_tokens: int, stats: DecodeStats | None = None) -> list[int]:
@@ -55,9 +51,11 @@ def test_ray_actors_match_plain_decoding(seed: int) -> None:
     target = tiny_qwen2(seed)
     prompt = prompt_for(seed, 4 + 3 * seed)
     reference, _ = run_decode(target, None, prompt, 30)
-    instances = [RayInstance(functools.partial(HFRunner, target), num_cpus=1) for _ in range(2)]
+    instances = [RayInstance(functools.partial(HFRunner, target), num_cpus=0) for _ in range(2)]
     # A drafter in an actor of its own (an agreeing one: the target itself), and one in this process.
-    assert run(instances, RayDrafter(functools.partial(new_drafter, seed)), prompt, 30) == reference
+    # Factories are pickled into the actors: only swarmspec's own classes are imported there by name.
+    drafter = RayDrafter(functools.partial(ModelDrafter, HFRunner(target)), num_cpus=0)
+    assert run(instances, drafter, prompt, 30) == reference
     scripted = ReferenceDrafter(reference, len(prompt), wrong={2, 9, 10})
     assert run(instances, scripted, prompt, 30) == reference
 
@@ -66,7 +64,7 @@ def test_a_dying_actor_fails_the_request_and_commits_nothing_wrong() -> None:
     target = tiny_qwen2(1)
     prompt = prompt_for(1, 6)
     reference, _ = run_decode(target, None, prompt, 200)
-    instances = [RayInstance(functools.partial(HFRunner, target), num_cpus=1) for _ in range(2)]
+    instances = [RayInstance(functools.partial(HFRunner, target), num_cpus=0) for _ in range(2)]
     greedy = SamplingConfig()
     chunks = dsi_decode(
         instances, ReferenceDrafter(reference, len(prompt), wrong={5, 40}), make_verifier(greedy), prompt,
@@ -92,3 +90,20 @@ def test_an_engine_with_ray_workers_equals_plain_decoding() -> None:
         stats = DecodeStats()
         assert [t for c in engine.token_chunks(prompt, 24, SamplingConfig(), 0, stats) for t in c] == expected
         assert stats.new_tokens == len(expected)
+
+
+def test_after_an_actor_dies_the_engine_serves_with_new_actors() -> None:
+    target = tiny_loaded("tiny-target", 2)
+    plain = Engine.from_models(EngineConfig(target=target.spec, method="ar"), target, {})
+    config = EngineConfig(target=target.spec, method="dsi", drafters=("prompt-lookup",), workers="ray")
+    engine = Engine.from_models(config, target, {})
+    prompt = prompt_for(3, 9)
+    expected = [t for c in plain.token_chunks(prompt, 20, SamplingConfig(), 0, DecodeStats()) for t in c]
+    (state,) = engine._idle  # the warmed-up state the next generation takes
+    ray.kill(state.instances[0].actor)
+    with pytest.raises(SwarmspecError, match="Ray target actor died"):
+        list(engine.token_chunks(prompt, 20, SamplingConfig(), 0, DecodeStats()))
+    assert engine._idle == []  # not put back
+    assert [
+        t for c in engine.token_chunks(prompt, 20, SamplingConfig(), 0, DecodeStats()) for t in c
+    ] == expected
