@@ -107,3 +107,19 @@ def test_after_an_actor_dies_the_engine_serves_with_new_actors() -> None:
     assert [
         t for c in engine.token_chunks(prompt, 20, SamplingConfig(), 0, DecodeStats()) for t in c
     ] == expected
+
+
+def test_a_dead_drafter_actor_is_replaced_on_the_next_request() -> None:
+    target, drafter = tiny_loaded("tiny-target", 3), tiny_loaded("tiny-drafter", 3)
+    config = EngineConfig(target=target.spec, method="dsi", drafters=(drafter.spec,), workers="ray")
+    engine = Engine.from_models(config, target, {drafter.spec: drafter})
+    (state,) = engine._idle
+    ray.kill(state.drafter.actor)
+    prompt = prompt_for(4, 9)
+    first = [t for c in engine.token_chunks(prompt, 16, SamplingConfig(), 0, DecodeStats()) for t in c]
+    assert engine._idle == []  # plain decoding finished the request; the state was not reused
+    assert [
+        t for c in engine.token_chunks(prompt, 16, SamplingConfig(), 0, DecodeStats()) for t in c
+    ] == first
+    (fresh,) = engine._idle  # a new state, with a live drafter actor, went back to the pool
+    assert fresh is not state and fresh.healthy and ray.get(fresh.drafter.actor.call.remote("end")) is None

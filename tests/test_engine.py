@@ -10,6 +10,7 @@ import torch
 
 from swarmspec.config import AUTO, METHODS, MODEL_FREE_DRAFTERS, EngineConfig, Gamma
 from swarmspec.engine import Engine
+from swarmspec.errors import InvalidRequestError
 from swarmspec.metrics import DecodeStats
 from swarmspec.policy import StepCosts
 from swarmspec.sampling import SamplingConfig
@@ -102,3 +103,11 @@ def test_trees_at_the_end_of_the_context_fit(method: str) -> None:
     plain = engine_for("ar")
     expected = [t for c in plain.token_chunks(prompt, 12, SAMPLINGS[0], 0, DecodeStats()) for t in c]
     assert [t for c in engine.token_chunks(prompt, 12, SAMPLINGS[0], 0, DecodeStats()) for t in c] == expected
+
+
+def test_a_request_that_does_not_fit_leaves_the_state_in_the_pool() -> None:
+    engine = engine_for("chain")
+    (state,) = engine._idle
+    with pytest.raises(InvalidRequestError, match="exceeds the target's context"):
+        list(engine.token_chunks([5] * 500, 100, SAMPLINGS[0], 0, DecodeStats()))
+    assert engine._idle == [state]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import secrets
 import threading
@@ -41,6 +42,8 @@ from swarmspec.speculate import (
 )
 from swarmspec.verify import Verifier, make_verifier
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class GenerationResult:
@@ -64,6 +67,8 @@ class SequenceState:
         """The decode loop (see `decode.decode` for the options)."""
         return decode(self.target, self.speculation, verifier, prompt_ids, policy=self.policy, **options)
 
+    healthy = True  # nothing in it can die
+
     def close(self) -> None:
         """Nothing to release beyond memory."""
 
@@ -83,11 +88,19 @@ class DsiState:
             self.instances, self.drafter, verifier, prompt_ids, lookahead=self.lookahead, **options
         )
 
+    @property
+    def healthy(self) -> bool:
+        """False once one of its Ray actors died: the state is then closed, not reused."""
+        return not any(isinstance(part, RayActor) and part.dead for part in [*self.instances, self.drafter])
+
     def close(self) -> None:
-        """Stop the Ray actors, if any."""
+        """Stop the Ray actors, if any (a failure to is logged: the actor is then gone already)."""
         for part in [*self.instances, self.drafter]:
             if isinstance(part, RayActor):
-                part.kill()
+                try:
+                    part.kill()
+                except Exception:
+                    logger.warning("could not stop a Ray actor", exc_info=True)
 
 
 GenerationState = SequenceState | DsiState
@@ -200,12 +213,15 @@ class Engine:
                 generator=generator,
                 stats=stats,
             )
+        except InvalidRequestError:
+            raise  # the request's fault: the state is untouched
         except Exception:
             failed = True  # a failure may have left the state broken (a DSI instance's Ray actor died)
-            state.close()
             raise
         finally:  # also when the consumer stops early
-            if not failed:
+            if failed or not state.healthy:
+                state.close()
+            else:
                 self._release(state)
 
     def generate(self, request: GenerationRequest) -> GenerationResult:

@@ -20,6 +20,9 @@ from swarmspec.errors import SwarmspecError
 from swarmspec.runners.base import ModelRunner
 from swarmspec.sampling import SamplingConfig
 
+# How long an actor may take to be placed and to load (or download) its model before the request fails.
+PLACEMENT_TIMEOUT_S = 900.0
+
 
 def _ray() -> Any:
     try:
@@ -30,20 +33,37 @@ def _ray() -> Any:
 
 
 def start_ray(address: str | None = None) -> None:
-    """Join the cluster at `address`, or start Ray on this machine (once per process)."""
+    """Join the cluster at `address`, or start a Ray of its own on this machine (once per process; never
+    a cluster found through RAY_ADDRESS or `ray start`, which only `address` joins)."""
     ray = _ray()
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(
+            address=address or "local", include_dashboard=False, log_to_driver=False, configure_logging=False
+        )
 
 
 class RayActor:
     """A part of a generation that lives in a Ray actor."""
 
     actor: Any
+    dead = False  # set once a call found the actor dead
 
     def kill(self) -> None:
         """Stop the actor (its process's resources go back to the cluster)."""
         _ray().kill(self.actor)
+
+    def _get(self, ref: Any, role: str, timeout: float | None = None) -> Any:
+        ray = _ray()
+        try:
+            return ray.get(ref, timeout=timeout)
+        except ray.exceptions.RayActorError as err:
+            self.dead = True
+            raise SwarmspecError(f"a Ray {role} actor died: {err}") from None
+        except ray.exceptions.GetTimeoutError:
+            raise SwarmspecError(
+                f"a Ray {role} actor was not ready after {timeout:.0f} s: no free CPU in the cluster, or "
+                "its model is still loading (or downloading)"
+            ) from None
 
 
 class _TargetActor:
@@ -65,27 +85,10 @@ class RayInstance(RayActor):
         ray = _ray()
         actor_class = ray.remote(num_cpus=num_cpus, max_restarts=0)(_TargetActor)
         self.actor = actor_class.remote(new_runner)
-        self.max_length = _get(self.actor.max_length.remote(), "target", timeout=PLACEMENT_TIMEOUT_S)
+        self.max_length = self._get(self.actor.max_length.remote(), "target", timeout=PLACEMENT_TIMEOUT_S)
 
     def verify(self, job: Job) -> torch.Tensor:
-        return _get(self.actor.verify.remote(job), "target")
-
-
-# How long an actor may take to be placed and to load its model before the request fails.
-PLACEMENT_TIMEOUT_S = 900.0
-
-
-def _get(ref: Any, role: str, timeout: float | None = None) -> Any:
-    ray = _ray()
-    try:
-        return ray.get(ref, timeout=timeout)
-    except ray.exceptions.RayActorError as err:
-        raise SwarmspecError(f"a Ray {role} actor died: {err}") from None
-    except ray.exceptions.GetTimeoutError:
-        raise SwarmspecError(
-            f"a Ray {role} actor was not ready after {timeout:.0f} s: no free CPU in the cluster, or its "
-            "model is still loading"
-        ) from None
+        return self._get(self.actor.verify.remote(job), "target")
 
 
 class _DrafterActor:
@@ -109,16 +112,16 @@ class RayDrafter(Drafter, RayActor):
     def __init__(self, new_drafter: Callable[[], Drafter], num_cpus: float = 1) -> None:
         ray = _ray()
         self.actor = ray.remote(num_cpus=num_cpus, max_restarts=0)(_DrafterActor).remote(new_drafter)
-        _get(self.actor.call.remote("end"), "drafter", timeout=PLACEMENT_TIMEOUT_S)  # placed and loaded
+        self._get(self.actor.call.remote("end"), "drafter", timeout=PLACEMENT_TIMEOUT_S)  # placed and loaded
 
     def begin(self, prompt_ids: list[int]) -> None:
-        _get(self.actor.call.remote("begin", prompt_ids), "drafter")
+        self._get(self.actor.call.remote("begin", prompt_ids), "drafter")
 
     def observe(self, committed: list[int]) -> None:
-        _get(self.actor.call.remote("observe", committed), "drafter")
+        self._get(self.actor.call.remote("observe", committed), "drafter")
 
     def end(self) -> None:
-        _get(self.actor.call.remote("end"), "drafter")
+        self._get(self.actor.call.remote("end"), "drafter")
 
     def propose(
         self,
@@ -129,4 +132,4 @@ class RayDrafter(Drafter, RayActor):
     ) -> Draft:
         # The generator stays here: the actor samples from one seeded by a draw from it.
         seed = int(torch.randint(2**62, (1,), generator=generator)) if generator is not None else None
-        return _get(self.actor.propose.remote(context, max_tokens, sampling, seed), "drafter")
+        return self._get(self.actor.propose.remote(context, max_tokens, sampling, seed), "drafter")

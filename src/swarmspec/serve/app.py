@@ -36,7 +36,7 @@ from prometheus_client import (
 
 from swarmspec.config import METHODS, GenerationRequest
 from swarmspec.engine import Engine, GenerationResult
-from swarmspec.errors import SwarmspecError
+from swarmspec.errors import InvalidRequestError, SwarmspecError
 from swarmspec.serve.engines import MethodEngines
 from swarmspec.serve.protocol import (
     DEFAULT_COMPLETION_TOKENS,
@@ -172,8 +172,11 @@ class Worker:
             assert stream.result is not None
             self.metrics.record(stream.result)
             emit("done", stream.result)
-        except SwarmspecError as err:
+        except InvalidRequestError as err:
             emit("error", (400, str(err)))
+        except SwarmspecError as err:  # the server's side: a model that will not load, a worker that died
+            logger.error("generation failed: %s", err)
+            emit("error", (500, str(err)))
         except Exception as err:  # a bug or a crashed drafter: the request fails, the server lives
             logger.exception("generation failed")
             emit("error", (500, f"generation failed: {type(err).__name__}: {err}"))
