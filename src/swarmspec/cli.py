@@ -401,10 +401,15 @@ def run_bench(args: argparse.Namespace) -> int:
         out=args.out,
     )
     result = bench(config, command_line=args.command_line)
-    print(result.markdown)
-    for kind, path in result.paths.items():
-        print(f"{kind}: {path}")
+    print_report(result.markdown, result.paths)
     return 0
+
+
+def print_report(markdown: str, paths: dict[str, Any]) -> None:
+    """A report's tables, then where its files are."""
+    print(markdown)
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
 
 
 def run_simulate(args: argparse.Namespace) -> int:
@@ -427,9 +432,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         out=args.out,
     )
     result = run_simulation(config, command_line=args.command_line)
-    print(result.markdown)
-    for kind, path in result.paths.items():
-        print(f"{kind}: {path}")
+    print_report(result.markdown, result.paths)
     return 0
 
 
