@@ -74,7 +74,7 @@ from swarmspec.cli import main
         ),
         (["simulate", "--target", "x"], "a trace needs both --target and --drafter"),
         (["simulate", "--acceptances", "0.5,1.5"], "acceptance rates must be in [0, 1]"),
-        (["simulate", "--lookaheads", "0"], "targets, tokens and lookaheads must be >= 1"),
+        (["simulate", "--lookaheads", "0"], "targets, drafters, tokens and lookaheads must be >= 1"),
     ],
 )
 def test_user_errors(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

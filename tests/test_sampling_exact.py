@@ -8,21 +8,28 @@ with a fixed seed must accept the correct verifier and reject deliberately broke
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import pytest
 import torch
 from scipy.stats import chisquare
 
 from swarmspec.decode import decode
+from swarmspec.drafters.base import Drafter
 from swarmspec.drafters.model import ModelDrafter
+from swarmspec.drafters.sorted import SortedDrafter
 from swarmspec.metrics import DecodeStats
+from swarmspec.models.sorted import SortedExits
 from swarmspec.policy import FixedDepth
+from swarmspec.runners.base import ModelRunner
+from swarmspec.runners.hf import HFRunner
+from swarmspec.runners.sorted import SortedRunner
 from swarmspec.sampling import SamplingConfig, logits_to_probs
 from swarmspec.speculate import ChainSpeculation
 from swarmspec.tree import TokenTree
 from swarmspec.verify import Verdict, Verifier, make_verifier, verify_speculative_sampling
 
-from tiny_models import TrigramLM
+from tiny_models import TrigramLM, tiny_qwen2
 
 PROMPT = [1, 2]
 # The distribution checked: the first 3 generated tokens. Token 1 comes from the prefill; one more token
@@ -33,24 +40,39 @@ VOCAB = 5
 SAMPLING_CONFIGS = [SamplingConfig(temperature=1.0), SamplingConfig(temperature=1.3, top_k=4, top_p=0.95)]
 
 
-def exact_distribution(target: TrigramLM, sampling: SamplingConfig) -> torch.Tensor:  # [V**NEW_TOKENS]
+def exact_distribution(
+    next_logits: Callable[[list[int]], torch.Tensor], sampling: SamplingConfig
+) -> torch.Tensor:  # [V**NEW_TOKENS]
     """P(t1, t2, t3) under the target alone, by enumerating every continuation."""
     probs = []
-    for continuation in itertools.product(range(target.vocab_size), repeat=NEW_TOKENS):
+    for continuation in itertools.product(range(VOCAB), repeat=NEW_TOKENS):
         p, sequence = 1.0, list(PROMPT)
         for token in continuation:
-            p *= float(logits_to_probs(target.next_logits(sequence), sampling)[token])
+            p *= float(logits_to_probs(next_logits(sequence), sampling)[token])
             sequence.append(token)
         probs.append(p)
     return torch.tensor(probs, dtype=torch.float64)
 
 
-def sampled_counts(verifier: Verifier, sampling: SamplingConfig, gamma: int) -> torch.Tensor:
-    target, drafter = TrigramLM(seed=1, vocab_size=VOCAB), ModelDrafter(TrigramLM(seed=2, vocab_size=VOCAB))
+def trigram_target() -> TrigramLM:
+    return TrigramLM(seed=1, vocab_size=VOCAB)
+
+
+def sampled_counts(
+    verifier: Verifier,
+    sampling: SamplingConfig,
+    gamma: int,
+    target: ModelRunner | None = None,
+    drafter: Drafter | None = None,
+    samples: int = SAMPLES,
+) -> torch.Tensor:
+    """Counts of (t1, t2, t3) over `samples` generations; by default of the trigram pair."""
+    target = target or trigram_target()
+    drafter = drafter or ModelDrafter(TrigramLM(seed=2, vocab_size=VOCAB))
     generator = torch.Generator().manual_seed(1234)
     vocab = target.vocab_size
     counts = torch.zeros(vocab**NEW_TOKENS, dtype=torch.float64)
-    for _ in range(SAMPLES):
+    for _ in range(samples):
         tokens = decode(
             target, ChainSpeculation(drafter), verifier, PROMPT,
             max_new_tokens=NEW_TOKENS + 1, policy=FixedDepth(gamma, 1), sampling=sampling,
@@ -102,11 +124,29 @@ def broken(rule: str, sampling: SamplingConfig) -> Verifier:
 @pytest.mark.parametrize("gamma", [1, 3])
 def test_speculative_sampling_matches_target_distribution(sampling: SamplingConfig, gamma: int) -> None:
     counts = sampled_counts(make_verifier(sampling), sampling, gamma)
-    assert p_value(counts, exact_distribution(TrigramLM(seed=1, vocab_size=VOCAB), sampling)) > 1e-3
+    assert p_value(counts, exact_distribution(trigram_target().next_logits, sampling)) > 1e-3
 
 
 @pytest.mark.parametrize("rule", ["target_instead_of_residual", "swapped_roles"])
 def test_broken_acceptance_rule_fails_the_same_test(rule: str) -> None:
     sampling = SAMPLING_CONFIGS[0]
     counts = sampled_counts(broken(rule, sampling), sampling, gamma=2)
-    assert p_value(counts, exact_distribution(TrigramLM(seed=1, vocab_size=VOCAB), sampling)) < 1e-6
+    assert p_value(counts, exact_distribution(trigram_target().next_logits, sampling)) < 1e-6
+
+
+@pytest.mark.parametrize("broken_rule", [None, "target_instead_of_residual"])
+def test_sorted_drafting_samples_the_target_distribution(broken_rule: str | None) -> None:
+    """Drafts from a sorted draft's adaptive exits (tiny Qwen2s over 5 tokens); a broken verifier fails."""
+    sampling = SAMPLING_CONFIGS[0]
+    target_model, draft_model = tiny_qwen2(1, vocab_size=VOCAB), tiny_qwen2(2, vocab_size=VOCAB, layers=3)
+    drafter = SortedDrafter(SortedRunner(draft_model, SortedExits(draft_model, (1, 2, 3))), (0.5, 0.5))
+    verifier = broken(broken_rule, sampling) if broken_rule else make_verifier(sampling)
+    counts = sampled_counts(verifier, sampling, 2, HFRunner(target_model), drafter, samples=3_000)
+    assert sum(drafter.exit_counts[:2]) > 0 and drafter.exit_counts[2] > 0  # both kinds of exit drafted
+
+    def next_logits(sequence: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return target_model(torch.tensor([sequence])).logits[0, -1]
+
+    p = p_value(counts, exact_distribution(next_logits, sampling))
+    assert p > 1e-3 if broken_rule is None else p < 1e-6

@@ -21,6 +21,7 @@ from swarmspec.config import (
     Gamma,
     GenerationRequest,
     SimulationConfig,
+    SortedDraft,
     default_baselines,
     default_drafters,
 )
@@ -147,6 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--lookaheads", type=int_list, default=sim_defaults.lookaheads, help="each runs at its best"
     )
+    sim.add_argument("--drafters", type=int, default=sim_defaults.drafters, help="DSI's drafter instances")
+    sim.add_argument(
+        "--preemptible",
+        action=argparse.BooleanOptionalAction,
+        default=sim_defaults.preemptible,
+        help="a cancelled forward stops at once, as in the paper (--no-preemptible: it runs to its end, "
+        "as in swarmspec's orchestrator)",
+    )
     sim.add_argument("--tokens", type=int, default=sim_defaults.tokens, help="tokens per simulated run")
     sim.add_argument("--seed", type=int, default=sim_defaults.seed, help="of the acceptance draws")
     sim.add_argument("--target", help="trace: this machine's stored profile of this target")
@@ -184,6 +193,20 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-depth", type=int, default=defaults.max_depth, help="--gamma auto: the deepest draft"
+    )
+    sorted_defaults = defaults.sorted_draft
+    parser.add_argument(
+        "--sorted-exits",
+        type=int_list,
+        default=sorted_defaults.exits,
+        help="sorted: drafters: exit depths in layers (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--exit-thresholds",
+        type=float_list,
+        default=(),
+        help="sorted: drafters: the top probability that stops a token at each exit but the deepest "
+        "(default 0.5 each)",
     )
     parser.add_argument("--tree", type=int_list, default=(), help="tree widths per depth, e.g. 3,2,1,1")
     parser.add_argument("--tree-budget", type=int, default=0, help="grow <= N nodes from the model drafter")
@@ -241,6 +264,7 @@ def engine_flags(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "target": args.target,
         "drafters": tuple(args.drafter or ()),
+        "sorted_draft": SortedDraft(args.sorted_exits, args.exit_thresholds),
         "gamma": args.gamma,
         "max_depth": args.max_depth,
         "tree_widths": args.tree,
@@ -420,6 +444,8 @@ def run_simulate(args: argparse.Namespace) -> int:
         acceptances=args.acceptances,
         targets=args.targets,
         lookaheads=args.lookaheads,
+        drafters=args.drafters,
+        preemptible=args.preemptible,
         tokens=args.tokens,
         seed=args.seed,
         target=args.target,

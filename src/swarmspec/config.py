@@ -21,6 +21,8 @@ LLAMA_CPP_BASELINES = ("llama-cpp", "llama-cpp-prompt-lookup")
 BASELINES = (*HF_BASELINES, *LLAMA_CPP_BASELINES)
 # Model specs with this prefix run on llama.cpp (see models.loading.VARIANTS).
 LLAMA_CPP_PREFIX = "llamacpp:"
+# A drafter spec with this prefix drafts with the model's early exits (a sorted draft, see SortedDraft).
+SORTED_PREFIX = "sorted:"
 AUTO = "auto"
 # Where DSI's target and drafter instances run.
 WORKERS = ("threads", "ray")
@@ -35,6 +37,29 @@ def check_gamma(gamma: Gamma, max_depth: int) -> None:
 
 
 @dataclass(frozen=True)
+class SortedDraft:
+    """How a `sorted:` drafter drafts (S2D): its exits, as layer counts (the model's first layers, then its
+    norm and LM head), and per exit but the deepest the top probability at which a token stops there."""
+
+    exits: tuple[int, ...] = (6, 12, 18, 24)
+    # Empty: 0.5 at every exit but the deepest (which always answers).
+    thresholds: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.exits or list(self.exits) != sorted(set(self.exits)) or self.exits[0] < 1:
+            raise InvalidRequestError(
+                f"sorted exits must be increasing layer counts >= 1, got {list(self.exits)}"
+            )
+        if not self.thresholds:
+            object.__setattr__(self, "thresholds", (0.5,) * (len(self.exits) - 1))
+        if len(self.thresholds) != len(self.exits) - 1 or any(not 0 <= t <= 1 for t in self.thresholds):
+            raise InvalidRequestError(
+                f"give one exit threshold in [0, 1] per exit but the deepest ({len(self.exits) - 1} for "
+                f"exits {list(self.exits)}), got {list(self.thresholds)}"
+            )
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     # Registered name, local checkpoint dir, .gguf file or hub id of the model whose output we promise;
     # prefixed "llamacpp:" (a registered name or .gguf file) it runs on llama.cpp.
@@ -45,9 +70,12 @@ class EngineConfig:
     # chain (Minions); "dsi": several target instances verify one drafter's drafts at once (DSI, see
     # targets and lookahead).
     method: str = "chain"
-    # Model specs (optionally prefixed "int8:" / "onednn:") or model-free drafters (MODEL_FREE_DRAFTERS).
-    # Empty: the method's default, see `default_drafters`.
+    # Model specs (optionally prefixed "int8:" / "onednn:" / "llamacpp:", or "sorted:" for a sorted draft
+    # of a PyTorch model) or model-free drafters (MODEL_FREE_DRAFTERS). Empty: the method's default, see
+    # `default_drafters`.
     drafters: tuple[str, ...] = ()
+    # How "sorted:" drafters draft.
+    sorted_draft: SortedDraft = field(default_factory=SortedDraft)
     # Tokens drafted per target forward, the depth of the speculated chain or tree: a number, or "auto":
     # every step the depth and the verified nodes that maximize expected committed tokens per second,
     # from the measured costs and the running acceptance (see policy.CostModelPolicy).
@@ -87,6 +115,8 @@ class EngineConfig:
             )
         if not self.drafters:
             object.__setattr__(self, "drafters", default_drafters(self.method, self.target))
+        if self.workers == "ray" and any(d.startswith(SORTED_PREFIX) for d in self.drafters):
+            raise InvalidRequestError("sorted drafts run with --workers threads, not ray")
         if self.method in ("chain", "dsi") and len(self.drafters) != 1:
             raise InvalidRequestError(
                 f"{self.method} takes one drafter, got {len(self.drafters)}; "
@@ -202,6 +232,7 @@ class BenchConfig:
     target: str = LLAMA_CPP_PREFIX + DEFAULT_TARGET
     # Drafters of every speculative method; empty: each method's default (`default_drafters`).
     drafters: tuple[str, ...] = ()
+    sorted_draft: SortedDraft = field(default_factory=SortedDraft)
     gamma: Gamma = AUTO
     max_depth: int = 16
     # The tree method's widths or node budget (see EngineConfig.tree_widths and tree_budget).
@@ -260,6 +291,7 @@ class BenchConfig:
             target=self.target,
             method=method,
             drafters=drafters,
+            sorted_draft=self.sorted_draft,
             gamma=self.gamma,
             max_depth=self.max_depth,
             tree_widths=self.tree_widths if is_tree else (),
@@ -283,7 +315,7 @@ class BenchConfig:
     def assistant(self) -> str:
         """hf-assisted's assistant model: the first model among the drafters, else the default drafter."""
         first = next((d for d in self.drafters if d not in MODEL_FREE_DRAFTERS), DEFAULT_DRAFTER)
-        return first.removeprefix(LLAMA_CPP_PREFIX)  # transformers runs it
+        return first.removeprefix(LLAMA_CPP_PREFIX).removeprefix(SORTED_PREFIX)  # transformers runs it
 
     @property
     def model_drafters(self) -> tuple[str, ...]:
@@ -305,6 +337,10 @@ class SimulationConfig:
     targets: int = 4
     # Each contender runs at its best lookahead among these.
     lookaheads: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10)
+    # DSI's drafter instances, and whether a cancelled forward stops at once (the paper's model) or runs
+    # to its end (swarmspec's orchestrator: a llama.cpp or PyTorch call cannot be stopped midway).
+    drafters: int = 1
+    preemptible: bool = True
     # Tokens each simulated run generates (figures are its mean latency per token).
     tokens: int = 2000
     seed: int = 0
@@ -322,8 +358,8 @@ class SimulationConfig:
     out: str | None = None
 
     def __post_init__(self) -> None:
-        if self.targets < 1 or self.tokens < 1 or not self.lookaheads or min(self.lookaheads) < 1:
-            raise InvalidRequestError("targets, tokens and lookaheads must be >= 1")
+        if not self.lookaheads or min(self.targets, self.drafters, self.tokens, *self.lookaheads) < 1:
+            raise InvalidRequestError("targets, drafters, tokens and lookaheads must be >= 1")
         if any(c < 0 for c in self.drafter_costs) or not self.drafter_costs:
             raise InvalidRequestError("drafter costs must be >= 0")
         rates = [*self.acceptances, *([self.acceptance] if self.acceptance is not None else [])]

@@ -21,15 +21,26 @@ from swarmspec.decode import decode
 from swarmspec.drafters.base import Drafter
 from swarmspec.drafters.lookup import PromptLookupDrafter, SuffixDrafter, SuffixIndex
 from swarmspec.drafters.model import ModelDrafter
+from swarmspec.drafters.sorted import SortedDrafter
 from swarmspec.dsi.orchestrator import LocalInstance, TargetInstance, dsi_decode
 from swarmspec.dsi.ray_workers import RayActor, RayDrafter, RayInstance, start_ray
 from swarmspec.errors import InvalidRequestError
 from swarmspec.metrics import DecodeStats
-from swarmspec.models.loading import LoadedModel, check_same_vocabulary, check_spec, load_model, split_spec
+from swarmspec.models.loading import (
+    SORTED,
+    LoadedModel,
+    check_same_vocabulary,
+    check_spec,
+    load_model,
+    split_spec,
+)
 from swarmspec.models.registry import REGISTRY
+from swarmspec.models.sorted import SortedExits
 from swarmspec.policy import AcceptancePrior, CostModelPolicy, FixedDepth, SpeculationPolicy, StepCosts
 from swarmspec.profile import forward_costs, profile_key
 from swarmspec.runners.base import ModelRunner
+from swarmspec.runners.hf import HFRunner
+from swarmspec.runners.sorted import SortedRunner
 from swarmspec.sampling import SamplingConfig
 from swarmspec.speculate import (
     ChainSpeculation,
@@ -278,6 +289,11 @@ def build_drafters(
             drafters.append(PromptLookupDrafter(target.vocab_size))
         elif spec == "suffix":
             drafters.append(SuffixDrafter(target.vocab_size, shared.suffix_index))
+        elif split_spec(spec)[0] == SORTED:
+            check_same_vocabulary(target, draft_models[spec])
+            model = draft_models[spec].hf_model
+            runner = SortedRunner(model, SortedExits(model, config.sorted_draft.exits))
+            drafters.append(SortedDrafter(runner, config.sorted_draft.thresholds))
         else:
             check_same_vocabulary(target, draft_models[spec])
             drafters.append(ModelDrafter(warmed_up(draft_models[spec].new_runner(threads or None))))
@@ -352,14 +368,23 @@ def measure_step_costs(config: EngineConfig, target: ModelRunner, speculation: S
     )
     draft_token_ms = []
     for spec, drafter in zip(config.drafters, speculation.drafters, strict=True):
-        if isinstance(drafter, ModelDrafter):
-            latency = forward_costs(
-                profile_key(spec, config.drafter_threads), drafter.runner, ks=(1,), persist=is_loadable(spec)
-            )
-            draft_token_ms.append(latency[1])
-        else:
+        runner = costed_runner(drafter)
+        if runner is None:
             draft_token_ms.append(0.0)
+            continue
+        key = profile_key(spec, config.drafter_threads)
+        draft_token_ms.append(forward_costs(key, runner, ks=(1,), persist=is_loadable(spec))[1])
     return StepCosts(verify_ms, tuple(draft_token_ms))
+
+
+def costed_runner(drafter: Drafter) -> ModelRunner | None:
+    """What a drafter pays per drafted token: a draft model's forward; a sorted draft's whole model (its
+    deepest exit, an upper bound); nothing for a model-free drafter."""
+    if isinstance(drafter, ModelDrafter):
+        return drafter.runner
+    if isinstance(drafter, SortedDrafter):
+        return HFRunner(drafter.runner.model)
+    return None
 
 
 def encode_request(tokenizer: PreTrainedTokenizerBase, request: GenerationRequest) -> list[int]:

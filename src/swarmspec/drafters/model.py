@@ -84,10 +84,7 @@ class ModelDrafter(Drafter):
 
     def _catch_up(self, context: list[int]) -> torch.Tensor:  # [V] logits after the last context token
         self._drop_tree()  # a tree nobody reported on
-        shared = 0
-        limit = min(len(self.cached_ids), len(context) - 1)  # always rerun >= 1 token to get logits
-        while shared < limit and self.cached_ids[shared] == context[shared]:
-            shared += 1
+        shared = reusable_prefix(self.cached_ids, context)
         self.runner.rollback(shared)
         del self.cached_ids[shared:]
         return self._run(torch.tensor(context[shared:], dtype=torch.int64))
@@ -117,3 +114,13 @@ class ModelDrafter(Drafter):
         logits = self.runner.forward(input_ids, num_logits=1)[0]
         self.cached_ids.extend(input_ids.tolist())
         return logits
+
+
+def reusable_prefix(cached_ids: list[int], context: list[int]) -> int:
+    """How many cached tokens a drafter keeps for `context`: the shared prefix, but never all of the
+    context, since the last token must run again to give the logits after it."""
+    shared = 0
+    limit = min(len(cached_ids), len(context) - 1)
+    while shared < limit and cached_ids[shared] == context[shared]:
+        shared += 1
+    return shared

@@ -18,6 +18,7 @@ from typing import Any
 from swarmspec.config import MODEL_FREE_DRAFTERS, SimulationConfig
 from swarmspec.dsi.simulator import (
     Setting,
+    flat_cost,
     min_targets,
     non_si_latency,
     si_expected_latency,
@@ -65,17 +66,17 @@ def best_cell(
     tokens: int,
     seed: int,
     verify_ms: StepCosts | None = None,
+    drafters: int = 1,
+    preemptible: bool = True,
 ) -> Cell:
     """Simulate one setting at every lookahead; keep each contender's best. With `verify_ms` the costs
-    are this machine's (milliseconds; `drafter_cost` in ms too), else the paper's units."""
+    are this machine's (milliseconds; `drafter_cost` in ms too), else the paper's units. `drafters` and
+    `preemptible` apply to DSI (see dsi.simulator)."""
     unit = verify_ms.verify(1) if verify_ms else 1.0
+    cost = (lambda rows: verify_ms.verify(rows) / unit) if verify_ms else flat_cost
 
     def setting(k: int, instances: int) -> Setting:
-        if verify_ms is None:
-            return Setting(drafter_cost, acceptance, k, instances)
-        return Setting(
-            drafter_cost / unit, acceptance, k, instances, lambda rows: verify_ms.verify(rows) / unit
-        )
+        return Setting(drafter_cost / unit, acceptance, k, instances, cost, drafters, preemptible)
 
     si = min((si_expected_latency(setting(k, 1)), k) for k in lookaheads)
     dsi = min((simulate_dsi(setting(k, targets), tokens, seed), k) for k in lookaheads)
@@ -99,10 +100,15 @@ def simulate_grid(
     tokens: int,
     seed: int = 0,
     progress: bool = False,
+    drafters: int = 1,
+    preemptible: bool = True,
 ) -> list[Cell]:
     cells = []
     for i, c in enumerate(drafter_costs):
-        cells.extend(best_cell(c, a, targets, lookaheads, tokens, seed) for a in acceptances)
+        cells.extend(
+            best_cell(c, a, targets, lookaheads, tokens, seed, None, drafters, preemptible)
+            for a in acceptances
+        )
         if progress:
             print(f"  drafter cost {c}: {i + 1}/{len(drafter_costs)} done", file=sys.stderr, flush=True)
     return cells
@@ -251,12 +257,22 @@ def run_simulation(config: SimulationConfig, command_line: str = "") -> Simulati
         meta |= {"device": device_name(), "verify_ms": costs.verify_ms, "draft_token_ms": draft_ms}
         meta["acceptance_used"] = round(acceptance, 4)
         cells = [
-            best_cell(draft_ms, acceptance, n, config.lookaheads, config.tokens, config.seed, costs)
+            best_cell(
+                draft_ms,
+                acceptance,
+                n,
+                config.lookaheads,
+                config.tokens,
+                config.seed,
+                costs,
+                config.drafters,
+                config.preemptible,
+            )
             for n in range(1, config.targets + 1)
         ]
         title = (
             f"Trace: {config.target} verified, {config.drafter} drafting ({draft_ms:.1f} ms/token), "
-            f"acceptance {acceptance:.2f}, t(1) {costs.verify(1):.1f} ms"
+            f"acceptance {acceptance:.2f}, t(1) {costs.verify(1):.1f} ms; {_dsi_forwards(config)}"
         )
         tables = trace_table(cells)
     else:
@@ -268,15 +284,27 @@ def run_simulation(config: SimulationConfig, command_line: str = "") -> Simulati
             config.tokens,
             config.seed,
             progress=True,
+            drafters=config.drafters,
+            preemptible=config.preemptible,
         )
         paths["plot"] = out / "dsi-speedup.png"
         plot_grid(cells, paths["plot"])
-        title = "Grid: time in target forwards, i.i.d. acceptance, verification costs 1 forward"
+        title = (
+            "Grid: time in target forwards, i.i.d. acceptance, verification costs 1 forward; "
+            + _dsi_forwards(config)
+        )
         tables = grid_tables(cells)
     write_json(paths["json"], meta, cells)
     markdown = f"# swarmspec simulate\n\n{title}\n\n{tables}"
     paths["markdown"].write_text(markdown)
     return SimulationResult(markdown, paths)
+
+
+def _dsi_forwards(config: SimulationConfig) -> str:
+    drafters = f"{config.drafters} drafter instance{'s' if config.drafters > 1 else ''}"
+    if config.preemptible:
+        return f"DSI with {drafters}, a cancelled forward stops at once (the paper's model)"
+    return f"DSI with {drafters}, a cancelled forward runs to its end (swarmspec's orchestrator)"
 
 
 def stored_costs(config: SimulationConfig) -> tuple[StepCosts, float]:

@@ -19,6 +19,13 @@ curve says otherwise (`verify_cost`: rows -> forwards, e.g. this CPU's t(k) / t(
   token. The target's own token after the last drafted one only costs the drafter the token it was
   drafting for that position. Rule (a) keeps a job on the committed prefix always in flight, which is
   why DSI is never slower than non-SI (with a flat cost curve); rule (b) is the speculation parallelism.
+
+Preemption: in the paper's model (`preemptible`, the default) a cancelled job frees its target instance at
+once and a restarted drafter starts at once. swarmspec's orchestrator cannot stop a forward midway (a
+llama.cpp or PyTorch call runs to its end), so with `preemptible=False` a cancelled job holds its instance
+until its forward ends, and a draft forward in flight holds its drafter instance likewise. Drafting one
+sequence is sequential, so `drafters` (drafter instances) only matter then: after a rejection the drafter
+restarts at once on another free drafter instance instead of waiting for the stale forward to end.
 """
 
 from __future__ import annotations
@@ -43,14 +50,19 @@ class Setting:
     lookahead: int  # k: drafted tokens per verification job (SI: per step)
     targets: int = 1  # DSI's target instances (the speculation-parallelism degree)
     verify_cost: Callable[[int], float] = flat_cost  # rows -> target forwards; verify_cost(1) is 1
+    drafters: int = 1  # DSI's drafter instances
+    preemptible: bool = True  # a cancelled forward stops at once (else it runs to its end)
 
     def __post_init__(self) -> None:
         if self.drafter_cost < 0:
             raise ValueError(f"drafter cost must be >= 0, got {self.drafter_cost}")
         if not 0 <= self.acceptance <= 1:
             raise ValueError(f"acceptance rate must be in [0, 1], got {self.acceptance}")
-        if self.lookahead < 1 or self.targets < 1:
-            raise ValueError(f"lookahead and targets must be >= 1, got {self.lookahead}, {self.targets}")
+        if min(self.lookahead, self.targets, self.drafters) < 1:
+            raise ValueError(
+                f"lookahead, targets and drafters must be >= 1, got {self.lookahead}, {self.targets}, "
+                f"{self.drafters}"
+            )
 
 
 def non_si_latency(setting: Setting) -> float:
@@ -102,9 +114,8 @@ class _Job:
 class _Event:
     time: float
     order: int
-    kind: str = field(compare=False)  # "job" or "draft"
+    kind: str = field(compare=False)  # "job", "draft", or "cancelled" (preempted: its instance is free)
     job: _Job | None = field(compare=False, default=None)
-    restarts: int = field(compare=False, default=0)  # a draft event from before a restart is stale
     position: int = field(compare=False, default=0)  # where a drafted token goes
 
 
@@ -139,8 +150,9 @@ class _DsiTimeline:
         self.order = itertools.count()
         self.free = list(range(setting.targets))
         self.running: list[_Job] = []
-        self.restarts = 0
-        self.drafting = False
+        self.stale: list[_Job] = []  # cancelled jobs whose forwards still run (not preemptible)
+        self.draft: _Event | None = None  # the drafter's forward in flight for the current sequence
+        self.busy_drafters = 0  # drafter instances in a forward, stale ones included
         self.window = setting.lookahead * setting.targets  # drafted tokens ahead of the committed ones
 
     def run(self, tokens: int) -> float:
@@ -149,21 +161,26 @@ class _DsiTimeline:
             event = heapq.heappop(self.events)
             self.now = event.time
             if event.kind == "draft":
-                if event.restarts == self.restarts:
+                self.busy_drafters -= 1
+                if event is self.draft:
+                    self.draft = None
                     self._add_draft(event.position)
-            else:
+            elif event.kind == "job":
                 assert event.job is not None
-                if event.job in self.running:  # else it was cancelled
+                if event.job in self.running:
                     self._finish(event.job)
+                elif event.job in self.stale:  # cancelled but not preemptible: its forward is over
+                    self.stale.remove(event.job)
+                    self.free.append(event.job.instance)
             self._dispatch()
         return self.now / self.committed
 
-    def _push(self, delay: float, kind: str, job: _Job | None = None) -> None:
-        event = _Event(self.now + delay, next(self.order), kind, job, self.restarts, len(self.sequence))
+    def _push(self, delay: float, kind: str, job: _Job | None = None) -> _Event:
+        event = _Event(self.now + delay, next(self.order), kind, job, len(self.sequence))
         heapq.heappush(self.events, event)
+        return event
 
     def _add_draft(self, position: int) -> None:
-        self.drafting = False
         if position < len(self.sequence):
             return  # the target's own token took its place meanwhile: the drafter goes on after it
         token = next(self.ids)
@@ -172,12 +189,23 @@ class _DsiTimeline:
 
     def _draft_more(self) -> None:
         """Keep the drafter busy while it is less than `window` tokens ahead."""
-        while not self.drafting and len(self.sequence) - self.committed < self.window:
+        while (
+            self.draft is None
+            and self.busy_drafters < self.setting.drafters
+            and len(self.sequence) - self.committed < self.window
+        ):
             if self.setting.drafter_cost == 0:
                 self._add_draft(len(self.sequence))
             else:
-                self.drafting = True
-                self._push(self.setting.drafter_cost, "draft")
+                self.busy_drafters += 1
+                self.draft = self._push(self.setting.drafter_cost, "draft")
+
+    def _restart_drafter(self) -> None:
+        """A rejection: the draft in flight is stale; its instance is free now only if preemptible."""
+        if self.draft is not None and self.setting.preemptible:
+            self.draft.kind = "cancelled"
+            self.busy_drafters -= 1
+        self.draft = None
 
     def _dispatch(self) -> None:
         self._draft_more()
@@ -204,19 +232,25 @@ class _DsiTimeline:
                 continue
             # The target's own token: a correction, or the token after the last drafted one.
             if drafted:  # a rejection: the drafter's work after it is lost
-                self.restarts += 1
-                self.drafting = False
+                self._restart_drafter()
             del self.sequence[position:]
             token = next(self.ids)
             self.right[token] = True
             self.sequence.append(token)
             self.committed = position + 1
             for other in list(self.running):  # each verifies a dropped draft or ends before `position`
-                self._release(other)
+                self._cancel(other)
             return
         for done in [job for job in self.running if job.end < self.committed]:
-            self._release(done)  # it covers only committed positions now
+            self._cancel(done)  # it covers only committed positions now
 
     def _release(self, job: _Job) -> None:
         self.running.remove(job)
         self.free.append(job.instance)
+
+    def _cancel(self, job: _Job) -> None:
+        if self.setting.preemptible:
+            self._release(job)
+        else:
+            self.running.remove(job)
+            self.stale.append(job)

@@ -17,8 +17,10 @@ from swarmspec.runners.llama_cpp import LlamaCppModel
 
 # Prefixes a model spec may carry. "int8" changes the weights (for drafters: losslessness never depends
 # on the drafter); "onednn" keeps the exact fp32 weights and only changes the matmul kernel; "llamacpp"
-# runs the GGUF file itself (quantized weights as stored) on llama.cpp instead of PyTorch.
-VARIANTS = ("int8", "onednn", "llamacpp")
+# runs the GGUF file itself (quantized weights as stored) on llama.cpp instead of PyTorch; "sorted" loads
+# the exact weights for a drafter that drafts with the model's early exits (drafters.sorted).
+VARIANTS = ("int8", "onednn", "llamacpp", "sorted")
+SORTED = "sorted"
 LLAMA_CPP = "llamacpp"
 # The llama.cpp backend's context (KV cache) size when the model allows that many positions.
 LLAMA_CPP_CONTEXT = 4096

@@ -1,0 +1,196 @@
+"""Sorted drafts (S2D): exits equal truncated models, lazily completed caches equal full forwards, and
+drafting from the exits keeps decoding exactly the target's."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+from transformers import Qwen2ForCausalLM
+
+from swarmspec.cli import main
+from swarmspec.config import AUTO, EngineConfig, Gamma, SortedDraft
+from swarmspec.drafters.sorted import SortedDrafter
+from swarmspec.engine import Engine
+from swarmspec.errors import InvalidRequestError
+from swarmspec.metrics import DecodeStats
+from swarmspec.models.loading import LoadedModel
+from swarmspec.models.sorted import SortedExits
+from swarmspec.policy import StepCosts
+from swarmspec.runners.sorted import SortedRunner
+from swarmspec.sampling import SamplingConfig
+
+from tiny_models import VOCAB, run_decode, tiny_loaded, tiny_qwen2
+
+EXITS = (1, 2, 4)
+
+
+@pytest.fixture(scope="module")
+def model() -> Qwen2ForCausalLM:
+    return tiny_qwen2(11, layers=4)
+
+
+def truncated(model: Qwen2ForCausalLM, layers: int) -> Qwen2ForCausalLM:
+    """The model's first `layers` layers, final norm and head, built independently of the sorted code."""
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = layers
+    small = Qwen2ForCausalLM(config).eval()
+    small.load_state_dict(model.state_dict(), strict=False)  # the deeper layers' weights are left out
+    return small
+
+
+def tokens(n: int, seed: int = 0) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(VOCAB) for _ in range(n)]
+
+
+@pytest.mark.parametrize("exit_index", range(len(EXITS)))
+def test_each_exit_equals_the_truncated_model(model: Qwen2ForCausalLM, exit_index: int) -> None:
+    ids = tokens(24)
+    with torch.no_grad():
+        expected = truncated(model, EXITS[exit_index])(torch.tensor([ids])).logits[0]  # [n, V]
+    runner = SortedRunner(model, SortedExits(model, EXITS))
+    runner.extend(ids[:6])
+    got = [runner.exit_logits(exit_index)]
+    for token in ids[6:]:
+        runner.extend([token])
+        got.append(runner.exit_logits(exit_index))
+    torch.testing.assert_close(torch.stack(got), expected[5:], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_lazily_completed_cache_equals_a_full_forward(model: Qwen2ForCausalLM, seed: int) -> None:
+    """Tokens exit at random depths, with rollbacks between; the deepest exit then needs every layer's
+    keys and values of every token, completed on the way, and must equal the whole model's logits."""
+    rng = random.Random(seed)
+    ids = tokens(40, seed)
+    runner = SortedRunner(model, SortedExits(model, EXITS))
+    runner.extend(ids[:4])
+    runner.exit_logits(rng.randrange(len(EXITS)))
+    given = 4
+    while given < len(ids):
+        if rng.random() < 0.2:  # a rejected draft: forget a few tokens, then give them again
+            given = max(1, given - rng.randrange(1, 5))
+            runner.rollback(given)
+        step = min(rng.randrange(1, 4), len(ids) - given)
+        runner.extend(ids[given : given + step])
+        given += step
+        exit_index = rng.randrange(len(EXITS))
+        logits = runner.exit_logits(exit_index)
+        with torch.no_grad():
+            expected = truncated(model, EXITS[exit_index])(torch.tensor([ids[:given]])).logits[0, -1]
+        torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+    assert runner.cached_len == len(ids)
+
+
+def test_an_exit_asked_twice_for_one_token_is_an_error(model: Qwen2ForCausalLM) -> None:
+    runner = SortedRunner(model, SortedExits(model, EXITS))
+    runner.extend(tokens(5))
+    runner.exit_logits(1)
+    with pytest.raises(ValueError, match="extend first"):
+        runner.exit_logits(0)
+
+
+def sorted_drafter(model: Qwen2ForCausalLM, thresholds: tuple[float, ...]) -> SortedDrafter:
+    return SortedDrafter(SortedRunner(model, SortedExits(model, EXITS)), thresholds)
+
+
+@pytest.mark.parametrize(
+    "thresholds", [(0.0, 0.0), (0.3, 0.6), (1.0, 1.0)], ids=["first", "adaptive", "last"]
+)
+@pytest.mark.parametrize("seed", range(4))
+def test_sorted_drafting_decodes_exactly_the_target(thresholds: tuple[float, ...], seed: int) -> None:
+    target = tiny_qwen2(seed, layers=2)
+    prompt = tokens(7, seed)
+    plain, _ = run_decode(target, None, prompt, 40)
+    # A sorted draft of another model, and the target's own exits (self-speculation).
+    for draft_model in (tiny_qwen2(100 + seed, layers=4), target):
+        drafter = SortedDrafter(SortedRunner(draft_model, SortedExits(draft_model, (1, 2))), thresholds[:1])
+        speculative, stats = run_decode(target, drafter, prompt, 40, gamma=3)
+        assert speculative == plain
+        assert sum(drafter.exit_counts) == stats.drafted_tokens
+
+
+def test_thresholds_choose_the_exit(model: Qwen2ForCausalLM) -> None:
+    prompt, sampling = tokens(6), SamplingConfig()
+    first, last = sorted_drafter(model, (0.0, 0.0)), sorted_drafter(model, (1.0, 1.0))
+    first.propose(prompt, 5, sampling, None)
+    last.propose(prompt, 5, sampling, None)
+    assert first.exit_counts == [5, 0, 0]
+    assert last.exit_counts == [0, 0, 5]  # a top probability of 1.0 never happens here
+    assert last.propose(prompt, 5, sampling, None).tokens.tolist() == greedy_chain(model, prompt, 5)
+
+
+def greedy_chain(model: Qwen2ForCausalLM, prompt: list[int], n: int) -> list[int]:
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+def test_the_deepest_exit_of_the_target_itself_is_always_accepted() -> None:
+    target = tiny_qwen2(3, layers=2)
+    drafter = SortedDrafter(SortedRunner(target, SortedExits(target, (1, 2))), (1.0,))
+    _, stats = run_decode(target, drafter, tokens(5), 30, gamma=4)
+    assert stats.accepted_tokens == stats.drafted_tokens > 0
+
+
+def test_exits_must_fit_the_model(model: Qwen2ForCausalLM) -> None:
+    with pytest.raises(InvalidRequestError, match="has 4 layers: exits \\[2, 6\\] do not fit"):
+        SortedExits(model, (2, 6))
+
+
+def test_sorted_settings_are_checked() -> None:
+    assert SortedDraft().thresholds == (0.5, 0.5, 0.5)
+    with pytest.raises(InvalidRequestError, match="increasing layer counts"):
+        SortedDraft(exits=(12, 6))
+    with pytest.raises(
+        InvalidRequestError, match="one exit threshold in \\[0, 1\\] per exit but the deepest"
+    ):
+        SortedDraft(exits=(6, 12, 24), thresholds=(0.5,))
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--sorted-exits", "12,6"], "sorted exits must be increasing layer counts"),
+        (["--exit-thresholds", "0.5,1.5,0.5"], "one exit threshold in [0, 1]"),
+        (["--workers", "ray", "--method", "dsi"], "sorted drafts run with --workers threads"),
+    ],
+)
+def test_bad_sorted_flags_are_usage_errors(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["generate", "--drafter", "sorted:qwen2.5-coder-0.5b-instruct", "--max-new-tokens", "1", "hi"]
+    assert main([*args[:-1], *flags, args[-1]]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("gamma", [3, AUTO])
+@pytest.mark.parametrize("method", ["chain", "tree", "vote", "dsi"])
+def test_the_engine_drafts_with_a_sorted_spec(method: str, gamma: Gamma) -> None:
+    target, draft = tiny_loaded("tiny-target", 1), tiny_loaded("tiny-drafter", 7, layers=3)
+    sorted_spec = "sorted:tiny-drafter"
+    sorted_model = LoadedModel(sorted_spec, draft.model, draft.tokenizer)
+    drafters = (sorted_spec,) if method in ("chain", "dsi") else (sorted_spec, "prompt-lookup")
+
+    def generate(method: str, drafters: tuple[str, ...], stats: DecodeStats | None = None) -> list[int]:
+        config = EngineConfig(
+            target=target.spec,
+            method=method,
+            drafters=drafters,
+            sorted_draft=SortedDraft(exits=(1, 3), thresholds=(0.4,)),
+            gamma=gamma,
+        )
+        costs = StepCosts({1: 30.0, 2: 40.0, 32: 340.0}, tuple(2.0 for _ in drafters))
+        engine = Engine.from_models(config, target, {sorted_spec: sorted_model}, costs=costs)
+        prompt = [5, 9, 14, 5, 9, 20, 33]
+        chunks = engine.token_chunks(prompt, 30, SamplingConfig(), 0, stats or DecodeStats())
+        return [t for chunk in chunks for t in chunk]
+
+    stats = DecodeStats()
+    assert generate(method, drafters, stats) == generate("ar", ())
+    assert stats.drafted_tokens > 0 or method == "dsi"  # DSI's plain lanes may overtake every draft
