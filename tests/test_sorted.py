@@ -194,3 +194,5 @@ def test_the_engine_drafts_with_a_sorted_spec(method: str, gamma: Gamma) -> None
     stats = DecodeStats()
     assert generate(method, drafters, stats) == generate("ar", ())
     assert stats.drafted_tokens > 0 or method == "dsi"  # DSI's plain lanes may overtake every draft
+    depth = stats.totals().mean_exit_depth  # the layers each drafted token ran: exit 1 or 3
+    assert depth is not None and 1 <= depth <= 3

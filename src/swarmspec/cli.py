@@ -22,6 +22,7 @@ from swarmspec.config import (
     GenerationRequest,
     SimulationConfig,
     SortedDraft,
+    TrainSortedConfig,
     default_baselines,
     default_drafters,
 )
@@ -171,6 +172,26 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--contender", default=sim_defaults.contender, help="trace: --report's contender")
     sim.add_argument("--out", help="report directory (default: simulate-results/<UTC time>)")
     sim.set_defaults(run=run_simulate)
+
+    train = TrainSortedConfig()
+    tr = command("train-sorted", "train a sorted draft's exits on targets' greedy answers (S2D)")
+    tr.add_argument("--drafter", default=train.drafter, help="the PyTorch draft model whose exits to train")
+    tr.add_argument(
+        "--target",
+        action="append",
+        help=f"repeatable: whose answers to learn (default: {', '.join(train.targets)})",
+    )
+    tr.add_argument("--prompts", help="Spec-Bench-format JSONL (default: the built-in training prompts)")
+    tr.add_argument("--sorted-exits", type=int_list, default=train.exits, help="exit depths in layers")
+    tr.add_argument("--rank", type=int, default=train.rank, help="each exit's adapter rank (0: norm only)")
+    tr.add_argument("--max-new-tokens", type=int, default=train.max_new_tokens, help="per answer")
+    tr.add_argument("--epochs", type=int, default=train.epochs, help="passes over the answers")
+    tr.add_argument("--batch-rows", type=int, default=train.batch_rows, help="positions per step")
+    tr.add_argument("--learning-rate", type=float, default=train.learning_rate, help="AdamW")
+    tr.add_argument("--held-out", type=float, default=train.held_out, help="share of prompts to measure on")
+    tr.add_argument("--seed", type=int, default=train.seed, help="adapters' init, split and batch order")
+    tr.add_argument("--restart", action="store_true", help="start over instead of resuming")
+    tr.set_defaults(run=run_train_sorted)
     return parser
 
 
@@ -434,6 +455,29 @@ def print_report(markdown: str, paths: dict[str, Any]) -> None:
     print(markdown)
     for kind, path in paths.items():
         print(f"{kind}: {path}")
+
+
+def run_train_sorted(args: argparse.Namespace) -> int:
+    from swarmspec.train.sorted import train_sorted
+
+    config = TrainSortedConfig(
+        drafter=args.drafter,
+        targets=tuple(args.target or TrainSortedConfig().targets),
+        prompts=args.prompts,
+        exits=args.sorted_exits,
+        rank=args.rank,
+        max_new_tokens=args.max_new_tokens,
+        epochs=args.epochs,
+        batch_rows=args.batch_rows,
+        learning_rate=args.learning_rate,
+        held_out=args.held_out,
+        seed=args.seed,
+        restart=args.restart,
+    )
+    result = train_sorted(config)
+    print(result.markdown())
+    print(f"exits: {result.path}")
+    return 0
 
 
 def run_simulate(args: argparse.Namespace) -> int:

@@ -327,6 +327,43 @@ class BenchConfig:
 
 
 @dataclass(frozen=True)
+class TrainSortedConfig:
+    """`swarmspec train-sorted`: train a sorted draft's exits on targets' greedy answers (train.sorted)."""
+
+    # The draft model (a PyTorch model spec without prefix) whose exits are trained.
+    drafter: str = DEFAULT_DRAFTER
+    # Whose answers the exits learn to predict: one or several targets of the drafter's model family
+    # (any backend; llama.cpp answers fastest here), the drafter itself for self-speculation.
+    targets: tuple[str, ...] = (LLAMA_CPP_PREFIX + DEFAULT_TARGET,)
+    # Spec-Bench-format JSONL of prompts (never the benchmark questions you report on); None: built-in.
+    prompts: str | None = None
+    exits: tuple[int, ...] = SortedDraft().exits
+    # The rank of each exit's adapter (0: its norm only).
+    rank: int = 64
+    # Tokens of each target's answer to each prompt.
+    max_new_tokens: int = 128
+    epochs: int = 4
+    batch_rows: int = 256
+    learning_rate: float = 1e-3
+    # Share of the prompts held out to measure each exit's acceptance before and after.
+    held_out: float = 0.2
+    seed: int = 0
+    # Start over instead of resuming an interrupted run with the same settings.
+    restart: bool = False
+
+    def __post_init__(self) -> None:
+        SortedDraft(self.exits)  # validates the exits
+        if self.drafter.partition(":")[0] in ("llamacpp", "int8", "onednn", "sorted"):
+            raise InvalidRequestError(f"train a PyTorch model's exits: give its name, not {self.drafter!r}")
+        if not self.targets:
+            raise InvalidRequestError("give at least one --target whose answers to learn")
+        if min(self.rank + 1, self.max_new_tokens, self.epochs, self.batch_rows) < 1:
+            raise InvalidRequestError("rank must be >= 0 and tokens, epochs and batch rows >= 1")
+        if not self.learning_rate > 0 or not 0 < self.held_out < 1:
+            raise InvalidRequestError("the learning rate must be > 0 and the held-out share in (0, 1)")
+
+
+@dataclass(frozen=True)
 class SimulationConfig:
     """`swarmspec simulate`: DSI, SI and plain decoding on the DSI paper's model (see dsi.simulator)."""
 

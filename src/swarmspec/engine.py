@@ -35,7 +35,7 @@ from swarmspec.models.loading import (
     split_spec,
 )
 from swarmspec.models.registry import REGISTRY
-from swarmspec.models.sorted import SortedExits
+from swarmspec.models.sorted import sorted_exits
 from swarmspec.policy import AcceptancePrior, CostModelPolicy, FixedDepth, SpeculationPolicy, StepCosts
 from swarmspec.profile import forward_costs, profile_key
 from swarmspec.runners.base import ModelRunner
@@ -80,6 +80,10 @@ class SequenceState:
 
     healthy = True  # nothing in it can die
 
+    @property
+    def drafters(self) -> Sequence[Drafter]:
+        return self.speculation.drafters
+
     def close(self) -> None:
         """Nothing to release beyond memory."""
 
@@ -98,6 +102,10 @@ class DsiState:
         return dsi_decode(
             self.instances, self.drafter, verifier, prompt_ids, lookahead=self.lookahead, **options
         )
+
+    @property
+    def drafters(self) -> Sequence[Drafter]:
+        return [self.drafter]
 
     @property
     def healthy(self) -> bool:
@@ -214,6 +222,7 @@ class Engine:
         # The request's own generator: no global RNG is read or reseeded.
         generator = torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(63))
         failed = False
+        exits_before = sorted_exit_tally(state.drafters)
         try:
             yield from state.run(
                 prompt_ids,
@@ -230,6 +239,9 @@ class Engine:
             failed = True  # a failure may have left the state broken (a DSI instance's Ray actor died)
             raise
         finally:  # also when the consumer stops early
+            exit_tokens, exit_layers = sorted_exit_tally(state.drafters)
+            stats.exit_tokens += exit_tokens - exits_before[0]
+            stats.exit_layers += exit_layers - exits_before[1]
             if failed or not state.healthy:
                 state.close()
             else:
@@ -292,7 +304,7 @@ def build_drafters(
         elif split_spec(spec)[0] == SORTED:
             check_same_vocabulary(target, draft_models[spec])
             model = draft_models[spec].hf_model
-            runner = SortedRunner(model, SortedExits(model, config.sorted_draft.exits))
+            runner = SortedRunner(model, sorted_exits(model, config.sorted_draft.exits))
             drafters.append(SortedDrafter(runner, config.sorted_draft.thresholds))
         else:
             check_same_vocabulary(target, draft_models[spec])
@@ -375,6 +387,12 @@ def measure_step_costs(config: EngineConfig, target: ModelRunner, speculation: S
         key = profile_key(spec, config.drafter_threads)
         draft_token_ms.append(forward_costs(key, runner, ks=(1,), persist=is_loadable(spec))[1])
     return StepCosts(verify_ms, tuple(draft_token_ms))
+
+
+def sorted_exit_tally(drafters: Sequence[Drafter]) -> tuple[int, int]:
+    """Tokens the sorted drafts among `drafters` drafted so far, and the layers those ran."""
+    tallies = [d.exit_tally for d in drafters if isinstance(d, SortedDrafter)]
+    return sum(t[0] for t in tallies), sum(t[1] for t in tallies)
 
 
 def costed_runner(drafter: Drafter) -> ModelRunner | None:

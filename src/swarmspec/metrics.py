@@ -18,6 +18,8 @@ class Totals:
     wall_s: float = 0.0
     drafting_forwards: int = 0  # target forwards that verified at least one drafted token
     drafted_depth: int = 0  # over those forwards: the depth of the verified tree (a chain's length)
+    exit_tokens: int = 0  # tokens drafted by sorted drafts' early exits
+    exit_layers: int = 0  # summed over those: the layers each token ran (its exit's depth)
 
     def __add__(self, other: Totals) -> Totals:
         return Totals(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(Totals)))
@@ -59,6 +61,11 @@ class Totals:
         """Drafted tokens (tree nodes) verified, averaged over the forwards that verified any."""
         return self.drafted_tokens / self.drafting_forwards if self.drafting_forwards else None
 
+    @property
+    def mean_exit_depth(self) -> float | None:
+        """Layers a sorted draft ran per drafted token (its exits' depths); None without one."""
+        return self.exit_layers / self.exit_tokens if self.exit_tokens else None
+
 
 @dataclass(frozen=True)
 class Step:
@@ -90,6 +97,9 @@ class DecodeStats:
     # Target forwards whose logits nothing used (DSI: a job on a rejected draft, or one that another
     # instance overtook); not among `steps`.
     discarded_forwards: int = 0
+    # Sorted drafts: tokens drafted and the layers they ran (see Totals.mean_exit_depth).
+    exit_tokens: int = 0
+    exit_layers: int = 0
 
     def record_step(
         self, drafted: int, committed: int, accepted_by: Sequence[int] = (), depth: int | None = None
@@ -155,6 +165,8 @@ class DecodeStats:
             self.wall_s,
             drafting_forwards=sum(1 for step in self.steps if step.drafted),
             drafted_depth=sum(step.depth for step in self.steps),
+            exit_tokens=self.exit_tokens,
+            exit_layers=self.exit_layers,
         )
 
     @property
@@ -194,6 +206,7 @@ class DecodeStats:
             "plain_share": _rounded(totals.plain_share),
             "mean_draft_depth": _rounded(totals.mean_draft_depth),
             "mean_draft_size": _rounded(totals.mean_draft_size),
+            "mean_exit_depth": _rounded(totals.mean_exit_depth),
         }
 
 

@@ -39,6 +39,8 @@ class Outcome:
     drafted_depth: int  # summed over those: the verified tree's depth (a chain's length)
     # Accepted tokens per proposing drafter spec (swarmspec methods; transformers does not say).
     accepted_by_drafter: dict[str, int] = field(default_factory=dict)
+    exit_tokens: int = 0  # sorted drafts: tokens drafted, and the layers they ran
+    exit_layers: int = 0
 
     @classmethod
     def of_chains(
@@ -97,6 +99,8 @@ class SwarmspecMethod(Contender):
             totals.drafting_forwards,
             totals.drafted_depth,
             stats.accepted_by(self.drafters),
+            totals.exit_tokens,
+            totals.exit_layers,
         )
 
 

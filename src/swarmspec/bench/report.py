@@ -43,6 +43,8 @@ class RunRecord:
     drafted_depth: int = 0  # summed over those: the verified tree's depth
     # Accepted tokens per proposing drafter (swarmspec methods only).
     accepted_by_drafter: dict[str, int] = field(default_factory=dict)
+    exit_tokens: int = 0  # sorted drafts: tokens drafted, and the layers they ran
+    exit_layers: int = 0
 
     @property
     def new_tokens(self) -> int:
@@ -57,6 +59,8 @@ class RunRecord:
             self.wall_s,
             self.drafting_forwards,
             self.drafted_depth,
+            self.exit_tokens,
+            self.exit_layers,
         )
 
 
@@ -77,6 +81,7 @@ class Row:
     plain_share: float  # share of target forwards that verified no drafted token, all repeats
     mean_draft_depth: float | None  # verified depth over the forwards that drafted; None: none did
     mean_draft_size: float | None  # verified drafted tokens over the forwards that drafted
+    mean_exit_depth: float | None  # sorted drafts: layers run per drafted token; None: no sorted draft
     identical: bool | None  # every output token-identical to the reference's; None when sampling
 
 
@@ -130,6 +135,7 @@ def summarize(records: Sequence[RunRecord], reference: str | None, greedy: bool)
             plain_share=counts.plain_share or 0.0,
             mean_draft_depth=counts.mean_draft_depth,
             mean_draft_size=counts.mean_draft_size,
+            mean_exit_depth=counts.mean_exit_depth,
             identical=identical,
         )
 
@@ -151,11 +157,13 @@ def markdown_tables(rows: Sequence[Row], reference: str | None) -> str:
     """The overall table, then speedup by task family, then every figure per family."""
     ref = reference or "none"
     yes_no = {True: "yes", False: "**NO**", None: "n/a"}
+    exits = any(r.mean_exit_depth is not None for r in rows)  # a column only where a sorted draft ran
+    exit_column = " exit depth (layers) |" if exits else ""
     header = (
         f"| contender | tokens/s | speedup vs {ref} | mean accepted tokens / target forward "
         f"| drafted tokens / target forward | acceptance rate | forwards without drafts "
-        f"| draft depth (size) when drafting | identical to {ref} |"
-        "\n|---|---|---|---|---|---|---|---|---|"
+        f"| draft depth (size) when drafting |{exit_column} identical to {ref} |"
+        "\n|---|---|---|---|---|---|---|---|" + ("---|" if exits else "") + "---|"
     )
 
     def line(r: Row, first: str) -> str:
@@ -165,7 +173,8 @@ def markdown_tables(rows: Sequence[Row], reference: str | None) -> str:
             f"| {_fmt(None if r.acceptance_rate is None else r.acceptance_rate * 100, '.1f', '%')} "
             f"| {r.plain_share * 100:.0f}% "
             f"| {_fmt(r.mean_draft_depth, '.2f')} ({_fmt(r.mean_draft_size, '.2f')}) "
-            f"| {yes_no[r.identical]} |"
+            + (f"| {_fmt(r.mean_exit_depth, '.1f')} " if exits else "")
+            + f"| {yes_no[r.identical]} |"
         )
 
     overall = [r for r in rows if r.family == OVERALL]

@@ -48,6 +48,12 @@ class SortedDrafter(Drafter):
                 self._extend([int(token)])
         return Draft(torch.stack(tokens), torch.stack(probs) if probs else None)
 
+    @property
+    def exit_tally(self) -> tuple[int, int]:
+        """Tokens drafted so far and the layers they ran (each its exit's depth)."""
+        depths = self.runner.exits.depths
+        return sum(self.exit_counts), sum(n * d for n, d in zip(self.exit_counts, depths, strict=True))
+
     def _confident_exit_logits(self) -> torch.Tensor:  # [V] after the last token
         for exit_index, threshold in enumerate(self.thresholds):
             logits = self.runner.exit_logits(exit_index)

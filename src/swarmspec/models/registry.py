@@ -260,7 +260,7 @@ def assemble_gguf(
     _log(f"verified in {time.monotonic() - start:.1f} s")
 
 
-def _marker_source(checkpoint_dir: Path) -> str | None:
+def checkpoint_checksum(checkpoint_dir: Path) -> str | None:
     """The source sha256 recorded in checkpoint_dir's marker; None if the marker is missing or unreadable."""
     try:
         source = json.loads((checkpoint_dir / MARKER_FILE).read_text())["source_sha256"]
@@ -272,7 +272,7 @@ def _marker_source(checkpoint_dir: Path) -> str | None:
 def checkpoint_complete(checkpoint_dir: Path) -> bool:
     """Whether checkpoint_dir is a finished conversion: the marker is written last, so without it the
     directory is what an interrupted run left and will be redone."""
-    return _marker_source(checkpoint_dir) is not None
+    return checkpoint_checksum(checkpoint_dir) is not None
 
 
 def _write_checkpoint(gguf_path: Path, out_dir: Path) -> None:
@@ -327,7 +327,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, source_sha256: str | None = Non
     out_dir (an interrupted run, another source) is replaced. Pass the file's sha256 when known.
     """
     source_sha256 = source_sha256 or _sha256_file(gguf_path)
-    if _marker_source(out_dir) != source_sha256:
+    if checkpoint_checksum(out_dir) != source_sha256:
         _convert(gguf_path, out_dir, source_sha256)
 
 

@@ -1,36 +1,97 @@
 """A sorted draft (S2D): one decoder's first layers as nested sub-models, each ending in an exit.
 
-Exit j runs the first `depths[j]` layers, then its own RMS norm and the model's shared LM head. The
-norms start as copies of the model's final norm, so the deepest exit (all layers) is the model itself,
-and are the exits' trainable part: training them does not touch the shared layers.
+Exit j runs the first `depths[j]` layers, then a small part of its own (a low-rank adapter on the
+hidden state, h + up(down(h)), and an RMS norm) and the model's shared LM head. The norms start as
+copies of the model's final norm and the adapters at zero, so an untrained exit is the truncated model
+and the deepest one the model itself. Only these parts are trained (`swarmspec train-sorted`); the
+shared layers and head never change.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
-from swarmspec.errors import InvalidRequestError
+from swarmspec.errors import InvalidRequestError, SwarmspecError
+from swarmspec.models.registry import cache_root, checkpoint_checksum
 
 
 class SortedExits(torch.nn.Module):
-    """The exits' own parameters: a norm per exit depth (the LM head is the model's, shared)."""
+    """The exits' own parameters, per exit depth: an adapter of rank `rank` (0: none) and a norm."""
 
-    def __init__(self, model: PreTrainedModel, depths: Sequence[int]) -> None:
+    def __init__(self, model: PreTrainedModel, depths: Sequence[int], rank: int = 0, seed: int = 0) -> None:
         super().__init__()
         layers = decoder_layers(model)
         if not depths or depths[-1] > len(layers):
             name = model.config.name_or_path or "the model"
             raise InvalidRequestError(f"{name} has {len(layers)} layers: exits {list(depths)} do not fit")
+        if rank < 0:
+            raise InvalidRequestError(f"the exits' adapter rank must be >= 0, got {rank}")
         self.depths = tuple(depths)
+        self.rank = rank
         self.norms = torch.nn.ModuleList(copy.deepcopy(model.model.norm) for _ in depths)
+        hidden = model.config.hidden_size
+        adapters = depths if rank else ()
+        with torch.random.fork_rng():  # the adapters' initial weights depend on `seed` alone
+            torch.manual_seed(seed)
+            self.downs = torch.nn.ModuleList(torch.nn.Linear(hidden, rank, bias=False) for _ in adapters)
+        self.ups = torch.nn.ModuleList(torch.nn.Linear(rank, hidden, bias=False) for _ in adapters)
+        for up in self.ups:
+            torch.nn.init.zeros_(up.weight)
+        self.requires_grad_(False)  # trained explicitly; drafting never needs gradients
+        self.trained_on: dict[str, Any] = {}  # what `swarmspec train-sorted` distilled them from
 
     def logits(self, model: PreTrainedModel, exit_index: int, hidden: torch.Tensor) -> torch.Tensor:
         """[..., H] hidden states after `depths[exit_index]` layers -> [..., V] float32 logits."""
+        if self.rank:
+            hidden = hidden + self.ups[exit_index](self.downs[exit_index](hidden))
         return model.lm_head(self.norms[exit_index](hidden)).float()
+
+    def save(self, path: Path, trained_on: dict[str, Any]) -> None:
+        state = {"depths": self.depths, "rank": self.rank, "state": self.state_dict()}
+        save_atomically({**state, "trained_on": trained_on}, path)
+
+    @classmethod
+    def load(cls, model: PreTrainedModel, path: Path) -> SortedExits:
+        try:
+            saved = torch.load(path, weights_only=True)
+            exits = cls(model, saved["depths"], saved["rank"])
+            exits.load_state_dict(saved["state"])
+        except (OSError, RuntimeError, KeyError, TypeError, ValueError) as err:
+            raise SwarmspecError(
+                f"cannot load trained sorted exits from {path}: {err}; delete it and retrain"
+            ) from None
+        exits.trained_on = saved["trained_on"]
+        return exits
+
+
+def save_atomically(state: dict[str, Any], path: Path) -> None:
+    """torch.save, never leaving a half-written file under `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    torch.save(state, partial)
+    partial.replace(path)
+
+
+def trained_exits_path(model: PreTrainedModel, depths: Sequence[int]) -> Path:
+    """Where `swarmspec train-sorted` stores a model's trained exits: keyed by the model's checksum (the
+    source GGUF's, for a registered or converted model; else its path's) and the exit depths."""
+    source = str(model.config.name_or_path)
+    checksum = checkpoint_checksum(Path(source)) or hashlib.sha256(source.encode()).hexdigest()
+    name = f"{Path(source).name or 'model'}-{checksum[:12]}"
+    return cache_root() / "sorted" / name / f"exits-{'-'.join(map(str, depths))}.pt"
+
+
+def sorted_exits(model: PreTrainedModel, depths: Sequence[int]) -> SortedExits:
+    """The model's trained exits at these depths if `swarmspec train-sorted` stored them, else untrained."""
+    path = trained_exits_path(model, depths)
+    return SortedExits.load(model, path) if path.is_file() else SortedExits(model, depths)
 
 
 def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:

@@ -1,0 +1,316 @@
+"""Sorted fine-tuning (`swarmspec train-sorted`): train every exit of a sorted draft at once.
+
+The data are the targets' own greedy answers to a prompt set, so each exit learns to predict what the
+targets say (the tokens it must draft to be accepted). The shared layers are frozen: each answer is
+run through the draft model once, keeping the hidden states at every exit depth, and training only
+runs the exits' own parts (models.sorted) and the shared LM head on them. The loss is the sum over
+exits of the cross-entropy with the target's next token (SortedNet/SoFT style), and an exit's
+*acceptance* is how often its top token is the target's: what greedy drafting from it gets accepted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from swarmspec.bench.questions import Question, load_questions, parse_questions
+from swarmspec.config import EngineConfig, TrainSortedConfig
+from swarmspec.engine import Engine, encode_prompt
+from swarmspec.errors import InvalidRequestError
+from swarmspec.metrics import DecodeStats
+from swarmspec.models.loading import load_model
+from swarmspec.models.registry import cache_root
+from swarmspec.models.sorted import SortedExits, decoder_layers, save_atomically, trained_exits_path
+from swarmspec.sampling import SamplingConfig
+
+Progress = Callable[[str], None]
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One target's greedy answer to one prompt, as token ids."""
+
+    target: str
+    question_id: str
+    prompt_ids: list[int]
+    output_ids: list[int]
+
+
+@dataclass
+class Features:
+    """Training rows: per exit the hidden states [N, H] of the positions that predict a target token,
+    the tokens [N], and which target each row's answer came from."""
+
+    hidden: list[torch.Tensor]
+    labels: torch.Tensor
+    targets: list[str]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass(frozen=True)
+class ExitScore:
+    depth: int
+    target: str
+    loss: float
+    acceptance: float  # share of rows whose top exit token is the target's
+
+
+def training_prompts(path: str | None) -> list[Question]:
+    """A Spec-Bench-format file's questions, or the built-in training prompts (none of them is a
+    benchmark question)."""
+    if path is not None:
+        return load_questions(path)
+    text = resources.files("swarmspec.train").joinpath("prompts.jsonl").read_text("utf-8")
+    return parse_questions(text.splitlines(), "built-in training prompts")
+
+
+def vocabulary_checksum(tokenizer: PreTrainedTokenizerBase) -> str:
+    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
+
+
+def target_answers(
+    target_spec: str,
+    questions: Sequence[Question],
+    max_new_tokens: int,
+    vocabulary: str,
+    progress: Progress = log,
+) -> list[Answer]:
+    """The target's greedy answers, cached on disk by target, prompts and length; refused unless the
+    target's vocabulary has the checksum `vocabulary` (the draft model's)."""
+    key = json.dumps([target_spec, [q.prompt for q in questions], max_new_tokens])
+    path = cache_root() / "sorted" / "answers" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        check_vocabulary(target_spec, cached["vocabulary"], vocabulary)
+        return [Answer(**a) for a in cached["answers"]]
+    target = load_model(target_spec)
+    check_vocabulary(target_spec, vocabulary_checksum(target.tokenizer), vocabulary)
+    engine = Engine.from_models(EngineConfig(target=target_spec, method="ar"), target, {})
+    answers = []
+    start = time.perf_counter()
+    for i, question in enumerate(questions):
+        prompt_ids = encode_prompt(target.tokenizer, question.prompt, chat=True)
+        chunks = engine.token_chunks(prompt_ids, max_new_tokens, SamplingConfig(), 0, DecodeStats())
+        answers.append(Answer(target_spec, question.question_id, prompt_ids, [t for c in chunks for t in c]))
+        elapsed = time.perf_counter() - start
+        progress(f"  {target_spec}: answered {i + 1}/{len(questions)} prompts ({elapsed:.0f} s)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"vocabulary": vocabulary, "answers": [asdict(a) for a in answers]}
+    path.with_suffix(".partial").write_text(json.dumps(record))
+    path.with_suffix(".partial").replace(path)
+    return answers
+
+
+def check_vocabulary(target_spec: str, target_vocabulary: str, drafter_vocabulary: str) -> None:
+    if target_vocabulary != drafter_vocabulary:
+        raise InvalidRequestError(
+            f"{target_spec} does not share the draft model's vocabulary: a sorted draft can only learn "
+            "to draft for targets of its own model family"
+        )
+
+
+@torch.inference_mode()
+def exit_features(model: PreTrainedModel, depths: Sequence[int], answers: Sequence[Answer]) -> Features:
+    """Run each answer through the frozen draft model once; keep the hidden states at the exit depths
+    of the positions that predict an answer token (the last prompt token's, then each answer token's
+    but the last)."""
+    layers = decoder_layers(model)
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [
+        layers[depth - 1].register_forward_hook(
+            lambda _module, _args, output, depth=depth: captured.__setitem__(depth, output)
+        )
+        for depth in depths
+    ]
+    hidden: list[list[torch.Tensor]] = [[] for _ in depths]
+    labels, targets = [], []
+    try:
+        for answer in answers:
+            if not answer.output_ids:
+                continue
+            ids = answer.prompt_ids + answer.output_ids
+            model.model(input_ids=torch.tensor([ids]), use_cache=False)
+            rows = slice(len(answer.prompt_ids) - 1, len(ids) - 1)
+            for j, depth in enumerate(depths):
+                output = captured[depth]
+                hidden[j].append((output[0] if isinstance(output, tuple) else output)[0, rows].clone())
+            labels.extend(answer.output_ids)
+            targets.extend([answer.target] * len(answer.output_ids))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return Features([torch.cat(h) for h in hidden], torch.tensor(labels, dtype=torch.int64), targets)
+
+
+def exit_losses(
+    exits: SortedExits, model: PreTrainedModel, features: Features, rows: torch.Tensor
+) -> list[torch.Tensor]:
+    """Each exit's per-row cross-entropy with the target's token on `rows`."""
+    return [
+        torch.nn.functional.cross_entropy(
+            exits.logits(model, j, features.hidden[j][rows]), features.labels[rows], reduction="none"
+        )
+        for j in range(len(exits.depths))
+    ]
+
+
+@torch.no_grad()
+def evaluate(
+    exits: SortedExits, model: PreTrainedModel, features: Features, batch_rows: int = 256
+) -> list[ExitScore]:
+    """Per exit and target: mean cross-entropy and acceptance (top token == the target's)."""
+    losses: list[list[torch.Tensor]] = [[] for _ in exits.depths]
+    hits: list[list[torch.Tensor]] = [[] for _ in exits.depths]
+    for start in range(0, len(features), batch_rows):
+        rows = torch.arange(start, min(start + batch_rows, len(features)))
+        for j in range(len(exits.depths)):
+            logits = exits.logits(model, j, features.hidden[j][rows])
+            labels = features.labels[rows]
+            losses[j].append(torch.nn.functional.cross_entropy(logits, labels, reduction="none"))
+            hits[j].append((logits.argmax(-1) == labels).float())
+    scores = []
+    for target in dict.fromkeys(features.targets):
+        mine = torch.tensor([t == target for t in features.targets])
+        for j, depth in enumerate(exits.depths):
+            loss, hit = torch.cat(losses[j])[mine], torch.cat(hits[j])[mine]
+            scores.append(ExitScore(depth, target, float(loss.mean()), float(hit.mean())))
+    return scores
+
+
+def train_exits(
+    exits: SortedExits,
+    model: PreTrainedModel,
+    features: Features,
+    *,
+    epochs: int,
+    batch_rows: int,
+    learning_rate: float,
+    seed: int,
+    checkpoint: Path | None = None,
+    progress: Progress = log,
+) -> list[float]:
+    """Train every exit's own parameters on the sum of the exits' losses (AdamW, shuffled batches).
+
+    With `checkpoint`, the state after each epoch is saved there and a run finding one resumes after
+    its last epoch, ending where an uninterrupted run would. Returns the mean loss of each epoch."""
+    parameters = list(exits.parameters())
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
+    done, epoch_losses = 0, []
+    if checkpoint is not None and checkpoint.is_file():
+        saved = torch.load(checkpoint, weights_only=True)
+        exits.load_state_dict(saved["exits"])
+        optimizer.load_state_dict(saved["optimizer"])
+        done, epoch_losses = saved["epoch"], saved["losses"]
+        progress(f"  resuming after epoch {done} of {epochs} ({checkpoint})")
+    model.requires_grad_(False)  # gradients flow through the shared head to the exits, never into it
+    try:
+        for epoch in range(done, epochs):
+            order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed + epoch))
+            total, start = 0.0, time.perf_counter()
+            for first in range(0, len(order), batch_rows):
+                rows = order[first : first + batch_rows]
+                loss = torch.stack([loss.mean() for loss in exit_losses(exits, model, features, rows)]).sum()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * len(rows)
+            epoch_losses.append(total / len(order))
+            elapsed = time.perf_counter() - start
+            progress(
+                f"  epoch {epoch + 1}/{epochs}: loss {epoch_losses[-1]:.3f} (exits summed, {elapsed:.0f} s)"
+            )
+            if checkpoint is not None:
+                state = {"exits": exits.state_dict(), "optimizer": optimizer.state_dict()}
+                save_atomically({**state, "epoch": epoch + 1, "losses": epoch_losses}, checkpoint)
+    finally:
+        for parameter in parameters:
+            parameter.requires_grad_(False)
+    return epoch_losses
+
+
+def split_held_out(questions: Sequence[Question], share: float, seed: int) -> tuple[set[str], set[str]]:
+    """Question ids for training and for measuring acceptance (at least one each)."""
+    ids = [q.question_id for q in questions]
+    random.Random(seed).shuffle(ids)
+    held = max(1, round(len(ids) * share))
+    if held >= len(ids):
+        raise InvalidRequestError(f"need at least 2 prompts to train and measure, got {len(ids)}")
+    return set(ids[held:]), set(ids[:held])
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    path: Path  # the trained exits, where `sorted:` drafters find them
+    epoch_losses: list[float]
+    before: list[ExitScore]
+    after: list[ExitScore]
+
+    def markdown(self) -> str:
+        lines = [
+            "| exit (layers) | target | loss before | loss after | acceptance before | acceptance after |",
+            "|---|---|---|---|---|---|",
+        ]
+        for b, a in zip(self.before, self.after, strict=True):
+            losses, acceptance = f"{b.loss:.3f} | {a.loss:.3f}", f"{b.acceptance:.1%} | {a.acceptance:.1%}"
+            lines.append(f"| {b.depth} | {b.target} | {losses} | {acceptance} |")
+        losses = ", ".join(f"{loss:.3f}" for loss in self.epoch_losses)
+        return f"Training loss per epoch (sum over exits): {losses}\n\n" + "\n".join(lines) + "\n"
+
+
+def train_sorted(config: TrainSortedConfig, progress: Progress = log) -> TrainingResult:
+    """The whole job: the targets' answers, the draft's hidden states, training with checkpoints, the
+    exits stored where `sorted:` drafters load them, and acceptance on held-out prompts before/after."""
+    questions = training_prompts(config.prompts)
+    train_ids, held_ids = split_held_out(questions, config.held_out, config.seed)
+    drafter = load_model(config.drafter)
+    model, vocabulary = drafter.hf_model, vocabulary_checksum(drafter.tokenizer)
+    answers: list[Answer] = []
+    for target in config.targets:
+        progress(f"answers of {target} to {len(questions)} prompts, {config.max_new_tokens} tokens each")
+        answers.extend(target_answers(target, questions, config.max_new_tokens, vocabulary, progress))
+    progress(f"hidden states of {config.drafter} at layers {list(config.exits)}")
+    train = exit_features(model, config.exits, [a for a in answers if a.question_id in train_ids])
+    held = exit_features(model, config.exits, [a for a in answers if a.question_id in held_ids])
+    exits = SortedExits(model, config.exits, config.rank, config.seed)
+    before = evaluate(exits, model, held)
+    path = trained_exits_path(model, config.exits)
+    settings = {**asdict(config), "prompts": config.prompts or "built-in"}
+    run_key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    checkpoint = path.with_name(f"{path.stem}-run-{run_key}.ckpt")
+    if config.restart:
+        checkpoint.unlink(missing_ok=True)
+    progress(f"training {len(config.exits)} exits on {len(train)} positions ({len(held)} held out)")
+    epoch_losses = train_exits(
+        exits,
+        model,
+        train,
+        epochs=config.epochs,
+        batch_rows=config.batch_rows,
+        learning_rate=config.learning_rate,
+        seed=config.seed,
+        checkpoint=checkpoint,
+        progress=progress,
+    )
+    after = evaluate(exits, model, held)
+    acceptance = {f"{score.depth}:{score.target}": score.acceptance for score in after}
+    exits.save(path, {**settings, "held_out_acceptance": acceptance})
+    checkpoint.unlink(missing_ok=True)
+    return TrainingResult(path, epoch_losses, before, after)

@@ -1,0 +1,128 @@
+"""Sorted fine-tuning: the exits learn the targets' answers, deterministically, resumably, and are
+stored where `sorted:` drafters find them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from swarmspec.cli import main
+from swarmspec.models.sorted import SortedExits, sorted_exits, trained_exits_path
+from swarmspec.train.sorted import Answer, evaluate, exit_features, train_exits
+
+from tiny_models import run_decode, tiny_loaded, tiny_qwen2
+
+EXITS = (1, 2, 4)
+
+
+def answers() -> list[Answer]:
+    """A tiny target's greedy answers to a few prompts."""
+    target = tiny_qwen2(5, layers=2)
+    prompts = [[3 + i, 10 + 2 * i, 40 + i, 7] for i in range(8)]
+    return [Answer("tiny", str(i), p, run_decode(target, None, p, 24)[0]) for i, p in enumerate(prompts)]
+
+
+def trained(epochs: int, checkpoint: Path | None = None) -> tuple[SortedExits, list[float]]:
+    model = tiny_qwen2(9, layers=4)
+    exits = SortedExits(model, EXITS, rank=4, seed=1)
+    features = exit_features(model, EXITS, answers())
+    losses = train_exits(
+        exits, model, features, epochs=epochs, batch_rows=32, learning_rate=0.03, seed=0,
+        checkpoint=checkpoint, progress=lambda _: None,
+    )  # fmt: skip
+    return exits, losses
+
+
+def test_features_are_the_exit_hidden_states_of_the_answer_positions() -> None:
+    model, data = tiny_qwen2(9, layers=4), answers()[:2]
+    features = exit_features(model, EXITS, data)
+    assert features.labels.tolist() == data[0].output_ids + data[1].output_ids
+    exits = SortedExits(model, EXITS)  # untrained: exit j is the truncated model
+    ids = data[0].prompt_ids + data[0].output_ids
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), output_hidden_states=True)
+    first = len(data[0].prompt_ids) - 1
+    torch.testing.assert_close(  # the deepest exit predicts the first answer token as the model does
+        exits.logits(model, 2, features.hidden[2][0]), out.logits[0, first], atol=1e-4, rtol=0
+    )
+
+
+def test_training_lowers_the_loss_and_raises_acceptance_deterministically() -> None:
+    model = tiny_qwen2(9, layers=4)
+    features = exit_features(model, EXITS, answers())
+    before = evaluate(SortedExits(model, EXITS, rank=4, seed=1), model, features)
+    exits, losses = trained(epochs=6)
+    after = evaluate(exits, model, features)
+    assert losses == sorted(losses, reverse=True) and losses[-1] < 0.8 * losses[0]
+    for b, a in zip(before, after, strict=True):
+        assert a.loss < b.loss and a.acceptance > b.acceptance, (b, a)
+    assert trained(epochs=6)[1] == losses  # same seed, same run
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "run.ckpt"
+    trained(epochs=2, checkpoint=checkpoint)  # "interrupted" after epoch 2 of 4
+    resumed, resumed_losses = trained(epochs=4, checkpoint=checkpoint)
+    whole, whole_losses = trained(epochs=4)
+    assert resumed_losses == pytest.approx(whole_losses)
+    for a, b in zip(resumed.state_dict().values(), whole.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_saved_exits_are_what_sorted_drafters_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SWARMSPEC_CACHE", str(tmp_path))
+    exits, _ = trained(epochs=1)
+    model = tiny_qwen2(9, layers=4)
+    assert not sorted_exits(model, EXITS).trained_on  # nothing stored yet: untrained exits
+    exits.save(trained_exits_path(model, EXITS), {"targets": ["tiny"]})
+    loaded = sorted_exits(model, EXITS)
+    assert loaded.trained_on == {"targets": ["tiny"]} and loaded.rank == 4
+    hidden = torch.randn(3, model.config.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.logits(model, 0, hidden), exits.logits(model, 0, hidden))
+
+
+def test_train_sorted_command_end_to_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A tiny checkpoint drafting for itself (self-speculation): answers, training, report, storage."""
+    monkeypatch.setenv("SWARMSPEC_CACHE", str(tmp_path / "cache"))
+    loaded = tiny_loaded("tiny", 3, layers=4)
+    checkpoint = tmp_path / "tiny"
+    loaded.model.save_pretrained(checkpoint)
+    loaded.tokenizer.save_pretrained(checkpoint)
+    prompts = tmp_path / "prompts.jsonl"
+    lines = [{"question_id": i, "category": "qa", "turns": [f"t{i} t{i + 5} t{i + 9}"]} for i in range(6)]
+    prompts.write_text("\n".join(json.dumps(line) for line in lines))
+    args = [
+        "train-sorted",
+        "--drafter",
+        str(checkpoint),
+        "--target",
+        str(checkpoint),
+        "--prompts",
+        str(prompts),
+    ]
+    flags = [
+        "--sorted-exits",
+        "2,4",
+        "--rank",
+        "4",
+        "--max-new-tokens",
+        "12",
+        "--epochs",
+        "3",
+        "--held-out",
+        "0.34",
+    ]
+    assert main([*args, *flags, "--learning-rate", "0.01"]) == 0
+    out, err = capsys.readouterr()
+    assert "| 2 | " in out and "| 4 | " in out and "acceptance after" in out
+    assert "epoch 3/3" in err and "answered 6/6 prompts" in err
+    stored = Path(out.strip().splitlines()[-1].removeprefix("exits: "))
+    assert stored.is_file() and stored.name == "exits-2-4.pt"
+    assert main([*args, *flags, "--learning-rate", "0"]) == 2
+    assert "learning rate must be > 0" in capsys.readouterr().err
