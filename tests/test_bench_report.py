@@ -114,6 +114,16 @@ def test_markdown_tables() -> None:
     assert "| code / chain | 10.00 | 3.00x | 2.50 | 3.00 | 50.0% | 25% | 4.00 (4.00) | yes |" in text
 
 
+def test_exit_depth_column_only_where_a_sorted_draft_ran() -> None:
+    assert "exit depth" not in markdown_tables(summarize(RECORDS, "hf-generate", greedy=True), "hf-generate")
+    # A sorted draft drafted 12 tokens running 6 + 6 + ... : 4 at 6 layers, 8 at 12 -> 10 layers each.
+    sorted_run = replace(RECORDS[1], contender="sorted", exit_tokens=12, exit_layers=4 * 6 + 8 * 12)
+    text = markdown_tables(summarize([*RECORDS, sorted_run], "hf-generate", greedy=True), "hf-generate")
+    assert "| draft depth (size) when drafting | exit depth (layers) | identical to hf-generate |" in text
+    assert "| sorted | 10.00 | 2.33x | 2.50 | 3.00 | 50.0% | 25% | 4.00 (4.00) | 10.0 | yes |" in text
+    assert "| 4.00 (4.00) | n/a | **NO** |" in text  # the chain: no sorted draft
+
+
 def test_drafter_shares_sum_per_family_and_overall() -> None:
     tree_runs = [
         replace(record("tree", "q1", "code", 1.0, TEN), accepted_by_drafter={"m": 6, "prompt-lookup": 0}),
