@@ -144,7 +144,9 @@ def test_exits_must_fit_the_model(model: Qwen2ForCausalLM) -> None:
 
 
 def test_sorted_settings_are_checked() -> None:
-    assert SortedDraft().thresholds == (0.5, 0.5, 0.5)
+    assert SortedDraft().thresholds_given(None) == (0.5, 0.5, 0.5)
+    assert SortedDraft().thresholds_given((0.3, 0.4, 0.9)) == (0.3, 0.4, 0.9)  # tuned for the target
+    assert SortedDraft(thresholds=(0.1, 0.2, 0.3)).thresholds_given((0.3, 0.4, 0.9)) == (0.1, 0.2, 0.3)
     with pytest.raises(InvalidRequestError, match="increasing layer counts"):
         SortedDraft(exits=(12, 6))
     with pytest.raises(

@@ -11,7 +11,14 @@ import torch
 
 from swarmspec.cli import main
 from swarmspec.models.sorted import SortedExits, sorted_exits, trained_exits_path
-from swarmspec.train.sorted import Answer, evaluate, exit_features, train_exits
+from swarmspec.train.sorted import (
+    Answer,
+    evaluate,
+    exit_features,
+    train_exits,
+    tune_threshold,
+    tune_thresholds,
+)
 
 from tiny_models import run_decode, tiny_loaded, tiny_qwen2
 
@@ -122,7 +129,39 @@ def test_train_sorted_command_end_to_end(
     out, err = capsys.readouterr()
     assert "| 2 | " in out and "| 4 | " in out and "acceptance after" in out
     assert "epoch 3/3" in err and "answered 6/6 prompts" in err
+    assert "Tuned exit thresholds" in out and f"- {checkpoint}: exit 2: " in out
     stored = Path(out.strip().splitlines()[-1].removeprefix("exits: "))
     assert stored.is_file() and stored.name == "exits-2-4.pt"
     assert main([*args, *flags, "--learning-rate", "0"]) == 2
     assert "learning rate must be > 0" in capsys.readouterr().err
+
+
+def test_threshold_tuning_on_synthetic_confidences() -> None:
+    confidence = torch.tensor([0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3])
+    correct = torch.tensor([True, True, True, False, True, False, False, False])
+    # Right 4 of the top 5 (0.8): the lowest threshold keeping 80% is 0.6; 100% needs 0.8.
+    assert tune_threshold(confidence, correct, 0.8) == pytest.approx(0.6)
+    assert tune_threshold(confidence, correct, 1.0) == pytest.approx(0.8)
+    assert tune_threshold(confidence, correct, 0.5) == pytest.approx(0.3)  # 4 of 8 overall
+    assert tune_threshold(confidence, torch.zeros(8, dtype=torch.bool), 0.5) == 1.0  # never right: never
+
+
+def test_tuned_thresholds_are_stored_per_target_and_used_by_exit_subsets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SWARMSPEC_CACHE", str(tmp_path))
+    exits, _ = trained(epochs=3)
+    model = tiny_qwen2(9, layers=4)
+    tuned = tune_thresholds(exits, model, exit_features(model, EXITS, answers()))
+    assert set(tuned) == {"tiny"} and set(tuned["tiny"]) == {"1", "2"}
+    exits.save(trained_exits_path(model, EXITS), {"thresholds": tuned})
+    loaded = sorted_exits(model, EXITS)
+    assert loaded.tuned_thresholds("tiny") == (tuned["tiny"]["1"], tuned["tiny"]["2"])
+    assert loaded.tuned_thresholds("llamacpp:other") is None
+    # Exit 2 alone, from the exits trained at 1, 2 and 4 layers; and 2 and 4 with exit 2's threshold.
+    alone = sorted_exits(model, (2,))
+    hidden = torch.randn(3, model.config.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(alone.logits(model, 0, hidden), exits.logits(model, 1, hidden))
+    assert sorted_exits(model, (2, 4)).tuned_thresholds("tiny") == (tuned["tiny"]["2"],)
+    assert not sorted_exits(model, (3,)).trained_on  # no stored exit at 3 layers: untrained

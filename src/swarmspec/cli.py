@@ -190,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--learning-rate", type=float, default=train.learning_rate, help="AdamW")
     tr.add_argument("--held-out", type=float, default=train.held_out, help="share of prompts to measure on")
     tr.add_argument("--seed", type=int, default=train.seed, help="adapters' init, split and batch order")
+    tr.add_argument(
+        "--tune-thresholds",
+        action=argparse.BooleanOptionalAction,
+        default=train.tune_thresholds,
+        help="tune each target's exit thresholds on the held-out prompts",
+    )
     tr.add_argument("--restart", action="store_true", help="start over instead of resuming")
     tr.set_defaults(run=run_train_sorted)
     return parser
@@ -472,6 +478,7 @@ def run_train_sorted(args: argparse.Namespace) -> int:
         learning_rate=args.learning_rate,
         held_out=args.held_out,
         seed=args.seed,
+        tune_thresholds=args.tune_thresholds,
         restart=args.restart,
     )
     result = train_sorted(config)

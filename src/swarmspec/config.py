@@ -42,21 +42,24 @@ class SortedDraft:
     norm and LM head), and per exit but the deepest the top probability at which a token stops there."""
 
     exits: tuple[int, ...] = (6, 12, 18, 24)
-    # Empty: 0.5 at every exit but the deepest (which always answers).
+    # Empty: the thresholds `swarmspec train-sorted` tuned for the target, else 0.5 at each exit but the
+    # deepest (which always answers).
     thresholds: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.exits or list(self.exits) != sorted(set(self.exits)) or self.exits[0] < 1:
-            raise InvalidRequestError(
-                f"sorted exits must be increasing layer counts >= 1, got {list(self.exits)}"
-            )
-        if not self.thresholds:
-            object.__setattr__(self, "thresholds", (0.5,) * (len(self.exits) - 1))
-        if len(self.thresholds) != len(self.exits) - 1 or any(not 0 <= t <= 1 for t in self.thresholds):
+            raise InvalidRequestError(f"sorted exits must be increasing layer counts, got {list(self.exits)}")
+        if self.thresholds and (
+            len(self.thresholds) != len(self.exits) - 1 or any(not 0 <= t <= 1 for t in self.thresholds)
+        ):
             raise InvalidRequestError(
                 f"give one exit threshold in [0, 1] per exit but the deepest ({len(self.exits) - 1} for "
                 f"exits {list(self.exits)}), got {list(self.thresholds)}"
             )
+
+    def thresholds_given(self, tuned: tuple[float, ...] | None) -> tuple[float, ...]:
+        """The thresholds to draft with: as configured, else `tuned` (for the target), else 0.5 each."""
+        return self.thresholds or tuned or (0.5,) * (len(self.exits) - 1)
 
 
 @dataclass(frozen=True)
@@ -348,6 +351,8 @@ class TrainSortedConfig:
     # Share of the prompts held out to measure each exit's acceptance before and after.
     held_out: float = 0.2
     seed: int = 0
+    # Tune each target's exit thresholds on the held-out prompts (sorted: drafters then use them).
+    tune_thresholds: bool = True
     # Start over instead of resuming an interrupted run with the same settings.
     restart: bool = False
 

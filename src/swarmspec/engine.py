@@ -304,8 +304,11 @@ def build_drafters(
         elif split_spec(spec)[0] == SORTED:
             check_same_vocabulary(target, draft_models[spec])
             model = draft_models[spec].hf_model
-            runner = SortedRunner(model, sorted_exits(model, config.sorted_draft.exits))
-            drafters.append(SortedDrafter(runner, config.sorted_draft.thresholds))
+            exits = sorted_exits(model, config.sorted_draft.exits)
+            tuned = exits.tuned_thresholds(split_spec(target.spec)[1])
+            drafters.append(
+                SortedDrafter(SortedRunner(model, exits), config.sorted_draft.thresholds_given(tuned))
+            )
         else:
             check_same_vocabulary(target, draft_models[spec])
             drafters.append(ModelDrafter(warmed_up(draft_models[spec].new_runner(threads or None))))

@@ -70,6 +70,26 @@ class SortedExits(torch.nn.Module):
         exits.trained_on = saved["trained_on"]
         return exits
 
+    def subset(self, model: PreTrainedModel, depths: Sequence[int]) -> SortedExits:
+        """These exits at some of their depths (trained parameters and tuned thresholds kept)."""
+        chosen = SortedExits(model, depths, self.rank)
+        for new, depth in enumerate(depths):
+            old = self.depths.index(depth)
+            for parts in ("norms", "downs", "ups"):
+                ours, theirs = getattr(chosen, parts), getattr(self, parts)
+                if len(theirs):
+                    ours[new].load_state_dict(theirs[old].state_dict())
+        chosen.trained_on = self.trained_on
+        return chosen
+
+    def tuned_thresholds(self, target: str) -> tuple[float, ...] | None:
+        """The thresholds `swarmspec train-sorted --tune-thresholds` chose for a target model (its name,
+        without a backend prefix) at every exit but the deepest, if it tuned them all."""
+        table = self.trained_on.get("thresholds", {}).get(target, {})
+        if any(str(depth) not in table for depth in self.depths[:-1]):
+            return None
+        return tuple(table[str(depth)] for depth in self.depths[:-1])
+
 
 def save_atomically(state: dict[str, Any], path: Path) -> None:
     """torch.save, never leaving a half-written file under `path`."""
@@ -89,9 +109,15 @@ def trained_exits_path(model: PreTrainedModel, depths: Sequence[int]) -> Path:
 
 
 def sorted_exits(model: PreTrainedModel, depths: Sequence[int]) -> SortedExits:
-    """The model's trained exits at these depths if `swarmspec train-sorted` stored them, else untrained."""
-    path = trained_exits_path(model, depths)
-    return SortedExits.load(model, path) if path.is_file() else SortedExits(model, depths)
+    """The model's exits at these depths, trained if `swarmspec train-sorted` stored exits at all of them
+    (alone or among others: trained at 6, 12, 18 and 24 layers gives a trained exit 12 alone), else
+    untrained."""
+    exact = trained_exits_path(model, depths)
+    for path in [exact, *sorted(exact.parent.glob("exits-*.pt"))]:
+        stored = tuple(int(d) for d in path.stem.removeprefix("exits-").split("-") if d.isdigit())
+        if path.is_file() and set(depths) <= set(stored):
+            return SortedExits.load(model, path).subset(model, depths)
+    return SortedExits(model, depths)
 
 
 def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:

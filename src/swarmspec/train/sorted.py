@@ -28,7 +28,7 @@ from swarmspec.config import EngineConfig, TrainSortedConfig
 from swarmspec.engine import Engine, encode_prompt
 from swarmspec.errors import InvalidRequestError
 from swarmspec.metrics import DecodeStats
-from swarmspec.models.loading import load_model
+from swarmspec.models.loading import load_model, split_spec
 from swarmspec.models.registry import cache_root
 from swarmspec.models.sorted import SortedExits, decoder_layers, save_atomically, trained_exits_path
 from swarmspec.sampling import SamplingConfig
@@ -170,27 +170,72 @@ def exit_losses(
     ]
 
 
+@dataclass
+class ExitPredictions:
+    """An exit's verdict on every row: cross-entropy with the target's token, top probability, top token."""
+
+    loss: torch.Tensor  # [N]
+    confidence: torch.Tensor  # [N]
+    top: torch.Tensor  # [N]
+
+
 @torch.no_grad()
-def evaluate(
+def exit_predictions(
     exits: SortedExits, model: PreTrainedModel, features: Features, batch_rows: int = 256
-) -> list[ExitScore]:
-    """Per exit and target: mean cross-entropy and acceptance (top token == the target's)."""
-    losses: list[list[torch.Tensor]] = [[] for _ in exits.depths]
-    hits: list[list[torch.Tensor]] = [[] for _ in exits.depths]
+) -> list[ExitPredictions]:
+    """Every exit's predictions on every row (batched: the LM head is wide)."""
+    parts: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in exits.depths]
     for start in range(0, len(features), batch_rows):
         rows = torch.arange(start, min(start + batch_rows, len(features)))
         for j in range(len(exits.depths)):
             logits = exits.logits(model, j, features.hidden[j][rows])
-            labels = features.labels[rows]
-            losses[j].append(torch.nn.functional.cross_entropy(logits, labels, reduction="none"))
-            hits[j].append((logits.argmax(-1) == labels).float())
+            loss = torch.nn.functional.cross_entropy(logits, features.labels[rows], reduction="none")
+            confidence, top = torch.softmax(logits, -1).max(-1)
+            parts[j].append((loss, confidence, top))
+    return [ExitPredictions(*(torch.cat(column) for column in zip(*p, strict=True))) for p in parts]
+
+
+def evaluate(exits: SortedExits, model: PreTrainedModel, features: Features) -> list[ExitScore]:
+    """Per exit and target: mean cross-entropy and acceptance (top token == the target's)."""
+    predictions = exit_predictions(exits, model, features)
     scores = []
-    for target in dict.fromkeys(features.targets):
-        mine = torch.tensor([t == target for t in features.targets])
-        for j, depth in enumerate(exits.depths):
-            loss, hit = torch.cat(losses[j])[mine], torch.cat(hits[j])[mine]
-            scores.append(ExitScore(depth, target, float(loss.mean()), float(hit.mean())))
+    for target, mine in rows_by_target(features).items():
+        for depth, p in zip(exits.depths, predictions, strict=True):
+            right = (p.top[mine] == features.labels[mine]).float()
+            scores.append(ExitScore(depth, target, float(p.loss[mine].mean()), float(right.mean())))
     return scores
+
+
+def rows_by_target(features: Features) -> dict[str, torch.Tensor]:
+    return {t: torch.tensor([r == t for r in features.targets]) for t in dict.fromkeys(features.targets)}
+
+
+def tune_threshold(confidence: torch.Tensor, correct: torch.Tensor, required: float) -> float:
+    """The lowest top probability at which an exit's tokens are right at least `required` of the time
+    over the rows it would answer (those at or above it); 1.0 if no threshold gets there. Tuned so, an
+    exit answers only where it drafts as well as the deepest exit."""
+    order = confidence.argsort(descending=True, stable=True)
+    precision = correct[order].double().cumsum(0) / torch.arange(1, len(order) + 1)
+    reached = (precision >= required).nonzero()
+    return float(confidence[order[int(reached[-1])]]) if len(reached) else 1.0
+
+
+def tune_thresholds(
+    exits: SortedExits, model: PreTrainedModel, features: Features
+) -> dict[str, dict[str, float]]:
+    """Per target model (name without backend prefix) and exit but the deepest: the threshold at which
+    that exit is as often right as the deepest exit on `features` (each exit tuned on every row, not
+    only those the exits before it pass on)."""
+    predictions = exit_predictions(exits, model, features)
+    tuned = {}
+    for target, mine in rows_by_target(features).items():
+        labels = features.labels[mine]
+        required = float((predictions[-1].top[mine] == labels).double().mean())
+        tuned[split_spec(target)[1]] = {
+            str(depth): round(tune_threshold(p.confidence[mine], p.top[mine] == labels, required), 4)
+            for depth, p in zip(exits.depths[:-1], predictions, strict=False)
+        }
+    return tuned
 
 
 def train_exits(
@@ -262,6 +307,7 @@ class TrainingResult:
     epoch_losses: list[float]
     before: list[ExitScore]
     after: list[ExitScore]
+    thresholds: dict[str, dict[str, float]]  # tuned: per target model and exit depth
 
     def markdown(self) -> str:
         lines = [
@@ -272,7 +318,14 @@ class TrainingResult:
             losses, acceptance = f"{b.loss:.3f} | {a.loss:.3f}", f"{b.acceptance:.1%} | {a.acceptance:.1%}"
             lines.append(f"| {b.depth} | {b.target} | {losses} | {acceptance} |")
         losses = ", ".join(f"{loss:.3f}" for loss in self.epoch_losses)
-        return f"Training loss per epoch (sum over exits): {losses}\n\n" + "\n".join(lines) + "\n"
+        tuned = [
+            f"- {target}: " + ", ".join(f"exit {depth}: {t:g}" for depth, t in table.items())
+            for target, table in self.thresholds.items()
+        ]
+        thresholds = "\n\nTuned exit thresholds (held-out prompts):\n" + "\n".join(tuned) if tuned else ""
+        return (
+            f"Training loss per epoch (sum over exits): {losses}\n\n" + "\n".join(lines) + thresholds + "\n"
+        )
 
 
 def train_sorted(config: TrainSortedConfig, progress: Progress = log) -> TrainingResult:
@@ -311,6 +364,7 @@ def train_sorted(config: TrainSortedConfig, progress: Progress = log) -> Trainin
     )
     after = evaluate(exits, model, held)
     acceptance = {f"{score.depth}:{score.target}": score.acceptance for score in after}
-    exits.save(path, {**settings, "held_out_acceptance": acceptance})
+    thresholds = tune_thresholds(exits, model, held) if config.tune_thresholds else {}
+    exits.save(path, {**settings, "held_out_acceptance": acceptance, "thresholds": thresholds})
     checkpoint.unlink(missing_ok=True)
-    return TrainingResult(path, epoch_losses, before, after)
+    return TrainingResult(path, epoch_losses, before, after, thresholds)
