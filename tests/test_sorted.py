@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,11 +14,11 @@ from transformers import Qwen2ForCausalLM
 from swarmspec.cli import main
 from swarmspec.config import AUTO, EngineConfig, Gamma, SortedDraft
 from swarmspec.drafters.sorted import SortedDrafter
-from swarmspec.engine import Engine
+from swarmspec.engine import Engine, SharedLearning, build_drafters
 from swarmspec.errors import InvalidRequestError
 from swarmspec.metrics import DecodeStats
 from swarmspec.models.loading import LoadedModel
-from swarmspec.models.sorted import SortedExits
+from swarmspec.models.sorted import SortedExits, trained_exits_path
 from swarmspec.policy import StepCosts
 from swarmspec.runners.sorted import SortedRunner
 from swarmspec.sampling import SamplingConfig
@@ -198,3 +199,31 @@ def test_the_engine_drafts_with_a_sorted_spec(method: str, gamma: Gamma) -> None
     assert stats.drafted_tokens > 0 or method == "dsi"  # DSI's plain lanes may overtake every draft
     depth = stats.totals().mean_exit_depth  # the layers each drafted token ran: exit 1 or 3
     assert depth is not None and 1 <= depth <= 3
+
+
+def test_one_sorted_draft_serves_several_targets_with_their_own_thresholds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two engines, two targets, one loaded draft: each drafts with the thresholds tuned for its target
+    and decodes exactly its target's output."""
+    monkeypatch.setenv("SWARMSPEC_CACHE", str(tmp_path))
+    draft = tiny_loaded("tiny-drafter", 7, layers=3)
+    sorted_model = LoadedModel("sorted:tiny-drafter", draft.model, draft.tokenizer)
+    tuned = {"target-a": {"1": 0.2}, "target-b": {"1": 0.9}}
+    SortedExits(draft.model, (1, 3)).save(trained_exits_path(draft.model, (1, 3)), {"thresholds": tuned})
+    for name, seed, threshold in [("target-a", 1, 0.2), ("target-b", 2, 0.9)]:
+        target = tiny_loaded(name, seed)
+        config = EngineConfig(
+            target=name, drafters=(sorted_model.spec,), sorted_draft=SortedDraft(exits=(1, 3)), gamma=3
+        )
+        (drafter,) = build_drafters(config, target, {sorted_model.spec: sorted_model}, SharedLearning(), 0)
+        assert isinstance(drafter, SortedDrafter) and drafter.runner.model is draft.model
+        assert drafter.thresholds == (threshold, 0.0)
+        engine = Engine.from_models(config, target, {sorted_model.spec: sorted_model})
+        plain = Engine.from_models(EngineConfig(target=name, method="ar"), target, {})
+        assert engine_tokens(engine) == engine_tokens(plain)
+
+
+def engine_tokens(engine: Engine, prompt: tuple[int, ...] = (5, 9, 14, 5, 9, 20, 33)) -> list[int]:
+    chunks = engine.token_chunks(list(prompt), 30, SamplingConfig(), 0, DecodeStats())
+    return [t for chunk in chunks for t in chunk]
