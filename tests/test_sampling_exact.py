@@ -134,12 +134,18 @@ def test_broken_acceptance_rule_fails_the_same_test(rule: str) -> None:
     assert p_value(counts, exact_distribution(trigram_target().next_logits, sampling)) < 1e-6
 
 
-@pytest.mark.parametrize("broken_rule", [None, "target_instead_of_residual"])
-def test_sorted_drafting_samples_the_target_distribution(broken_rule: str | None) -> None:
-    """Drafts from a sorted draft's adaptive exits (tiny Qwen2s over 5 tokens); a broken verifier fails."""
+@pytest.mark.parametrize(
+    ("broken_rule", "head_tokens"), [(None, 0), (None, 3), ("target_instead_of_residual", 0)]
+)
+def test_sorted_drafting_samples_the_target_distribution(broken_rule: str | None, head_tokens: int) -> None:
+    """Drafts from a sorted draft's adaptive exits (tiny Qwen2s over 5 tokens), with the full head or a
+    draft head that never proposes 2 of the 5 tokens; a broken verifier fails."""
     sampling = SAMPLING_CONFIGS[0]
     target_model, draft_model = tiny_qwen2(1, vocab_size=VOCAB), tiny_qwen2(2, vocab_size=VOCAB, layers=3)
-    drafter = SortedDrafter(SortedRunner(draft_model, SortedExits(draft_model, (1, 2, 3))), (0.5, 0.5))
+    exits = SortedExits(draft_model, (1, 2, 3))
+    exits.head_order = torch.tensor([4, 0, 2, 1, 3])
+    exits.restrict_head(draft_model, head_tokens)
+    drafter = SortedDrafter(SortedRunner(draft_model, exits), (0.5, 0.5))
     verifier = broken(broken_rule, sampling) if broken_rule else make_verifier(sampling)
     counts = sampled_counts(verifier, sampling, 2, HFRunner(target_model), drafter, samples=3_000)
     assert sum(drafter.exit_counts[:2]) > 0 and drafter.exit_counts[2] > 0  # both kinds of exit drafted

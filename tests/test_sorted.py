@@ -227,3 +227,23 @@ def test_one_sorted_draft_serves_several_targets_with_their_own_thresholds(
 def engine_tokens(engine: Engine, prompt: tuple[int, ...] = (5, 9, 14, 5, 9, 20, 33)) -> list[int]:
     chunks = engine.token_chunks(list(prompt), 30, SamplingConfig(), 0, DecodeStats())
     return [t for chunk in chunks for t in chunk]
+
+
+def test_a_draft_head_drafts_only_its_tokens_and_decodes_exactly() -> None:
+    target, draft_model = tiny_qwen2(2, layers=2), tiny_qwen2(8, layers=4)
+    exits = SortedExits(draft_model, (1, 4))
+    with pytest.raises(InvalidRequestError, match="needs exits trained by `swarmspec train-sorted`"):
+        exits.restrict_head(draft_model, 16)
+    exits.head_order = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(0))
+    exits.restrict_head(draft_model, 16)
+    hidden = torch.randn(draft_model.config.hidden_size)
+    with torch.no_grad():
+        full, drafted = exits.logits(draft_model, 0, hidden), exits.draft_logits(draft_model, 0, hidden)
+    head = exits.head_order[:16]
+    torch.testing.assert_close(drafted[head], full[head])
+    assert torch.isneginf(drafted).sum() == VOCAB - 16
+    drafter = SortedDrafter(SortedRunner(draft_model, exits), (0.5,))
+    prompt = tokens(6, 3)
+    speculative, stats = run_decode(target, drafter, prompt, 40, gamma=3)
+    assert speculative == run_decode(target, None, prompt, 40)[0] and stats.drafted_tokens > 0
+    assert set(drafter.propose(prompt, 8, SamplingConfig(), None).tokens.tolist()) <= set(head.tolist())

@@ -15,6 +15,7 @@ from swarmspec.train.sorted import (
     Answer,
     evaluate,
     exit_features,
+    token_frequency_order,
     train_exits,
     tune_threshold,
     tune_thresholds,
@@ -130,6 +131,7 @@ def test_train_sorted_command_end_to_end(
     assert "| 2 | " in out and "| 4 | " in out and "acceptance after" in out
     assert "epoch 3/3" in err and "answered 6/6 prompts" in err
     assert "Tuned exit thresholds" in out and f"- {checkpoint}: exit 2: " in out
+    assert "-token head |" in out
     stored = Path(out.strip().splitlines()[-1].removeprefix("exits: "))
     assert stored.is_file() and stored.name == "exits-2-4.pt"
     assert main([*args, *flags, "--learning-rate", "0"]) == 2
@@ -165,3 +167,8 @@ def test_tuned_thresholds_are_stored_per_target_and_used_by_exit_subsets(
         torch.testing.assert_close(alone.logits(model, 0, hidden), exits.logits(model, 1, hidden))
     assert sorted_exits(model, (2, 4)).tuned_thresholds("tiny") == (tuned["tiny"]["2"],)
     assert not sorted_exits(model, (3,)).trained_on  # no stored exit at 3 layers: untrained
+
+
+def test_token_frequency_order() -> None:
+    data = [Answer("a", "1", [0], [5, 3, 5, 9]), Answer("b", "2", [0], [3, 5, 7])]
+    assert token_frequency_order(data).tolist() == [5, 3, 7, 9]  # 5 three times, 3 twice, then by id

@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=train.tune_thresholds,
         help="tune each target's exit thresholds on the held-out prompts",
     )
+    tr.add_argument(
+        "--head-tokens", type=int, default=train.head_tokens, help="also measure a draft head of N tokens"
+    )
     tr.add_argument("--restart", action="store_true", help="start over instead of resuming")
     tr.set_defaults(run=run_train_sorted)
     return parser
@@ -234,6 +237,12 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         default=(),
         help="sorted: drafters: the top probability that stops a token at each exit but the deepest "
         "(default 0.5 each)",
+    )
+    parser.add_argument(
+        "--head-tokens",
+        type=int,
+        default=sorted_defaults.head_tokens,
+        help="sorted: drafters: draft over the N most frequent trained-on tokens only (0: full LM head)",
     )
     parser.add_argument("--tree", type=int_list, default=(), help="tree widths per depth, e.g. 3,2,1,1")
     parser.add_argument("--tree-budget", type=int, default=0, help="grow <= N nodes from the model drafter")
@@ -291,7 +300,7 @@ def engine_flags(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "target": args.target,
         "drafters": tuple(args.drafter or ()),
-        "sorted_draft": SortedDraft(args.sorted_exits, args.exit_thresholds),
+        "sorted_draft": SortedDraft(args.sorted_exits, args.exit_thresholds, args.head_tokens),
         "gamma": args.gamma,
         "max_depth": args.max_depth,
         "tree_widths": args.tree,
@@ -479,6 +488,7 @@ def run_train_sorted(args: argparse.Namespace) -> int:
         held_out=args.held_out,
         seed=args.seed,
         tune_thresholds=args.tune_thresholds,
+        head_tokens=args.head_tokens,
         restart=args.restart,
     )
     result = train_sorted(config)

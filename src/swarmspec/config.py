@@ -45,10 +45,17 @@ class SortedDraft:
     # Empty: the thresholds `swarmspec train-sorted` tuned for the target, else 0.5 at each exit but the
     # deepest (which always answers).
     thresholds: tuple[float, ...] = ()
+    # Draft over the N tokens the targets said most often in training only (a cheaper LM head; needs
+    # trained exits); 0: the full head.
+    head_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not self.exits or list(self.exits) != sorted(set(self.exits)) or self.exits[0] < 1:
             raise InvalidRequestError(f"sorted exits must be increasing layer counts, got {list(self.exits)}")
+        if self.head_tokens < 0:
+            raise InvalidRequestError(
+                f"--head-tokens must be >= 0 (0: the full head), got {self.head_tokens}"
+            )
         if self.thresholds and (
             len(self.thresholds) != len(self.exits) - 1 or any(not 0 <= t <= 1 for t in self.thresholds)
         ):
@@ -353,6 +360,8 @@ class TrainSortedConfig:
     seed: int = 0
     # Tune each target's exit thresholds on the held-out prompts (sorted: drafters then use them).
     tune_thresholds: bool = True
+    # Also report acceptance with a draft head of the N most frequent answer tokens (0: not).
+    head_tokens: int = 8192
     # Start over instead of resuming an interrupted run with the same settings.
     restart: bool = False
 
@@ -362,8 +371,10 @@ class TrainSortedConfig:
             raise InvalidRequestError(f"train a PyTorch model's exits: give its name, not {self.drafter!r}")
         if not self.targets:
             raise InvalidRequestError("give at least one --target whose answers to learn")
-        if min(self.rank + 1, self.max_new_tokens, self.epochs, self.batch_rows) < 1:
-            raise InvalidRequestError("rank must be >= 0 and tokens, epochs and batch rows >= 1")
+        if min(self.rank + 1, self.head_tokens + 1, self.max_new_tokens, self.epochs, self.batch_rows) < 1:
+            raise InvalidRequestError(
+                "rank and head tokens must be >= 0 and tokens, epochs and batch rows >= 1"
+            )
         if not self.learning_rate > 0 or not 0 < self.held_out < 1:
             raise InvalidRequestError("the learning rate must be > 0 and the held-out share in (0, 1)")
 

@@ -305,6 +305,7 @@ def build_drafters(
             check_same_vocabulary(target, draft_models[spec])
             model = draft_models[spec].hf_model
             exits = sorted_exits(model, config.sorted_draft.exits)
+            exits.restrict_head(model, config.sorted_draft.head_tokens)
             tuned = exits.tuned_thresholds(split_spec(target.spec)[1])
             drafters.append(
                 SortedDrafter(SortedRunner(model, exits), config.sorted_draft.thresholds_given(tuned))

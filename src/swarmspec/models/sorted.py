@@ -46,16 +46,46 @@ class SortedExits(torch.nn.Module):
             torch.nn.init.zeros_(up.weight)
         self.requires_grad_(False)  # trained explicitly; drafting never needs gradients
         self.trained_on: dict[str, Any] = {}  # what `swarmspec train-sorted` distilled them from
+        # Token ids the targets said in training, most frequent first: a draft head may keep a prefix.
+        self.head_order = torch.empty(0, dtype=torch.int64)
+        self.head_rows: torch.Tensor | None = None  # the draft head's tokens (None: the full head)
+        self.head_weight: torch.Tensor | None = None  # [K, H]: the LM head's rows of those tokens
 
     def logits(self, model: PreTrainedModel, exit_index: int, hidden: torch.Tensor) -> torch.Tensor:
         """[..., H] hidden states after `depths[exit_index]` layers -> [..., V] float32 logits."""
+        return model.lm_head(self._normed(exit_index, hidden)).float()
+
+    def draft_logits(self, model: PreTrainedModel, exit_index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """[H] -> [V] logits for drafting: through the draft head if one is set (`restrict_head`; the
+        other tokens get -inf: never drafted, probability 0), else the full LM head."""
+        if self.head_rows is None or self.head_weight is None:
+            return self.logits(model, exit_index, hidden)
+        logits = torch.full((model.lm_head.weight.shape[0],), float("-inf"))
+        logits[self.head_rows] = (self.head_weight @ self._normed(exit_index, hidden)).float()
+        return logits
+
+    def restrict_head(self, model: PreTrainedModel, tokens: int) -> None:
+        """Draft over the `tokens` tokens the targets said most often in training (0: the full head). The
+        LM head is the widest matmul of a shallow exit; the target still verifies every token."""
+        if tokens == 0:
+            self.head_rows = self.head_weight = None
+            return
+        if len(self.head_order) < tokens:
+            raise InvalidRequestError(
+                f"a draft head of {tokens} tokens needs exits trained by `swarmspec train-sorted` on answers "
+                f"with that many distinct tokens; these know {len(self.head_order)}"
+            )
+        self.head_rows = self.head_order[:tokens]
+        self.head_weight = model.lm_head.weight.detach()[self.head_rows].clone()
+
+    def _normed(self, exit_index: int, hidden: torch.Tensor) -> torch.Tensor:
         if self.rank:
             hidden = hidden + self.ups[exit_index](self.downs[exit_index](hidden))
-        return model.lm_head(self.norms[exit_index](hidden)).float()
+        return self.norms[exit_index](hidden)
 
     def save(self, path: Path, trained_on: dict[str, Any]) -> None:
         state = {"depths": self.depths, "rank": self.rank, "state": self.state_dict()}
-        save_atomically({**state, "trained_on": trained_on}, path)
+        save_atomically({**state, "trained_on": trained_on, "head_order": self.head_order}, path)
 
     @classmethod
     def load(cls, model: PreTrainedModel, path: Path) -> SortedExits:
@@ -63,11 +93,11 @@ class SortedExits(torch.nn.Module):
             saved = torch.load(path, weights_only=True)
             exits = cls(model, saved["depths"], saved["rank"])
             exits.load_state_dict(saved["state"])
+            exits.trained_on, exits.head_order = saved["trained_on"], saved["head_order"]
         except (OSError, RuntimeError, KeyError, TypeError, ValueError) as err:
             raise SwarmspecError(
                 f"cannot load trained sorted exits from {path}: {err}; delete it and retrain"
             ) from None
-        exits.trained_on = saved["trained_on"]
         return exits
 
     def subset(self, model: PreTrainedModel, depths: Sequence[int]) -> SortedExits:
@@ -79,7 +109,7 @@ class SortedExits(torch.nn.Module):
                 ours, theirs = getattr(chosen, parts), getattr(self, parts)
                 if len(theirs):
                     ours[new].load_state_dict(theirs[old].state_dict())
-        chosen.trained_on = self.trained_on
+        chosen.trained_on, chosen.head_order = self.trained_on, self.head_order
         return chosen
 
     def tuned_thresholds(self, target: str) -> tuple[float, ...] | None:

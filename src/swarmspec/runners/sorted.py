@@ -63,7 +63,7 @@ class SortedRunner:
                 hidden = self._run_segment(s, hidden)
         if exit_index + 1 < len(self.segments):  # the deeper segments have not seen these tokens yet
             self.frontiers[exit_index + 1] = torch.cat([self.frontiers[exit_index + 1], hidden])
-        return self.exits.logits(self.model, exit_index, hidden[-1])
+        return self.exits.draft_logits(self.model, exit_index, hidden[-1])
 
     def _run_segment(self, s: int, hidden: torch.Tensor) -> torch.Tensor:  # [n, H] -> [n, H]
         start, n = self.cached[s], hidden.shape[0]

@@ -181,23 +181,35 @@ class ExitPredictions:
 
 @torch.no_grad()
 def exit_predictions(
-    exits: SortedExits, model: PreTrainedModel, features: Features, batch_rows: int = 256
+    exits: SortedExits,
+    model: PreTrainedModel,
+    features: Features,
+    head_rows: torch.Tensor | None = None,
+    batch_rows: int = 256,
 ) -> list[ExitPredictions]:
-    """Every exit's predictions on every row (batched: the LM head is wide)."""
+    """Every exit's predictions on every row (batched: the LM head is wide); with `head_rows` the top
+    token and its probability are those of a draft head over these tokens only."""
     parts: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in exits.depths]
     for start in range(0, len(features), batch_rows):
         rows = torch.arange(start, min(start + batch_rows, len(features)))
         for j in range(len(exits.depths)):
             logits = exits.logits(model, j, features.hidden[j][rows])
             loss = torch.nn.functional.cross_entropy(logits, features.labels[rows], reduction="none")
-            confidence, top = torch.softmax(logits, -1).max(-1)
+            if head_rows is None:
+                confidence, top = torch.softmax(logits, -1).max(-1)
+            else:
+                confidence, index = torch.softmax(logits[:, head_rows], -1).max(-1)
+                top = head_rows[index]
             parts[j].append((loss, confidence, top))
     return [ExitPredictions(*(torch.cat(column) for column in zip(*p, strict=True))) for p in parts]
 
 
-def evaluate(exits: SortedExits, model: PreTrainedModel, features: Features) -> list[ExitScore]:
-    """Per exit and target: mean cross-entropy and acceptance (top token == the target's)."""
-    predictions = exit_predictions(exits, model, features)
+def evaluate(
+    exits: SortedExits, model: PreTrainedModel, features: Features, head_rows: torch.Tensor | None = None
+) -> list[ExitScore]:
+    """Per exit and target: mean cross-entropy and acceptance (top token == the target's; with
+    `head_rows`, the top token of a draft head over those tokens)."""
+    predictions = exit_predictions(exits, model, features, head_rows)
     scores = []
     for target, mine in rows_by_target(features).items():
         for depth, p in zip(exits.depths, predictions, strict=True):
@@ -308,15 +320,20 @@ class TrainingResult:
     before: list[ExitScore]
     after: list[ExitScore]
     thresholds: dict[str, dict[str, float]]  # tuned: per target model and exit depth
+    head_tokens: int  # the draft head measured in `after_head` (0: none)
+    after_head: list[ExitScore]
 
     def markdown(self) -> str:
+        head = f" | acceptance after, {self.head_tokens}-token head" if self.head_tokens else ""
         lines = [
-            "| exit (layers) | target | loss before | loss after | acceptance before | acceptance after |",
-            "|---|---|---|---|---|---|",
+            "| exit (layers) | target | loss before | loss after | acceptance before "
+            f"| acceptance after{head} |",
+            "|---|---|---|---|---|---|" + ("---|" if head else ""),
         ]
-        for b, a in zip(self.before, self.after, strict=True):
+        for i, (b, a) in enumerate(zip(self.before, self.after, strict=True)):
             losses, acceptance = f"{b.loss:.3f} | {a.loss:.3f}", f"{b.acceptance:.1%} | {a.acceptance:.1%}"
-            lines.append(f"| {b.depth} | {b.target} | {losses} | {acceptance} |")
+            headed = f" | {self.after_head[i].acceptance:.1%}" if head else ""
+            lines.append(f"| {b.depth} | {b.target} | {losses} | {acceptance}{headed} |")
         losses = ", ".join(f"{loss:.3f}" for loss in self.epoch_losses)
         tuned = [
             f"- {target}: " + ", ".join(f"exit {depth}: {t:g}" for depth, t in table.items())
@@ -326,6 +343,13 @@ class TrainingResult:
         return (
             f"Training loss per epoch (sum over exits): {losses}\n\n" + "\n".join(lines) + thresholds + "\n"
         )
+
+
+def token_frequency_order(answers: Sequence[Answer]) -> torch.Tensor:
+    """The token ids of the answers, most frequent first (ties: lower id first)."""
+    counts = torch.bincount(torch.tensor([t for a in answers for t in a.output_ids], dtype=torch.int64))
+    seen = counts.nonzero().squeeze(1)
+    return seen[torch.argsort(-counts[seen], stable=True)]
 
 
 def train_sorted(config: TrainSortedConfig, progress: Progress = log) -> TrainingResult:
@@ -343,6 +367,7 @@ def train_sorted(config: TrainSortedConfig, progress: Progress = log) -> Trainin
     train = exit_features(model, config.exits, [a for a in answers if a.question_id in train_ids])
     held = exit_features(model, config.exits, [a for a in answers if a.question_id in held_ids])
     exits = SortedExits(model, config.exits, config.rank, config.seed)
+    exits.head_order = token_frequency_order([a for a in answers if a.question_id in train_ids])
     before = evaluate(exits, model, held)
     path = trained_exits_path(model, config.exits)
     settings = {**asdict(config), "prompts": config.prompts or "built-in"}
@@ -367,4 +392,6 @@ def train_sorted(config: TrainSortedConfig, progress: Progress = log) -> Trainin
     thresholds = tune_thresholds(exits, model, held) if config.tune_thresholds else {}
     exits.save(path, {**settings, "held_out_acceptance": acceptance, "thresholds": thresholds})
     checkpoint.unlink(missing_ok=True)
-    return TrainingResult(path, epoch_losses, before, after, thresholds)
+    head_tokens = min(config.head_tokens, len(exits.head_order))
+    after_head = evaluate(exits, model, held, exits.head_order[:head_tokens]) if head_tokens else []
+    return TrainingResult(path, epoch_losses, before, after, thresholds, head_tokens, after_head)
