@@ -29,6 +29,7 @@ from test_sampling_exact import (
     broken,
     exact_distribution,
     p_value,
+    trigram_target,
 )
 from tiny_models import TrigramLM, run_decode, tiny_qwen2
 
@@ -232,13 +233,13 @@ def dsi_sampled_counts(verifier: Verifier, sampling: SamplingConfig, samples: in
 @pytest.mark.parametrize("sampling", SAMPLING_CONFIGS, ids=["t1.0", "t1.3-topk4-topp0.95"])
 def test_sampling_through_dsi_matches_the_target_distribution(sampling: SamplingConfig) -> None:
     counts = dsi_sampled_counts(make_verifier(sampling), sampling, 3_000)
-    assert p_value(counts, exact_distribution(TrigramLM(seed=1, vocab_size=VOCAB), sampling)) > 1e-3
+    assert p_value(counts, exact_distribution(trigram_target().next_logits, sampling)) > 1e-3
 
 
 def test_broken_sampling_verifier_fails_through_dsi() -> None:
     sampling = SAMPLING_CONFIGS[0]
     counts = dsi_sampled_counts(broken("target_instead_of_residual", sampling), sampling, 3_000)
-    assert p_value(counts, exact_distribution(TrigramLM(seed=1, vocab_size=VOCAB), sampling)) < 1e-6
+    assert p_value(counts, exact_distribution(trigram_target().next_logits, sampling)) < 1e-6
 
 
 def test_refuses_bad_settings() -> None:

@@ -242,8 +242,13 @@ def test_a_draft_head_drafts_only_its_tokens_and_decodes_exactly() -> None:
     head = exits.head_order[:16]
     torch.testing.assert_close(drafted[head], full[head])
     assert torch.isneginf(drafted).sum() == VOCAB - 16
+    with torch.no_grad():  # the deepest exit, the whole draft model, keeps the full head
+        torch.testing.assert_close(
+            exits.draft_logits(draft_model, 1, hidden), exits.logits(draft_model, 1, hidden)
+        )
     drafter = SortedDrafter(SortedRunner(draft_model, exits), (0.5,))
     prompt = tokens(6, 3)
     speculative, stats = run_decode(target, drafter, prompt, 40, gamma=3)
     assert speculative == run_decode(target, None, prompt, 40)[0] and stats.drafted_tokens > 0
-    assert set(drafter.propose(prompt, 8, SamplingConfig(), None).tokens.tolist()) <= set(head.tolist())
+    shallow_only = SortedDrafter(SortedRunner(draft_model, exits), (0.0,))
+    assert set(shallow_only.propose(prompt, 8, SamplingConfig(), None).tokens.tolist()) <= set(head.tolist())

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from swarmspec.cli import main
+from swarmspec.errors import InvalidRequestError
 from swarmspec.models.sorted import SortedExits, sorted_exits, trained_exits_path
 from swarmspec.train.sorted import (
     Answer,
@@ -65,8 +66,9 @@ def test_training_lowers_the_loss_and_raises_acceptance_deterministically() -> N
     exits, losses = trained(epochs=6)
     after = evaluate(exits, model, features)
     assert losses == sorted(losses, reverse=True) and losses[-1] < 0.8 * losses[0]
-    for b, a in zip(before, after, strict=True):
+    for b, a in zip(before[:-1], after[:-1], strict=True):
         assert a.loss < b.loss and a.acceptance > b.acceptance, (b, a)
+    assert after[-1] == before[-1]  # the exit after all 4 layers is the model itself: not trained
     assert trained(epochs=6)[1] == losses  # same seed, same run
 
 
@@ -172,3 +174,18 @@ def test_tuned_thresholds_are_stored_per_target_and_used_by_exit_subsets(
 def test_token_frequency_order() -> None:
     data = [Answer("a", "1", [0], [5, 3, 5, 9]), Answer("b", "2", [0], [3, 5, 7])]
     assert token_frequency_order(data).tolist() == [5, 3, 7, 9]  # 5 three times, 3 twice, then by id
+
+
+def test_nothing_to_train_when_every_exit_is_the_whole_model() -> None:
+    model = tiny_qwen2(9, layers=4)
+    exits = SortedExits(model, (4,), rank=4)
+    with pytest.raises(InvalidRequestError, match="nothing to train: exits \\[4\\] are all the whole model"):
+        train_exits(
+            exits,
+            model,
+            exit_features(model, (4,), answers()),
+            epochs=1,
+            batch_rows=8,
+            learning_rate=0.1,
+            seed=0,
+        )

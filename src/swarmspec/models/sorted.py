@@ -35,6 +35,8 @@ class SortedExits(torch.nn.Module):
             raise InvalidRequestError(f"the exits' adapter rank must be >= 0, got {rank}")
         self.depths = tuple(depths)
         self.rank = rank
+        # An exit after every layer is the draft model itself: never trained, always the full head.
+        self.shallow = sum(1 for depth in depths if depth < len(layers))
         self.norms = torch.nn.ModuleList(copy.deepcopy(model.model.norm) for _ in depths)
         hidden = model.config.hidden_size
         adapters = depths if rank else ()
@@ -56,17 +58,17 @@ class SortedExits(torch.nn.Module):
         return model.lm_head(self._normed(exit_index, hidden)).float()
 
     def draft_logits(self, model: PreTrainedModel, exit_index: int, hidden: torch.Tensor) -> torch.Tensor:
-        """[H] -> [V] logits for drafting: through the draft head if one is set (`restrict_head`; the
-        other tokens get -inf: never drafted, probability 0), else the full LM head."""
-        if self.head_rows is None or self.head_weight is None:
+        """[H] -> [V] logits for drafting: a shallow exit's through the draft head if one is set
+        (`restrict_head`; the other tokens get -inf: never drafted, probability 0), else the full LM head."""
+        if self.head_rows is None or self.head_weight is None or exit_index >= self.shallow:
             return self.logits(model, exit_index, hidden)
         logits = torch.full((model.lm_head.weight.shape[0],), float("-inf"))
         logits[self.head_rows] = (self.head_weight @ self._normed(exit_index, hidden)).float()
         return logits
 
     def restrict_head(self, model: PreTrainedModel, tokens: int) -> None:
-        """Draft over the `tokens` tokens the targets said most often in training (0: the full head). The
-        LM head is the widest matmul of a shallow exit; the target still verifies every token."""
+        """Shallow exits draft over the `tokens` tokens the targets said most often in training (0: the
+        full head). The LM head is a shallow exit's widest matmul; the target still verifies every token."""
         if tokens == 0:
             self.head_rows = self.head_weight = None
             return
@@ -77,6 +79,11 @@ class SortedExits(torch.nn.Module):
             )
         self.head_rows = self.head_order[:tokens]
         self.head_weight = model.lm_head.weight.detach()[self.head_rows].clone()
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        """The shallow exits' own parameters (an exit after every layer stays the model itself)."""
+        parts = [self.norms[: self.shallow], self.downs[: self.shallow], self.ups[: self.shallow]]
+        return [parameter for part in parts for parameter in part.parameters()]
 
     def _normed(self, exit_index: int, hidden: torch.Tensor) -> torch.Tensor:
         if self.rank:

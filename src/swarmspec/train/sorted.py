@@ -1,10 +1,11 @@
-"""Sorted fine-tuning (`swarmspec train-sorted`): train every exit of a sorted draft at once.
+"""Sorted fine-tuning (`swarmspec train-sorted`): train the exits of a sorted draft all at once.
 
 The data are the targets' own greedy answers to a prompt set, so each exit learns to predict what the
 targets say (the tokens it must draft to be accepted). The shared layers are frozen: each answer is
 run through the draft model once, keeping the hidden states at every exit depth, and training only
-runs the exits' own parts (models.sorted) and the shared LM head on them. The loss is the sum over
-exits of the cross-entropy with the target's next token (SortedNet/SoFT style), and an exit's
+runs the exits' own parts (models.sorted) and the shared LM head on them. The loss is the sum over the
+shallow exits (an exit after every layer is the draft model itself and stays so) of the cross-entropy
+with the target's next token (SortedNet/SoFT style), and an exit's
 *acceptance* is how often its top token is the target's: what greedy drafting from it gets accepted.
 """
 
@@ -126,7 +127,9 @@ def check_vocabulary(target_spec: str, target_vocabulary: str, drafter_vocabular
 
 
 @torch.inference_mode()
-def exit_features(model: PreTrainedModel, depths: Sequence[int], answers: Sequence[Answer]) -> Features:
+def exit_features(
+    model: PreTrainedModel, depths: Sequence[int], answers: Sequence[Answer], progress: Progress | None = None
+) -> Features:
     """Run each answer through the frozen draft model once; keep the hidden states at the exit depths
     of the positions that predict an answer token (the last prompt token's, then each answer token's
     but the last)."""
@@ -141,7 +144,9 @@ def exit_features(model: PreTrainedModel, depths: Sequence[int], answers: Sequen
     hidden: list[list[torch.Tensor]] = [[] for _ in depths]
     labels, targets = [], []
     try:
-        for answer in answers:
+        for i, answer in enumerate(answers):
+            if progress and i % 10 == 9:
+                progress(f"  {i + 1}/{len(answers)} answers run")
             if not answer.output_ids:
                 continue
             ids = answer.prompt_ids + answer.output_ids
@@ -161,12 +166,12 @@ def exit_features(model: PreTrainedModel, depths: Sequence[int], answers: Sequen
 def exit_losses(
     exits: SortedExits, model: PreTrainedModel, features: Features, rows: torch.Tensor
 ) -> list[torch.Tensor]:
-    """Each exit's per-row cross-entropy with the target's token on `rows`."""
+    """Each trained (shallow) exit's per-row cross-entropy with the target's token on `rows`."""
     return [
         torch.nn.functional.cross_entropy(
             exits.logits(model, j, features.hidden[j][rows]), features.labels[rows], reduction="none"
         )
-        for j in range(len(exits.depths))
+        for j in range(exits.shallow)
     ]
 
 
@@ -262,11 +267,13 @@ def train_exits(
     checkpoint: Path | None = None,
     progress: Progress = log,
 ) -> list[float]:
-    """Train every exit's own parameters on the sum of the exits' losses (AdamW, shuffled batches).
+    """Train the shallow exits' own parameters on the sum of their losses (AdamW, shuffled batches).
 
     With `checkpoint`, the state after each epoch is saved there and a run finding one resumes after
     its last epoch, ending where an uninterrupted run would. Returns the mean loss of each epoch."""
-    parameters = list(exits.parameters())
+    parameters = exits.trainable()
+    if not parameters:
+        raise InvalidRequestError(f"nothing to train: exits {list(exits.depths)} are all the whole model")
     for parameter in parameters:
         parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
@@ -364,8 +371,8 @@ def train_sorted(config: TrainSortedConfig, progress: Progress = log) -> Trainin
         progress(f"answers of {target} to {len(questions)} prompts, {config.max_new_tokens} tokens each")
         answers.extend(target_answers(target, questions, config.max_new_tokens, vocabulary, progress))
     progress(f"hidden states of {config.drafter} at layers {list(config.exits)}")
-    train = exit_features(model, config.exits, [a for a in answers if a.question_id in train_ids])
-    held = exit_features(model, config.exits, [a for a in answers if a.question_id in held_ids])
+    train = exit_features(model, config.exits, [a for a in answers if a.question_id in train_ids], progress)
+    held = exit_features(model, config.exits, [a for a in answers if a.question_id in held_ids], progress)
     exits = SortedExits(model, config.exits, config.rank, config.seed)
     exits.head_order = token_frequency_order([a for a in answers if a.question_id in train_ids])
     before = evaluate(exits, model, held)
