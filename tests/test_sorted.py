@@ -252,3 +252,18 @@ def test_a_draft_head_drafts_only_its_tokens_and_decodes_exactly() -> None:
     assert speculative == run_decode(target, None, prompt, 40)[0] and stats.drafted_tokens > 0
     shallow_only = SortedDrafter(SortedRunner(draft_model, exits), (0.0,))
     assert set(shallow_only.propose(prompt, 8, SamplingConfig(), None).tokens.tolist()) <= set(head.tolist())
+
+
+def test_a_reused_cache_drafts_what_a_fresh_one_does(model: Qwen2ForCausalLM) -> None:
+    """After drafts the target rejected, the drafter rolls back to what the new context shares and drafts
+    exactly as a drafter starting from scratch on that context."""
+    sampling, rng = SamplingConfig(), random.Random(4)
+    reused = sorted_drafter(model, (0.3, 0.6))
+    context = tokens(6, 5)
+    for _ in range(12):
+        drafted = reused.propose(context, 4, sampling, None).tokens.tolist()
+        fresh = sorted_drafter(model, (0.3, 0.6)).propose(context, 4, sampling, None).tokens.tolist()
+        assert drafted == fresh
+        assert reused.runner.cached_len == len(reused.cached_ids)
+        kept = rng.randrange(len(drafted))  # the target accepts a prefix, then says its own token
+        context = [*context, *drafted[:kept], rng.randrange(VOCAB)]

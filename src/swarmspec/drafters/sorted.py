@@ -36,6 +36,7 @@ class SortedDrafter(Drafter):
             return Draft.empty()
         shared = reusable_prefix(self.cached_ids, context)
         self.runner.rollback(shared)
+        del self.cached_ids[shared:]
         self._extend(context[shared:])
         tokens: list[torch.Tensor] = []
         probs: list[torch.Tensor] = []
