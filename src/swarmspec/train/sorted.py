@@ -382,7 +382,7 @@ def train_sorted(config: TrainSortedConfig, progress: Progress = log) -> Trainin
     checkpoint = path.with_name(f"{path.stem}-run-{run_key}.ckpt")
     if config.restart:
         checkpoint.unlink(missing_ok=True)
-    progress(f"training {len(config.exits)} exits on {len(train)} positions ({len(held)} held out)")
+    progress(f"training {exits.shallow} exits on {len(train)} positions ({len(held)} held out)")
     epoch_losses = train_exits(
         exits,
         model,
