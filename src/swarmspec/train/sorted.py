@@ -192,15 +192,15 @@ def exit_predictions(
     head_rows: torch.Tensor | None = None,
     batch_rows: int = 256,
 ) -> list[ExitPredictions]:
-    """Every exit's predictions on every row (batched: the LM head is wide); with `head_rows` the top
-    token and its probability are those of a draft head over these tokens only."""
+    """Every exit's predictions on every row (batched: the LM head is wide); with `head_rows` a shallow
+    exit's top token and its probability are those of a draft head over these tokens only."""
     parts: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in exits.depths]
     for start in range(0, len(features), batch_rows):
         rows = torch.arange(start, min(start + batch_rows, len(features)))
         for j in range(len(exits.depths)):
             logits = exits.logits(model, j, features.hidden[j][rows])
             loss = torch.nn.functional.cross_entropy(logits, features.labels[rows], reduction="none")
-            if head_rows is None:
+            if head_rows is None or j >= exits.shallow:  # the whole-model exit keeps the full head
                 confidence, top = torch.softmax(logits, -1).max(-1)
             else:
                 confidence, index = torch.softmax(logits[:, head_rows], -1).max(-1)
