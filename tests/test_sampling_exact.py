@@ -148,7 +148,8 @@ def test_sorted_drafting_samples_the_target_distribution(broken_rule: str | None
     drafter = SortedDrafter(SortedRunner(draft_model, exits), (0.5, 0.5))
     verifier = broken(broken_rule, sampling) if broken_rule else make_verifier(sampling)
     counts = sampled_counts(verifier, sampling, 2, HFRunner(target_model), drafter, samples=3_000)
-    assert sum(drafter.exit_counts[:2]) > 0 and drafter.exit_counts[2] > 0  # both kinds of exit drafted
+    assert sum(drafter.exit_counts[:2]) > 0  # shallow exits drafted (and, with the full head, the deepest)
+    assert drafter.exit_counts[2] > 0 or head_tokens
 
     def next_logits(sequence: list[int]) -> torch.Tensor:
         with torch.no_grad():
