@@ -6,11 +6,12 @@ Shape letters: k = draft tokens, V = vocabulary.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from swarmspec.sampling import SamplingConfig
+from swarmspec.sampling import SamplingConfig, choose_tokens
 
 
 @dataclass(frozen=True)
@@ -65,3 +66,24 @@ class Drafter(ABC):
         In sampling mode each token must be drawn from the returned `probs` row, processed with the
         same `sampling` config as the target's.
         """
+
+
+def draft_chain(
+    logits: torch.Tensor,  # [V] after the last context token
+    feed: Callable[[int], torch.Tensor],  # runs a drafted token, returns the [V] logits after it
+    max_tokens: int,
+    sampling: SamplingConfig,
+    generator: torch.Generator | None,
+) -> Draft:
+    """A chain of `max_tokens` tokens, each chosen from the logits after the one before. The last token
+    is not fed: its logits would only serve a longer draft."""
+    tokens: list[torch.Tensor] = []
+    probs: list[torch.Tensor] = []
+    for i in range(max_tokens):
+        token, token_probs = choose_tokens(logits, sampling, generator)
+        tokens.append(token)
+        if token_probs is not None:
+            probs.append(token_probs)
+        if i + 1 < max_tokens:
+            logits = feed(int(token))
+    return Draft(torch.stack(tokens), torch.stack(probs) if probs else None)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from swarmspec.drafters.base import Draft, Drafter
+from swarmspec.drafters.base import Draft, Drafter, draft_chain
 from swarmspec.runners.base import ModelRunner
-from swarmspec.sampling import SamplingConfig, choose_tokens
+from swarmspec.sampling import SamplingConfig
 from swarmspec.tree import TokenTree
 
 
@@ -37,18 +37,7 @@ class ModelDrafter(Drafter):
     ) -> Draft:
         if max_tokens <= 0:
             return Draft.empty()
-        logits = self._catch_up(context)  # [V]
-        tokens: list[torch.Tensor] = []
-        probs: list[torch.Tensor] = []
-        for i in range(max_tokens):
-            token, token_probs = choose_tokens(logits, sampling, generator)
-            tokens.append(token)
-            if token_probs is not None:
-                probs.append(token_probs)
-            # The last drafted token is not run: its logits would only serve a longer draft.
-            if i + 1 < max_tokens:
-                logits = self._run(token.view(1))
-        return Draft(torch.stack(tokens), torch.stack(probs) if probs else None)
+        return draft_chain(self._catch_up(context), self._feed, max_tokens, sampling, generator)
 
     # A tree is grown by `speculate.grow_tree`, level by level, through these three calls: the logits
     # after the root, then one forward per level of new nodes, then `keep_tree` records where the nodes
@@ -109,6 +98,9 @@ class ModelDrafter(Drafter):
         if self.cached_tree is not None:
             self.cached_tree = None
             self.runner.compact(len(self.cached_ids), [])
+
+    def _feed(self, token: int) -> torch.Tensor:  # [V] after `token`
+        return self._run(torch.tensor([token], dtype=torch.int64))
 
     def _run(self, input_ids: torch.Tensor) -> torch.Tensor:  # [V] logits after the last input token
         logits = self.runner.forward(input_ids, num_logits=1)[0]

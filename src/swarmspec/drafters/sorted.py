@@ -6,10 +6,10 @@ from collections.abc import Sequence
 
 import torch
 
-from swarmspec.drafters.base import Draft, Drafter
+from swarmspec.drafters.base import Draft, Drafter, draft_chain
 from swarmspec.drafters.model import reusable_prefix
 from swarmspec.runners.sorted import SortedRunner
-from swarmspec.sampling import SamplingConfig, choose_tokens
+from swarmspec.sampling import SamplingConfig
 
 
 class SortedDrafter(Drafter):
@@ -38,16 +38,7 @@ class SortedDrafter(Drafter):
         self.runner.rollback(shared)
         del self.cached_ids[shared:]
         self._extend(context[shared:])
-        tokens: list[torch.Tensor] = []
-        probs: list[torch.Tensor] = []
-        for i in range(max_tokens):
-            token, token_probs = choose_tokens(self._confident_exit_logits(), sampling, generator)
-            tokens.append(token)
-            if token_probs is not None:
-                probs.append(token_probs)
-            if i + 1 < max_tokens:
-                self._extend([int(token)])
-        return Draft(torch.stack(tokens), torch.stack(probs) if probs else None)
+        return draft_chain(self._confident_exit_logits(), self._feed, max_tokens, sampling, generator)
 
     @property
     def exit_tally(self) -> tuple[int, int]:
@@ -62,6 +53,10 @@ class SortedDrafter(Drafter):
                 self.exit_counts[exit_index] += 1
                 return logits
         raise AssertionError("the deepest exit's threshold is 0")
+
+    def _feed(self, token: int) -> torch.Tensor:  # [V] after `token`
+        self._extend([token])
+        return self._confident_exit_logits()
 
     def _extend(self, token_ids: list[int]) -> None:
         self.runner.extend(token_ids)
