@@ -198,7 +198,9 @@ class BlockingEngine:
 def test_full_queue_answers_503_at_once(server: tuple[Server, str]) -> None:
     state, url = server
     blocker = BlockingEngine()
-    loop_less = [Job(lambda: blocker, GenerationRequest(prompt="x"), loop=None) for _ in range(3)]  # type: ignore[arg-type]
+    loop_less = [
+        Job(lambda: blocker, GenerationRequest(prompt="x"), loop=None, kv_tokens=1) for _ in range(3)
+    ]  # type: ignore[arg-type]
     assert state.worker.submit(loop_less[0])
     deadline = time.monotonic() + 10
     while state.worker.jobs.qsize():  # the worker took the blocking job; now fill the queue (2)

@@ -12,6 +12,7 @@ from typing import Any
 
 from swarmspec.config import (
     AUTO,
+    DEFAULT_KV_BUDGET,
     HF_BASELINES,
     LLAMA_CPP_PREFIX,
     METHODS,
@@ -103,6 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-tokens", type=int, default=512, help="chat completions' max_tokens when a request gives none"
     )
+    serve.add_argument(
+        "--max-batch",
+        type=int,
+        default=defaults.max_batch,
+        help="continuous batching: up to N requests decode together (PyTorch targets; 1: one at a time)",
+    )
+    serve.add_argument(
+        "--kv-budget",
+        type=int,
+        default=DEFAULT_KV_BUDGET,
+        help="cache tokens (prompt + max_tokens) of the running requests together",
+    )
     serve.set_defaults(run=run_serve)
 
     prof = command("profile", "measure forward latency for k new tokens, per model")
@@ -113,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--repeats", type=int, default=3, help="figures are medians")
     prof.add_argument("--target-threads", type=int, default=0, help="llama.cpp threads (0: every core)")
     prof.add_argument("--drafter-threads", type=int, default=0, help="llama.cpp threads (0: every core)")
+    prof.add_argument(
+        "--batch",
+        type=int,
+        default=0,
+        help="also the target's batched forwards, b = 1, 2, 4, ... up to this many sequences x k = 1..8 rows "
+        "each (continuous batching; PyTorch targets)",
+    )
     prof.set_defaults(run=run_profile)
 
     bench_defaults = BenchConfig()
@@ -399,14 +419,14 @@ def run_serve(args: argparse.Namespace) -> int:
     from swarmspec.serve.app import Server, create_app
     from swarmspec.serve.engines import MethodEngines
 
-    if args.max_queue < 1 or args.max_tokens < 1 or not 0 < args.port < 65536:
-        raise SwarmspecError("--max-queue and --max-tokens must be >= 1, --port in 1..65535")
-    config = engine_config(args)
+    if args.max_queue < 1 or args.max_tokens < 1 or args.kv_budget < 1 or not 0 < args.port < 65536:
+        raise SwarmspecError("--max-queue, --max-tokens and --kv-budget must be >= 1, --port in 1..65535")
+    config = EngineConfig(method=args.method, max_batch=args.max_batch, **engine_flags(args))
     print(f"loading {config.target} ...", file=sys.stderr, flush=True)
     engines = MethodEngines(config)
     engines(config.method)  # load and warm up before accepting requests
     name = args.model_name or config.target
-    server = Server(engines, config.method, name, args.max_queue, args.max_tokens)
+    server = Server(engines, config.method, name, args.max_queue, args.max_tokens, args.kv_budget)
     print(
         f"serving {name} ({config.method}) on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True
     )
@@ -416,10 +436,21 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def run_profile(args: argparse.Namespace) -> int:
     from swarmspec.models.loading import load_model
-    from swarmspec.profile import CostProfile, device_name, format_table, measure_forward_latency, profile_key
+    from swarmspec.profile import (
+        BATCH_KS,
+        BATCH_SIZES,
+        CostProfile,
+        device_name,
+        format_batch_table,
+        format_table,
+        measure_batch_latency,
+        measure_forward_latency,
+        profile_key,
+    )
+    from swarmspec.runners.batch import BatchedTarget
 
-    if args.max_k < 1 or args.context < 1 or args.repeats < 1:
-        raise SwarmspecError("--max-k, --context and --repeats must be >= 1")
+    if args.max_k < 1 or args.context < 1 or args.repeats < 1 or args.batch < 0:
+        raise SwarmspecError("--max-k, --context and --repeats must be >= 1, --batch >= 0")
     if args.target_threads < 0 or args.drafter_threads < 0:
         raise SwarmspecError("thread counts must be >= 1 (0: every core)")
     device = device_name()
@@ -432,15 +463,27 @@ def run_profile(args: argparse.Namespace) -> int:
         # Stored under the name the engine and `simulate` look up for a runner with these threads.
         key = profile_key(spec, threads)
         print(f"profiling {key} on {device} (k = 1..{args.max_k}, {args.repeats} repeats)", file=sys.stderr)
-        runner = load_model(spec).new_runner(threads or None)
+        loaded = load_model(spec)
+        runner = loaded.new_runner(threads or None)
         ks = list(range(1, args.max_k + 1))
         latency = measure_forward_latency(runner, ks, args.context, args.repeats, label=key)
-        profile = CostProfile(key, device, args.context, args.repeats, latency)
+        del runner
+        stored = CostProfile.load(key, device)
+        batch_latency = stored.batch_latency_ms if stored is not None else {}
+        if args.batch and spec == args.target:
+            if loaded.backend != "torch":
+                raise SwarmspecError(f"--batch profiles continuous batching: a PyTorch target, not {spec}")
+            batches = [b for b in BATCH_SIZES if b <= args.batch]
+            print(f"profiling {key}'s batched forwards (b = {batches}, k = {BATCH_KS})", file=sys.stderr)
+            batched = BatchedTarget(loaded.hf_model)
+            batch_latency = measure_batch_latency(batched, batches, BATCH_KS, args.context, args.repeats, key)
+        profile = CostProfile(key, device, args.context, args.repeats, latency, batch_latency)
         print(f"  saved {profile.save()}", file=sys.stderr)
         profiles.append(profile)
-        del runner
     print(f"device: {device}; {args.context} cached tokens; median of {args.repeats}")
     print(format_table(profiles))
+    if args.batch:
+        print(format_batch_table(profiles[0]))
     return 0
 
 

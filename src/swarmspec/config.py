@@ -69,6 +69,11 @@ class SortedDraft:
         return self.thresholds or tuned or (0.5,) * (len(self.exits) - 1)
 
 
+# The server's cache tokens (prompt + max_tokens) of all running generations together: 65,536 tokens of
+# the 1.5B's fp32 keys and values are 3.7 GB (twice that while rejected drafts await compaction).
+DEFAULT_KV_BUDGET = 65_536
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     # Registered name, local checkpoint dir, .gguf file or hub id of the model whose output we promise;
@@ -110,6 +115,9 @@ class EngineConfig:
     # actors (a process each, on this machine or the cluster at ray_address).
     workers: str = "threads"
     ray_address: str | None = None
+    # Continuous batching (PyTorch targets; not dsi): up to this many concurrent generations verify
+    # their drafts in one target forward, a step at a time (see runners.batch); 1: each on its own.
+    max_batch: int = 1
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -122,6 +130,13 @@ class EngineConfig:
         if self.targets < 1 or self.lookahead < 1:
             raise InvalidRequestError(
                 f"--targets and --lookahead must be >= 1, got {self.targets}, {self.lookahead}"
+            )
+        if self.max_batch < 1:
+            raise InvalidRequestError(f"--max-batch must be >= 1, got {self.max_batch}")
+        if self.max_batch > 1 and (self.method == "dsi" or self.target.startswith(LLAMA_CPP_PREFIX)):
+            raise InvalidRequestError(
+                "continuous batching (--max-batch > 1) runs a PyTorch target with ar, chain, tree or vote; "
+                f"not {self.target} with {self.method} (llama.cpp batching is not built)"
             )
         if not self.drafters:
             object.__setattr__(self, "drafters", default_drafters(self.method, self.target))

@@ -84,6 +84,7 @@ def decode(
             policy.observe(tree, verdict.path)
             speculation.observe(tree, verdict.path, new_tokens)
     finally:
+        target.end()
         policy.end()
         speculation.end()
 

@@ -37,8 +37,9 @@ from swarmspec.models.loading import (
 from swarmspec.models.registry import REGISTRY
 from swarmspec.models.sorted import sorted_exits
 from swarmspec.policy import AcceptancePrior, CostModelPolicy, FixedDepth, SpeculationPolicy, StepCosts
-from swarmspec.profile import forward_costs, profile_key
+from swarmspec.profile import batch_forward_costs, forward_costs, profile_key
 from swarmspec.runners.base import ModelRunner
+from swarmspec.runners.batch import BatchedTarget
 from swarmspec.runners.hf import HFRunner
 from swarmspec.runners.sorted import SortedRunner
 from swarmspec.sampling import SamplingConfig
@@ -177,12 +178,16 @@ class Engine:
         profile of each model, else measured with the first generation's runners (and stored)."""
         shared = SharedLearning()
         step_costs = costs
+        # Continuous batching: every generation's target runner is a slot of one batched target.
+        batched = BatchedTarget(target.hf_model) if config.max_batch > 1 else None
 
         def new_state() -> GenerationState:
             nonlocal step_costs
             if config.method == "dsi":
                 return new_dsi_state(config, target, draft_models, shared)
-            target_runner = warmed_up(target.new_runner(config.target_threads or None))
+            target_runner = warmed_up(
+                batched.slot() if batched else target.new_runner(config.target_threads or None)
+            )
             speculation = build_speculation(config, target, draft_models, shared)
             if config.gamma != AUTO or config.method == "ar":
                 policy: SpeculationPolicy = FixedDepth(
@@ -190,8 +195,11 @@ class Engine:
                 )
             else:
                 if step_costs is None:
-                    step_costs = measure_step_costs(config, target_runner, speculation)
-                policy = CostModelPolicy(step_costs, config.max_depth, shared.acceptance)
+                    step_costs = measure_step_costs(config, target_runner, speculation, batched)
+                batch_size = (lambda: batched.size) if batched else (lambda: 1)
+                policy = CostModelPolicy(
+                    step_costs, config.max_depth, shared.acceptance, batch_size=batch_size
+                )
             return SequenceState(target_runner, speculation, policy)
 
         engine = cls(new_state, target.tokenizer, target.stop_token_ids)
@@ -375,12 +383,18 @@ def dsi_threads(config: EngineConfig) -> tuple[int, int]:
     return config.target_threads or shared, config.drafter_threads or shared
 
 
-def measure_step_costs(config: EngineConfig, target: ModelRunner, speculation: Speculation) -> StepCosts:
-    """The policy's costs: the target's forward over k rows and each draft model's per-token forward
-    (model-free drafters: 0), from this machine's stored profiles or measured now and stored."""
-
-    verify_ms = forward_costs(
-        profile_key(config.target, config.target_threads), target, persist=is_loadable(config.target)
+def measure_step_costs(
+    config: EngineConfig, target: ModelRunner, speculation: Speculation, batched: BatchedTarget | None = None
+) -> StepCosts:
+    """The policy's costs: the target's forward over k rows (and, batched, of b sequences of k rows) and
+    each draft model's per-token forward (model-free drafters: 0), from this machine's stored profiles
+    or measured now and stored."""
+    key = profile_key(config.target, config.target_threads)
+    verify_ms = forward_costs(key, target, persist=is_loadable(config.target))
+    batch_verify_ms = (
+        batch_forward_costs(key, batched, config.max_batch, persist=is_loadable(config.target))
+        if batched
+        else {}
     )
     draft_token_ms = []
     for spec, drafter in zip(config.drafters, speculation.drafters, strict=True):
@@ -390,7 +404,7 @@ def measure_step_costs(config: EngineConfig, target: ModelRunner, speculation: S
             continue
         key = profile_key(spec, config.drafter_threads)
         draft_token_ms.append(forward_costs(key, runner, ks=(1,), persist=is_loadable(spec))[1])
-    return StepCosts(verify_ms, tuple(draft_token_ms))
+    return StepCosts(verify_ms, tuple(draft_token_ms), batch_verify_ms)
 
 
 def sorted_exit_tally(drafters: Sequence[Drafter]) -> tuple[int, int]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import bisect
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from swarmspec.tree import TokenTree
@@ -64,21 +64,41 @@ class FixedDepth(SpeculationPolicy):
 @dataclass(frozen=True)
 class StepCosts:
     """Measured milliseconds: the target's forward over k rows (piecewise linear between the measured k,
-    extrapolated beyond the largest), and one drafted token of each drafter (0 for model-free ones)."""
+    extrapolated beyond the largest), and one drafted token of each drafter (0 for model-free ones).
+
+    With continuous batching a step is one forward over every running sequence, each padded to the
+    most rows one of them verifies: `batch_verify_ms[b][k]` is that forward for b sequences of k rows
+    (linear between measured batch sizes, proportional to b beyond the largest)."""
 
     verify_ms: dict[int, float]
     draft_token_ms: tuple[float, ...]
+    batch_verify_ms: dict[int, dict[int, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if 1 not in self.verify_ms or len(self.verify_ms) < 2:
-            raise ValueError(f"need the target's cost at k = 1 and one more k, got {sorted(self.verify_ms)}")
+        for curve in [self.verify_ms, *self.batch_verify_ms.values()]:
+            if 1 not in curve or len(curve) < 2:
+                raise ValueError(f"need the target's cost at k = 1 and one more k, got {sorted(curve)}")
 
-    def verify(self, rows: int) -> float:
-        ks = sorted(self.verify_ms)
-        i = min(max(bisect.bisect_left(ks, rows), 1), len(ks) - 1)
-        lo, hi = ks[i - 1], ks[i]
-        slope = (self.verify_ms[hi] - self.verify_ms[lo]) / (hi - lo)
-        return self.verify_ms[lo] + slope * (rows - lo)
+    def verify(self, rows: int, batch: int = 1) -> float:
+        """The step's forward: `batch` sequences verifying `rows` rows each."""
+        if batch <= 1 or not self.batch_verify_ms:
+            return _interpolate(self.verify_ms, rows)
+        curves = {1: self.verify_ms, **self.batch_verify_ms}
+        sizes = sorted(curves)
+        if batch >= sizes[-1]:
+            return _interpolate(curves[sizes[-1]], rows) * batch / sizes[-1]
+        i = bisect.bisect_left(sizes, batch)
+        lo, hi = sizes[i - 1], sizes[i]
+        t_lo, t_hi = _interpolate(curves[lo], rows), _interpolate(curves[hi], rows)
+        return t_lo + (t_hi - t_lo) * (batch - lo) / (hi - lo)
+
+
+def _interpolate(curve: dict[int, float], x: int) -> float:
+    """Piecewise linear through the measured points, extrapolated from the last two."""
+    xs = sorted(curve)
+    i = min(max(bisect.bisect_left(xs, x), 1), len(xs) - 1)
+    lo, hi = xs[i - 1], xs[i]
+    return curve[lo] + (curve[hi] - curve[lo]) / (hi - lo) * (x - lo)
 
 
 @dataclass
@@ -161,10 +181,13 @@ class CostModelPolicy(SpeculationPolicy):
         prior: AcceptancePrior | None = None,
         probe_every: int = 4,
         max_probe_every: int = 64,
+        batch_size: Callable[[], int] = lambda: 1,
     ) -> None:
         if max_depth < 1:
             raise ValueError(f"max_depth must be >= 1, got {max_depth}")
         self.costs = costs
+        self.batch_size = batch_size  # sequences verified in the same forward (continuous batching)
+        self._batch = 1
         self.max_depth = max_depth
         self.prior = prior or AcceptancePrior()
         self.probe_every, self.max_probe_every = probe_every, max_probe_every
@@ -183,6 +206,7 @@ class CostModelPolicy(SpeculationPolicy):
         self.prior.stats = self.stats.copy()
 
     def draft_depths(self, limit: int) -> list[int]:
+        self._batch = self.batch_size()
         depths = [self._depth(i, min(limit, self.max_depth)) for i in range(self.drafters)]
         self._draft_ms = sum(d * c for d, c in zip(depths, self.costs.draft_token_ms, strict=True))
         return depths
@@ -191,13 +215,13 @@ class CostModelPolicy(SpeculationPolicy):
         cost = self.costs.draft_token_ms[drafter]
         if cost == 0 or limit == 0:
             return limit  # free: propose all the match has, `select` keeps what is worth verifying
-        best, best_rate = 0, 1 / self.costs.verify(1)
+        best, best_rate = 0, 1 / self._verify(1)
         reach = 1.0  # P(the whole chain so far is accepted)
         expected = 1.0
         for depth in range(1, limit + 1):
             reach *= self.stats.rate(self._source(drafter), depth)
             expected += reach
-            rate = expected / (depth * cost + self.costs.verify(depth + 1))
+            rate = expected / (depth * cost + self._verify(depth + 1))
             if rate > best_rate:
                 best, best_rate = depth, rate
         if best == 0 and self._probe_due(drafter, cost):
@@ -206,7 +230,7 @@ class CostModelPolicy(SpeculationPolicy):
 
     def _probe_due(self, drafter: int, cost: float) -> bool:
         """Count one idle step of `drafter`; True when it is to be probed now."""
-        if 2 / (cost + self.costs.verify(2)) <= 1 / self.costs.verify(1):
+        if 2 / (cost + self._verify(2)) <= 1 / self._verify(1):
             return False  # even a draft the target accepts would lose to plain decoding
         self._probe_wait[drafter] -= 1
         if self._probe_wait[drafter] > 0:
@@ -214,6 +238,11 @@ class CostModelPolicy(SpeculationPolicy):
         self._probe_wait[drafter] = self._probe_interval[drafter]
         self._probing.add(drafter)
         return True
+
+    def _verify(self, rows: int) -> float:
+        """This step's forward if this sequence verifies `rows` rows (and so does every other one in the
+        batch: choosing alike, the batch's rate is this sequence's rate times the batch size)."""
+        return self.costs.verify(rows, self._batch)
 
     def _source(self, drafter: int) -> int:
         return 2 * drafter + self._streak[drafter]
@@ -251,11 +280,11 @@ class CostModelPolicy(SpeculationPolicy):
         # Most valuable first; a node never outranks its parent (values shrink along a path, ties go to
         # the earlier node, and parents come first), so every prefix of the ranking is a tree.
         ranked = sorted(range(1, len(tree)), key=lambda n: (-values[n], n))
-        best_count, best_rate = 0, 1 / (self._draft_ms + self.costs.verify(1))
+        best_count, best_rate = 0, 1 / (self._draft_ms + self._verify(1))
         expected = 1.0
         for count, node in enumerate(ranked, start=1):
             expected += values[node]
-            rate = expected / (self._draft_ms + self.costs.verify(count + 1))
+            rate = expected / (self._draft_ms + self._verify(count + 1))
             if rate > best_rate:
                 best_count, best_rate = count, rate
             elif tree.draft_probs is not None:

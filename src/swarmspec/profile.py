@@ -13,13 +13,14 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from swarmspec.models.registry import cache_root
 from swarmspec.runners.base import ModelRunner
+from swarmspec.runners.batch import BatchedTarget, Forward
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,8 @@ class CostProfile:
     context_len: int  # cached tokens each timed forward ran on top of
     repeats: int
     latency_ms: dict[int, float]  # k new tokens -> median forward latency
+    # Continuous batching: batch size b -> {k rows per sequence -> median forward latency}
+    batch_latency_ms: dict[int, dict[int, float]] = field(default_factory=dict)
 
     def ratio(self, k: int) -> float:
         """t(k) / t(1): what verifying k tokens costs in single-token forwards."""
@@ -47,6 +50,8 @@ class CostProfile:
             return None
         data = json.loads(path.read_text())
         data["latency_ms"] = {int(k): v for k, v in data["latency_ms"].items()}
+        batched = data.get("batch_latency_ms", {})
+        data["batch_latency_ms"] = {int(b): {int(k): v for k, v in c.items()} for b, c in batched.items()}
         return cls(**data)
 
 
@@ -143,5 +148,91 @@ def forward_costs(
     latency = measure_forward_latency(runner, ks, context_len, repeats, label=model if persist else "")
     runner.reset()
     if persist:
-        CostProfile(model, device, context_len, repeats, latency).save()
+        kept = stored.batch_latency_ms if stored is not None else {}
+        CostProfile(model, device, context_len, repeats, latency, kept).save()
     return latency
+
+
+# The batched forwards a batch-aware policy reads: batch sizes, and rows per sequence.
+BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+BATCH_KS = (1, 2, 3, 4, 6, 8)
+
+
+def measure_batch_latency(
+    batched: BatchedTarget,
+    batches: Sequence[int],
+    ks: Sequence[int],
+    context_len: int,
+    repeats: int,
+    label: str = "",
+) -> dict[int, dict[int, float]]:
+    """Median milliseconds of one batched forward of b sequences with k new tokens each, every sequence
+    on top of `context_len` cached tokens (repeats interleaved over k, as in `measure_forward_latency`)."""
+    generator = torch.Generator().manual_seed(0)
+    vocab = min(batched.vocab_size, 32_000)
+    latency: dict[int, dict[int, float]] = {}
+    for b in batches:
+        slots = [batched.slot() for _ in range(b)]
+        for slot in slots:  # each prefills alone and joins the batch
+            batched.run({slot: Forward(torch.randint(vocab, (context_len,), generator=generator), 1, None)})
+        samples: dict[int, list[float]] = {k: [] for k in ks}
+        for repeat in range(repeats + 1):  # the first round warms up and is discarded
+            for k in ks:
+                forwards = {
+                    s: Forward(torch.randint(vocab, (k,), generator=generator), k, None) for s in slots
+                }
+                start = time.perf_counter()
+                batched.run(forwards)
+                elapsed_ms = (time.perf_counter() - start) * 1000
+                for slot in slots:
+                    slot.rollback(context_len)
+                if repeat > 0:
+                    samples[k].append(elapsed_ms)
+        for slot in slots:
+            slot.end()
+        latency[b] = {k: statistics.median(v) for k, v in samples.items()}
+        if label:
+            print(f"  {label} batch of {b} done", file=sys.stderr, flush=True)
+    return latency
+
+
+def batch_forward_costs(
+    model: str,
+    batched: BatchedTarget,
+    max_batch: int,
+    persist: bool = True,
+    context_len: int = 128,
+    repeats: int = 2,
+) -> dict[int, dict[int, float]]:
+    """Milliseconds of a batched forward, batch size -> {k rows per sequence -> ms}, for the batch sizes
+    up to `max_batch` (and the next measured one, to interpolate): this device's stored profile of
+    `model` when it has them, else measured now (and stored with the single-sequence costs)."""
+    device = device_name()
+    batches = [b for b in BATCH_SIZES if b < max_batch] + [min(b for b in BATCH_SIZES if b >= max_batch)]
+    stored = CostProfile.load(model, device) if persist else None
+    if stored is not None and set(batches) <= set(stored.batch_latency_ms):
+        return {b: stored.batch_latency_ms[b] for b in batches}
+    if persist:
+        print(
+            f"swarmspec: measuring {model}'s batched forward costs on this machine (once; stored)",
+            file=sys.stderr,
+            flush=True,
+        )
+    label = model if persist else ""
+    latency = measure_batch_latency(batched, batches, BATCH_KS, context_len, repeats, label)
+    if persist:
+        base = stored or CostProfile(model, device, context_len, repeats, {})
+        merged = {**base.batch_latency_ms, **latency}
+        CostProfile(model, device, base.context_len, base.repeats, base.latency_ms, merged).save()
+    return latency
+
+
+def format_batch_table(profile: CostProfile) -> str:
+    """A text table of the batched costs: one row per batch size, ms per k rows per sequence."""
+    ks = sorted({k for curve in profile.batch_latency_ms.values() for k in curve})
+    header = f"{'batch':>5} | " + " | ".join(f"{f'k={k} ms':>9}" for k in ks) + " | tokens/s at k=1"
+    rows = [f"{profile.model}: one forward of b sequences x k rows", header, "-" * len(header)]
+    for b, curve in sorted(profile.batch_latency_ms.items()):
+        cells = " | ".join(f"{curve[k]:>9.1f}" if k in curve else f"{'-':>9}" for k in ks)
+        rows.append(f"{b:>5} | {cells} | {1000 * b / curve[min(curve)]:>8.1f}")
+    return "\n".join(rows)

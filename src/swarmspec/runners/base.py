@@ -51,3 +51,6 @@ class ModelRunner(ABC):
     @abstractmethod
     def reset(self) -> None:
         """Empty the cache, for a new sequence."""
+
+    def end(self) -> None:  # noqa: B027 - a runner of its own has nothing to hand back
+        """The sequence is finished or abandoned (a batched runner stops waiting for its forwards)."""

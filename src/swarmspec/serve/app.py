@@ -1,10 +1,11 @@
 """The HTTP server: OpenAI's completions and chat completions (streamed by server-sent events or not),
 models, health and Prometheus metrics, over one engine per speculation method.
 
-Generations run one at a time on a worker thread, in arrival order (continuous batching is not built
-yet); requests wait in a bounded queue, and when it is full a new request gets 503 with Retry-After
-at once instead of hanging. The worker also builds a method's engine on its first request, so loading
-and cost measurement never run beside a generation. A client that disconnects stops its generation
+Generations run on worker threads in arrival order: one at a time, or with continuous batching
+(`--max-batch N`, PyTorch targets) up to N at once, their target forwards batched step by step
+(`runners.batch`), as far as a KV budget in cache tokens allows. Requests wait in a bounded queue, and
+when it is full a new request gets 503 with Retry-After at once instead of hanging. A worker also
+builds a method's engine on its first request. A client that disconnects stops its generation
 (at the next text piece the decode loop yields).
 """
 
@@ -34,7 +35,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from swarmspec.config import METHODS, GenerationRequest
+from swarmspec.config import DEFAULT_KV_BUDGET, METHODS, GenerationRequest
 from swarmspec.engine import Engine, GenerationResult
 from swarmspec.errors import InvalidRequestError, SwarmspecError
 from swarmspec.serve.engines import MethodEngines
@@ -98,24 +99,55 @@ class Metrics:
 
 @dataclass
 class Job:
-    """One generation handed to the worker; its events come back on `events` in the server's loop."""
+    """One generation handed to the workers; its events come back on `events` in the server's loop."""
 
-    engine: Callable[[], Engine]  # called on the worker thread
+    engine: Callable[[], Engine]  # called on a worker thread
     request: GenerationRequest
     loop: asyncio.AbstractEventLoop
+    kv_tokens: int  # cache it may fill: prompt + max_tokens
     events: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
 
 
-class Worker:
-    """Runs jobs one at a time on its own thread, from a bounded FIFO queue."""
+class KvBudget:
+    """Cache tokens (prompt + max_tokens) the running generations may fill together. A job waits
+    until its tokens fit; one alone always fits (longer requests are refused before they queue)."""
 
-    def __init__(self, max_queue: int, metrics: Metrics) -> None:
+    def __init__(self, tokens: int) -> None:
+        self.tokens = tokens
+        self.reserved = 0
+        self._changed = threading.Condition()
+
+    def reserve(self, tokens: int) -> None:
+        with self._changed:
+            self._changed.wait_for(lambda: self.reserved == 0 or self.reserved + tokens <= self.tokens)
+            self.reserved += tokens
+
+    def release(self, tokens: int) -> None:
+        with self._changed:
+            self.reserved -= tokens
+            self._changed.notify_all()
+
+
+class Worker:
+    """Runs up to `concurrency` jobs at once (threads taking jobs in arrival order from a bounded queue;
+    with continuous batching their target forwards run together), within a KV budget."""
+
+    def __init__(
+        self, max_queue: int, metrics: Metrics, concurrency: int = 1, kv_budget: int = 1 << 62
+    ) -> None:
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.metrics = metrics
-        self.thread = threading.Thread(target=self._run, name="swarmspec-worker", daemon=True)
-        self.thread.start()
+        self.budget = KvBudget(kv_budget)
+        self._running = 0
+        self._count_lock = threading.Lock()
+        self.threads = [
+            threading.Thread(target=self._run, name=f"swarmspec-worker-{i}", daemon=True)
+            for i in range(concurrency)
+        ]
+        for thread in self.threads:
+            thread.start()
 
     def submit(self, job: Job) -> bool:
         """False when the queue is full."""
@@ -127,7 +159,7 @@ class Worker:
         return True
 
     def stop(self) -> None:
-        """Drop the waiting jobs, let the running one end (or its client's cancel), end the thread."""
+        """Drop the waiting jobs, let the running ones end (or their clients' cancel), end the threads."""
         while True:
             try:
                 job = self.jobs.get_nowait()
@@ -135,22 +167,31 @@ class Worker:
                 break
             if job is not None:
                 job.cancelled.set()
-        with contextlib.suppress(queue.Full):
-            self.jobs.put(None, timeout=5)
-        self.thread.join(timeout=30)
+        for _ in self.threads:
+            with contextlib.suppress(queue.Full):
+                self.jobs.put(None, timeout=5)
+        for thread in self.threads:
+            thread.join(timeout=30)
 
     def _run(self) -> None:
         while (job := self.jobs.get()) is not None:
             self.metrics.queue_depth.set(self.jobs.qsize())
             if job.cancelled.is_set():
                 continue
-            self.metrics.running.set(1)
+            self.budget.reserve(job.kv_tokens)
+            self._count(+1)
             try:
                 self._generate(job)
-            except Exception:  # never lose the worker: the next request must still be served
+            except Exception:  # never lose a worker: the next request must still be served
                 logger.exception("generation failed")
             finally:
-                self.metrics.running.set(0)
+                self._count(-1)
+                self.budget.release(job.kv_tokens)
+
+    def _count(self, change: int) -> None:
+        with self._count_lock:
+            self._running += change
+            self.metrics.running.set(self._running)
 
     def _generate(self, job: Job) -> None:
         def emit(kind: str, value: Any) -> None:
@@ -192,13 +233,16 @@ class Server:
         model_name: str,
         max_queue: int,
         default_max_tokens: int,
+        kv_budget: int = DEFAULT_KV_BUDGET,
     ) -> None:
         self.engines = engines
         self.default_method = default_method
         self.model_name = model_name
         self.default_max_tokens = default_max_tokens
+        self.kv_budget = kv_budget
         self.metrics = Metrics()
-        self.worker = Worker(max_queue, self.metrics)
+        # With continuous batching up to max_batch generations run at once; else one at a time.
+        self.worker = Worker(max_queue, self.metrics, engines.config.max_batch, kv_budget)
 
 
 def create_app(server: Server) -> FastAPI:
@@ -256,10 +300,17 @@ def create_app(server: Server) -> FastAPI:
                 else server.default_max_tokens
             )
             generation = body.to_generation(default_max_tokens)
-            await asyncio.to_thread(server.engines.check, generation)  # a streamed request gets 400 too
+            # A streamed request gets its 400 here too, before it queues.
+            prompt_tokens = await asyncio.to_thread(server.engines.check, generation)
+            kv_tokens = prompt_tokens + generation.max_new_tokens
+            if kv_tokens > server.kv_budget:
+                raise InvalidRequestError(
+                    f"prompt ({prompt_tokens} tokens) + max_tokens ({generation.max_new_tokens}) exceeds the "
+                    f"server's KV budget of {server.kv_budget} tokens"
+                )
         except SwarmspecError as err:
             return error(400, str(err), endpoint)
-        job = Job(lambda: server.engines(method), generation, asyncio.get_running_loop())
+        job = Job(lambda: server.engines(method), generation, asyncio.get_running_loop(), kv_tokens)
         if not server.worker.submit(job):
             return error(
                 503,

@@ -47,10 +47,12 @@ class MethodEngines:
             tree_budget=self.config.tree_budget if tree else 0,
         )
 
-    def check(self, request: GenerationRequest) -> None:
-        """Refuse, before it waits in the queue, a request that does not fit the target's context."""
+    def check(self, request: GenerationRequest) -> int:
+        """Refuse, before it waits in the queue, a request that does not fit the target's context; else
+        its prompt's length in tokens."""
         prompt_ids = encode_request(self.target.tokenizer, request)
         check_fits(len(prompt_ids), request.max_new_tokens, self.target.max_length)
+        return len(prompt_ids)
 
     def __call__(self, method: str) -> Engine:
         with self._lock:

@@ -1,0 +1,277 @@
+"""Continuous batching on PyTorch: many sequences' target forwards run as one batched forward.
+
+A `BatchedTarget` holds one `transformers` model and one batched KV cache; each running sequence owns a
+`BatchSlot`, a `ModelRunner` like any other, so the decode loop does not know it is batched. A slot's
+`forward` posts its rows and blocks; when every running sequence has posted (a step boundary), the
+last to arrive runs them all in one forward and hands each its logits. New sequences join at such a
+boundary (their prompt is prefilled alone, then their cache becomes a row of the batch), finished ones
+leave (`end`), so the batch changes every step: continuous batching. A sequence that does not post
+within `wait_s` (its drafter is slow) is not waited for: the others run without it, and it joins the
+next step.
+
+The cache. Row b of the batched cache holds sequence b's keys and values in slots 0..L-1 (L: the
+physical length, the same for all rows). A sequence's cached tokens are the slots listed in its `slots`
+(ascending, position i in slot slots[i]); every step appends R new slots to every row (R: the most
+rows a sequence posted; shorter posts and absent sequences are padded with rows nobody reads), and
+rollback and tree pruning only edit `slots`: no key or value moves. The attention mask lets a row see
+exactly its sequence's slots plus its own tree, at positions counted in its own sequence. When
+rejected drafts and padding have made L more than twice the longest sequence, the rows are compacted.
+
+Exactness: each sequence's rows see exactly what they would see alone, at the same positions, but in a
+batched matmul, which rounds differently from a single sequence's in the last bits (as the k-row
+verification forward already does on PyTorch: docs/cpu-fast-path.md); greedy outputs are compared with
+single-request decoding in the tests.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from swarmspec.errors import SwarmspecError
+from swarmspec.runners.base import ModelRunner
+from swarmspec.tree import position_ids
+
+# A sequence that has not posted its rows this long after the first one did is not waited for.
+WAIT_S = 1.0
+# Compact the cache when its physical length exceeds twice the longest sequence plus this many slots.
+COMPACT_SLACK = 64
+
+
+@dataclass
+class Forward:
+    """One sequence's forward for the next step, and its outcome."""
+
+    input_ids: torch.Tensor  # [k]
+    num_logits: int
+    tree_mask: torch.Tensor | None  # [k, k] or None (a chain)
+    logits: torch.Tensor | None = None
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class BatchedTarget:
+    """One PyTorch causal LM and its batched cache, shared by the `BatchSlot`s of running sequences."""
+
+    def __init__(self, model: PreTrainedModel, wait_s: float = WAIT_S) -> None:
+        if any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=model.config).layers):
+            raise SwarmspecError("continuous batching does not support sliding-window attention layers")
+        self.model = model.eval()
+        self.vocab_size = model.config.vocab_size
+        self.max_length = model.config.max_position_embeddings
+        self.wait_s = wait_s
+        self.cache: DynamicCache | None = None  # row b: self.rows[b]'s keys and values
+        self.rows: list[BatchSlot] = []
+        self.posts: dict[BatchSlot, Forward] = {}
+        self.steps = 0  # batched forwards run so far
+        self._lock = threading.Condition()
+
+    def slot(self) -> BatchSlot:
+        return BatchSlot(self)
+
+    @property
+    def size(self) -> int:
+        """Sequences decoding now (cached or joining)."""
+        with self._lock:
+            return len(self.rows) + sum(1 for slot in self.posts if slot not in self.rows)
+
+    @property
+    def physical_len(self) -> int:
+        """Slots per row of the batched cache (cached tokens, rejected drafts and padding)."""
+        return 0 if self.cache is None else self.cache.get_seq_length()
+
+    def _forward(self, slot: BatchSlot, post: Forward) -> torch.Tensor:
+        """Post `slot`'s rows and return their logits once a step has run them."""
+        with self._lock:
+            self.posts[slot] = post
+            deadline = time.monotonic() + self.wait_s
+            while not post.done.is_set():
+                waiting = [s for s in self.rows if s not in self.posts]
+                if not waiting or time.monotonic() >= deadline:
+                    self._run_step()  # the last to arrive (or the first tired of waiting) leads
+                    break
+                self._lock.wait(timeout=max(deadline - time.monotonic(), 0.0))
+        if post.error is not None:
+            raise post.error
+        assert post.logits is not None
+        return post.logits
+
+    def _run_step(self) -> None:
+        """Run every posted forward (under the lock): joining sequences' prompts, then one batched
+        forward for the cached ones, and wake their threads."""
+        posts, self.posts = self.posts, {}
+        try:
+            self.run(posts)
+        except Exception as err:  # every waiting sequence fails with it; the batch stays usable
+            for post in posts.values():
+                post.error = err
+        finally:
+            for post in posts.values():
+                post.done.set()
+            self._lock.notify_all()
+
+    @torch.inference_mode()
+    def run(self, posts: dict[BatchSlot, Forward]) -> None:
+        """Run the given forwards now: each slot not in the batch yet prefills its rows alone and joins;
+        the others' rows go through one batched forward."""
+        for slot, post in posts.items():
+            if slot not in self.rows:
+                post.logits = self._join(slot, post)
+        batched = {slot: post for slot, post in posts.items() if post.logits is None}
+        if batched:
+            self._step(batched)
+            self.steps += 1
+            self._compact_if_sparse()
+
+    def _join(self, slot: BatchSlot, post: Forward) -> torch.Tensor:
+        if post.tree_mask is not None:
+            raise ValueError("a sequence's first forward (its prompt) must be a chain")
+        prefill = DynamicCache(config=self.model.config)
+        out = self.model(
+            input_ids=post.input_ids[None], cache=prefill, use_cache=True, logits_to_keep=post.num_logits
+        )
+        length = post.input_ids.shape[0]
+        if self.cache is None:
+            self.cache = prefill
+        else:
+            grown = max(length, self.physical_len)
+            for batch_layer, new_layer in zip(self.cache.layers, prefill.layers, strict=True):
+                for name in ("keys", "values"):
+                    old, new = getattr(batch_layer, name), getattr(new_layer, name)
+                    setattr(batch_layer, name, torch.cat([_pad_slots(old, grown), _pad_slots(new, grown)]))
+        self.rows.append(slot)
+        slot.slots = list(range(length))
+        return out.logits[0].float()
+
+    def _step(self, posts: dict[BatchSlot, Forward]) -> None:
+        assert self.cache is not None
+        physical = self.physical_len
+        rows = max(post.input_ids.shape[0] for post in posts.values())
+        batch = len(self.rows)
+        input_ids = torch.zeros(batch, rows, dtype=torch.int64)
+        positions = torch.zeros(batch, rows, dtype=torch.int64)
+        allowed = torch.zeros(batch, rows, physical + rows, dtype=torch.bool)
+        # A padding row sees itself only (a row that sees nothing would turn softmax into NaN).
+        allowed[:, range(rows), [physical + r for r in range(rows)]] = True
+        for b, slot in enumerate(self.rows):
+            post = posts.get(slot)
+            if post is None:
+                continue
+            k = post.input_ids.shape[0]
+            own = (
+                torch.ones(k, k, dtype=torch.bool).tril()
+                if post.tree_mask is None
+                else post.tree_mask.to(torch.bool)
+            )
+            input_ids[b, :k] = post.input_ids
+            positions[b, :k] = position_ids(own, len(slot.slots))
+            allowed[b, :k, slot.slots] = True
+            allowed[b, :k, physical : physical + k] = own
+        if int(positions.max()) >= self.max_length:
+            raise ValueError(f"sequence would exceed the model's {self.max_length} positions")
+        dtype = self.model.dtype if self.model.dtype.is_floating_point else torch.float32
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+        out = self.model(
+            input_ids=input_ids,
+            cache=self.cache,
+            use_cache=True,
+            attention_mask=mask[:, None],
+            position_ids=positions,
+        )
+        for b, slot in enumerate(self.rows):
+            post = posts.get(slot)
+            if post is None:
+                continue
+            k = post.input_ids.shape[0]
+            post.logits = out.logits[b, k - post.num_logits : k].float()
+            slot.slots.extend(range(physical, physical + k))
+
+    def _compact_if_sparse(self) -> None:
+        longest = max((len(slot.slots) for slot in self.rows), default=0)
+        if self.cache is None or self.physical_len <= 2 * longest + COMPACT_SLACK:
+            return
+        for layer in self.cache.layers:
+            for name in ("keys", "values"):
+                old = getattr(layer, name)
+                new = old.new_zeros(*old.shape[:2], longest, old.shape[3])
+                for b, slot in enumerate(self.rows):
+                    new[b, :, : len(slot.slots)] = old[b, :, slot.slots]
+                setattr(layer, name, new)
+        for slot in self.rows:
+            slot.slots = list(range(len(slot.slots)))
+
+    def _leave(self, slot: BatchSlot) -> None:
+        with self._lock:
+            self.posts.pop(slot, None)
+            if slot in self.rows:
+                b = self.rows.index(slot)
+                self.rows.pop(b)
+                assert self.cache is not None
+                if not self.rows:
+                    self.cache = None
+                else:
+                    keep = torch.tensor([i for i in range(len(self.rows) + 1) if i != b])
+                    for layer in self.cache.layers:
+                        layer.keys = layer.keys.index_select(0, keep)
+                        layer.values = layer.values.index_select(0, keep)
+            slot.slots = []
+            self._lock.notify_all()  # whoever waited for it to post stops waiting
+
+    def _edit(self, slot: BatchSlot, keep: Callable[[list[int]], list[int]]) -> None:
+        """Replace a sequence's slots by `keep(slots)`, under the lock: a step may renumber them."""
+        with self._lock:
+            slot.slots = keep(slot.slots)
+
+
+def _pad_slots(states: torch.Tensor, length: int) -> torch.Tensor:
+    """[b, heads, L, d] keys or values padded with zeros to `length` slots."""
+    missing = length - states.shape[2]
+    if missing == 0:
+        return states
+    return torch.cat([states, states.new_zeros(*states.shape[:2], missing, states.shape[3])], dim=2)
+
+
+class BatchSlot(ModelRunner):
+    """One sequence of a `BatchedTarget`: a `ModelRunner` whose forwards are batched with the others'.
+
+    It joins the batch with its first forward after `reset` (the prompt) and leaves it at `end` or
+    `reset`; an idle slot holds no cache and never delays the others.
+    """
+
+    def __init__(self, target: BatchedTarget) -> None:
+        self.target = target
+        self.vocab_size = target.vocab_size
+        self.max_length = target.max_length
+        self.slots: list[int] = []  # position i of this sequence is in slot slots[i] of its cache row
+
+    @property
+    def cached_len(self) -> int:
+        return len(self.slots)
+
+    def forward(
+        self, input_ids: torch.Tensor, num_logits: int, tree_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if tree_mask is not None and tree_mask.shape[1] != tree_mask.shape[0]:
+            raise ValueError(
+                "a batched sequence verifies whole trees, root included: tree_mask must be [k, k]"
+            )
+        return self.target._forward(self, Forward(input_ids, num_logits, tree_mask))
+
+    def compact(self, keep_len: int, keep_positions: list[int]) -> None:
+        self.target._edit(self, lambda slots: slots[:keep_len] + [slots[p] for p in keep_positions])
+
+    def rollback(self, keep_len: int) -> None:
+        if keep_len > len(self.slots):
+            raise ValueError(f"cannot roll back to {keep_len} tokens: only {len(self.slots)} are cached")
+        self.target._edit(self, lambda slots: slots[:keep_len])
+
+    def reset(self) -> None:
+        self.target._leave(self)
+
+    def end(self) -> None:
+        self.target._leave(self)

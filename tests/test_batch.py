@@ -1,0 +1,231 @@
+"""Continuous batching (runners/batch.py): sequences decoded concurrently, their target forwards run as
+one batched forward, give each the tokens it gets alone; sequences join and leave every step; the
+batch-aware policy turns speculation down as the batch grows."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from swarmspec.config import EngineConfig
+from swarmspec.drafters.lookup import PromptLookupDrafter
+from swarmspec.drafters.model import ModelDrafter
+from swarmspec.errors import InvalidRequestError
+from swarmspec.policy import CostModelPolicy, StepCosts
+from swarmspec.runners.batch import BatchedTarget, BatchSlot
+from swarmspec.runners.hf import HFRunner
+from swarmspec.speculate import MergedTree, NoSpeculation, Speculation
+
+from tiny_models import VOCAB, run_decode, tiny_qwen2
+
+TARGET, DRAFT = tiny_qwen2(0), tiny_qwen2(1)
+
+
+def prompts(count: int, seed: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 40, (count,), generator=generator).tolist()
+    return [torch.randint(2, VOCAB, (n,), generator=generator).tolist() for n in lengths]
+
+
+def speculation(kind: str) -> Speculation:
+    if kind == "ar":
+        return NoSpeculation()
+    if kind == "tree":
+        return MergedTree([ModelDrafter(HFRunner(DRAFT)), PromptLookupDrafter(VOCAB)])
+    return MergedTree([ModelDrafter(HFRunner(DRAFT))])  # a chain
+
+
+def concurrently(jobs: list[Callable[[], list[int]]]) -> list[list[int]]:
+    results: list[list[int] | BaseException] = [[] for _ in jobs]
+
+    def run(i: int) -> None:
+        try:
+            results[i] = jobs[i]()
+        except BaseException as err:  # handed to the test's thread
+            results[i] = err
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_batched_sequences_equal_each_alone(seed: int) -> None:
+    """Chains, trees and plain decoding of different gammas and lengths, batched, give each sequence's
+    tokens alone; sequences join and leave while others run."""
+    batch = prompts(10, seed)
+    kinds = ["chain", "tree", "ar"]
+    plans = [(p, kinds[i % 3], 1 + (i + seed) % 4, 8 + 5 * (i % 4)) for i, p in enumerate(batch)]
+    alone = [
+        run_decode(TARGET, speculation(kind), p, new, gamma=gamma)[0] for p, kind, gamma, new in plans
+    ]
+    batched = BatchedTarget(TARGET)
+    together = concurrently(
+        [
+            lambda p=p, kind=kind, gamma=gamma, new=new: run_decode(
+                TARGET, speculation(kind), p, new, gamma=gamma, runner=batched.slot()
+            )[0]
+            for p, kind, gamma, new in plans
+        ]
+    )
+    assert together == alone
+    assert batched.steps < sum(len(t) for t in alone) / 2  # forwards were shared
+    assert not batched.rows and batched.cache is None  # everyone left
+
+
+def test_rejected_drafts_are_compacted_away() -> None:
+    """Padding and rejected drafts grow the cache's rows; compaction keeps them near the longest
+    sequence, and the output is unchanged by it."""
+    batched = BatchedTarget(TARGET)
+    longest_physical = 0
+    slot_a, slot_b = batched.slot(), batched.slot()
+
+    def watch() -> None:
+        nonlocal longest_physical
+        longest_physical = max(longest_physical, batched.physical_len)
+
+    (p, q) = prompts(2, 11)
+    alone = [run_decode(TARGET, speculation("chain"), x, 150, gamma=6)[0] for x in (p, q)]
+
+    def decode_watching(slot: BatchSlot, prompt: list[int]) -> list[int]:
+        tokens = run_decode(TARGET, speculation("chain"), prompt, 150, gamma=6, runner=slot)[0]
+        watch()
+        return tokens
+
+    together = concurrently([lambda: decode_watching(slot_a, p), lambda: decode_watching(slot_b, q)])
+    assert together == alone
+    assert batched.steps > 30
+    assert longest_physical <= 2 * (max(len(p), len(q)) + 150 + 7) + 64
+
+
+def test_a_slow_sequence_does_not_hold_the_others_back() -> None:
+    """A sequence that does not post its forward within wait_s is not waited for: the others go on, and
+    it joins a later step, with the same tokens."""
+
+    class SlowDrafter(ModelDrafter):
+        def propose(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            time.sleep(0.3)
+            return super().propose(*args, **kwargs)
+
+    batched = BatchedTarget(TARGET, wait_s=0.02)
+    fast, slow = prompts(2, 3)
+    alone = [run_decode(TARGET, speculation("chain"), x, 12, gamma=2)[0] for x in (fast, slow)]
+    finished: dict[str, float] = {}
+
+    def run(name: str, prompt: list[int], drafter: ModelDrafter) -> list[int]:
+        tokens = run_decode(TARGET, drafter, prompt, 12, gamma=2, runner=batched.slot())[0]
+        finished[name] = time.monotonic()
+        return tokens
+
+    start = time.monotonic()
+    together = concurrently(
+        [
+            lambda: run("fast", fast, ModelDrafter(HFRunner(DRAFT))),
+            lambda: run("slow", slow, SlowDrafter(HFRunner(DRAFT))),
+        ]
+    )
+    assert together == alone
+    assert finished["fast"] - start < 0.3 * 4  # it did not wait out the slow drafter's every step
+
+
+def test_a_failing_step_fails_its_sequences_and_the_batch_goes_on() -> None:
+    batched = BatchedTarget(TARGET)
+    slot = batched.slot()
+    with pytest.raises(ValueError, match="must be a chain"):  # a prompt given as a tree
+        slot.forward(torch.tensor([3, 4, 5]), 1, tree_mask=torch.ones(3, 3, dtype=torch.bool).tril())
+    slot.end()
+    (p,) = prompts(1, 5)
+    assert run_decode(TARGET, speculation("chain"), p, 10, runner=batched.slot())[0] == (
+        run_decode(TARGET, speculation("chain"), p, 10)[0]
+    )
+
+
+def test_abandoned_generation_leaves_the_batch() -> None:
+    """A consumer that stops early (a client that disconnects) closes its decode loop, which leaves the
+    batch: the others are not held up by it."""
+    from swarmspec.decode import decode
+    from swarmspec.metrics import DecodeStats
+    from swarmspec.policy import FixedDepth
+    from swarmspec.sampling import SamplingConfig
+    from swarmspec.verify import make_verifier
+
+    batched = BatchedTarget(TARGET, wait_s=30)  # only leaving can release the others in time
+    p, q = prompts(2, 8)
+    slot = batched.slot()
+    chunks = decode(
+        slot,
+        NoSpeculation(),
+        make_verifier(SamplingConfig()),
+        p,
+        max_new_tokens=50,
+        policy=FixedDepth(0, 0),
+        sampling=SamplingConfig(),
+        stop_token_ids=frozenset(),
+        generator=None,
+        stats=DecodeStats(),
+    )
+    next(chunks)
+    assert batched.size == 1
+    chunks.close()
+    assert batched.size == 0 and not slot.slots
+    start = time.monotonic()
+    assert run_decode(TARGET, None, q, 10, runner=batched.slot())[0] == run_decode(TARGET, None, q, 10)[0]
+    assert time.monotonic() - start < 30
+
+
+# A CPU-like batched cost curve (ms): one sequence's rows are nearly free up to 8 (memory-bound), while
+# 16 sequences make every extra row cost about what a sequence's own token does (compute-bound).
+SINGLE = {1: 30.0, 2: 31.0, 4: 33.0, 8: 38.0}
+BATCHED = {16: {1: 120.0, 2: 240.0, 4: 480.0, 8: 960.0}}
+
+
+def batch_policy(batch: int) -> CostModelPolicy:
+    costs = StepCosts(SINGLE, (0.0,), BATCHED)
+    return CostModelPolicy(costs, max_depth=8, batch_size=lambda: batch)
+
+
+def test_step_costs_interpolate_between_batch_sizes() -> None:
+    costs = StepCosts(SINGLE, (0.0,), BATCHED)
+    assert costs.verify(2) == 31.0 and costs.verify(2, batch=1) == 31.0
+    assert costs.verify(2, batch=16) == 240.0
+    # Between b = 1 and 16: linear, (240 - 31) * 7 / 15 above the single sequence's 31 at b = 8.
+    assert costs.verify(2, batch=8) == pytest.approx(31.0 + (240.0 - 31.0) * 7 / 15)
+    assert costs.verify(2, batch=32) == 480.0  # proportional beyond the largest measured batch
+
+
+def test_batch_aware_policy_speculates_alone_and_stops_in_a_full_batch() -> None:
+    """A free drafter whose drafts are almost always accepted: alone, the flat curve pays for all 8 rows
+    (even at 0.9 per row, (1 + .9 + ... + .9^8) / 38 = 0.16 tokens/ms against 1/30 = 0.033 for none);
+    in a batch of 16 a row costs as much as a token, and (1 + p) / 240 <= 1 / 120 for any p: none."""
+    from swarmspec.tree import TokenTree
+
+    def chosen(batch: int) -> int:
+        policy = batch_policy(batch)
+        for _ in range(40):  # learn a 90% acceptance rate
+            tree = TokenTree.chain(0, torch.arange(1, 5))
+            policy.draft_depths(8)
+            policy.observe(tree, [1, 2, 3, 4] if _ % 10 else [1])
+        policy.draft_depths(8)
+        return len(policy.select(TokenTree.chain(0, torch.arange(1, 9)))) - 1
+
+    assert chosen(1) == 8
+    assert chosen(16) == 0
+
+
+def test_max_batch_needs_a_pytorch_target() -> None:
+    with pytest.raises(InvalidRequestError, match="llama.cpp batching is not built"):
+        EngineConfig(target="llamacpp:qwen2.5-coder-1.5b-instruct", max_batch=4)
+    with pytest.raises(InvalidRequestError, match="max-batch"):
+        EngineConfig(target="qwen2.5-coder-1.5b-instruct", max_batch=0)
+    with pytest.raises(InvalidRequestError, match="continuous batching"):
+        EngineConfig(target="qwen2.5-coder-1.5b-instruct", method="dsi", max_batch=2)
