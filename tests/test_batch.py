@@ -66,9 +66,7 @@ def test_batched_sequences_equal_each_alone(seed: int) -> None:
     batch = prompts(10, seed)
     kinds = ["chain", "tree", "ar"]
     plans = [(p, kinds[i % 3], 1 + (i + seed) % 4, 8 + 5 * (i % 4)) for i, p in enumerate(batch)]
-    alone = [
-        run_decode(TARGET, speculation(kind), p, new, gamma=gamma)[0] for p, kind, gamma, new in plans
-    ]
+    alone = [run_decode(TARGET, speculation(kind), p, new, gamma=gamma)[0] for p, kind, gamma, new in plans]
     batched = BatchedTarget(TARGET)
     together = concurrently(
         [
@@ -145,8 +143,9 @@ def test_a_failing_step_fails_its_sequences_and_the_batch_goes_on() -> None:
         slot.forward(torch.tensor([3, 4, 5]), 1, tree_mask=torch.ones(3, 3, dtype=torch.bool).tril())
     slot.end()
     (p,) = prompts(1, 5)
-    assert run_decode(TARGET, speculation("chain"), p, 10, runner=batched.slot())[0] == (
-        run_decode(TARGET, speculation("chain"), p, 10)[0]
+    assert (
+        run_decode(TARGET, speculation("chain"), p, 10, runner=batched.slot())[0]
+        == (run_decode(TARGET, speculation("chain"), p, 10)[0])
     )
 
 
@@ -223,7 +222,7 @@ def test_batch_aware_policy_speculates_alone_and_stops_in_a_full_batch() -> None
 
 
 def test_max_batch_needs_a_pytorch_target() -> None:
-    with pytest.raises(InvalidRequestError, match="llama.cpp batching is not built"):
+    with pytest.raises(InvalidRequestError, match=r"llama\.cpp batching is not built"):
         EngineConfig(target="llamacpp:qwen2.5-coder-1.5b-instruct", max_batch=4)
     with pytest.raises(InvalidRequestError, match="max-batch"):
         EngineConfig(target="qwen2.5-coder-1.5b-instruct", max_batch=0)

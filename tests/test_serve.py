@@ -4,6 +4,8 @@ OpenAI-style errors, a full queue answers 503 at once."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import socket
 import threading
 import time
@@ -15,6 +17,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 from swarmspec.config import ChatMessage, EngineConfig, GenerationRequest
 from swarmspec.serve.app import Job, Server, create_app
@@ -41,9 +44,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(engines: MethodEngines) -> Iterator[tuple[Server, str]]:
-    state = Server(engines, "vote", MODEL, max_queue=2, default_max_tokens=12)
+@contextlib.contextmanager
+def running(state: Server) -> Iterator[str]:
+    """The app served by uvicorn on a free local port (its base URL), for real."""
     port = free_port()
     http = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=http.run, daemon=True)
@@ -52,9 +55,16 @@ def server(engines: MethodEngines) -> Iterator[tuple[Server, str]]:
     while not http.started:
         assert time.monotonic() < deadline, "the server did not start"
         time.sleep(0.05)
-    yield state, f"http://127.0.0.1:{port}"
+    yield f"http://127.0.0.1:{port}"
     http.should_exit = True
     thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(engines: MethodEngines) -> Iterator[tuple[Server, str]]:
+    state = Server(engines, "vote", MODEL, max_queue=2, default_max_tokens=12)
+    with running(state) as url:
+        yield state, url
 
 
 @pytest.fixture
@@ -217,3 +227,100 @@ def test_full_queue_answers_503_at_once(server: tuple[Server, str]) -> None:
     blocker.release.set()
     ok = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 3}, timeout=60)
     assert ok.status_code == 200  # the worker survived the failing job
+
+
+@pytest.fixture(scope="module")
+def batched_server(engines: MethodEngines) -> Iterator[tuple[Server, str]]:
+    """Continuous batching: up to 8 requests decode together, within a budget of 400 cache tokens."""
+    config = replace(engines.config, method="chain", drafters=engines.config.drafters[:1], max_batch=8)
+    batched = MethodEngines(config, engines.target, engines.draft_models)
+    state = Server(batched, "chain", MODEL, max_queue=64, default_max_tokens=12, kv_budget=400)
+    with running(state) as url:
+        yield state, url
+
+
+def test_concurrent_requests_each_equal_the_request_served_alone(
+    batched_server: tuple[Server, str], engines: MethodEngines
+) -> None:
+    """36 requests at once (half streamed, different prompts and lengths, every method) through the
+    batching server: each greedy text equals that request decoded alone; the counters add up."""
+    state, url = batched_server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+    words = PROMPT.split()
+    requests = [
+        {
+            "prompt": " ".join([*words[i % 5 :], f"t{10 + i}"]),
+            "max_tokens": 6 + i % 9,
+            "method": ("chain", "ar", "tree", "vote")[i % 4],
+            "stream": i % 2 == 1,
+        }
+        for i in range(36)
+    ]
+
+    def ask(request: dict[str, Any]) -> tuple[str, int]:
+        args = {"model": MODEL, "prompt": request["prompt"], "max_tokens": request["max_tokens"]}
+        extra = {"extra_body": {"method": request["method"]}, "temperature": 0}
+        if not request["stream"]:
+            response = client.completions.create(**args, **extra)
+            assert response.usage is not None
+            return response.choices[0].text, response.usage.completion_tokens
+        stream = client.completions.create(
+            **args, **extra, stream=True, stream_options={"include_usage": True}
+        )
+        chunks = list(stream)
+        assert chunks[-1].usage is not None
+        return "".join(c.choices[0].text for c in chunks if c.choices), chunks[-1].usage.completion_tokens
+
+    methods = {request["method"] for request in requests}
+    engines_used = [state.engines(method) for method in methods]  # built (and costs measured) first
+    steps_before = sum(engine.batched.steps for engine in engines_used if engine.batched)
+    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+        answers = list(pool.map(ask, requests))
+    for request, (text, _) in zip(requests, answers, strict=True):
+        alone = engine_text(
+            engines, "ar", prompt=request["prompt"], chat=False, max_new_tokens=request["max_tokens"]
+        )
+        assert text == alone, request
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)}
+    ok = [
+        s
+        for s in families["swarmspec_requests"].samples
+        if s.name.endswith("_total") and s.labels["status"] == "200"
+    ]
+    assert sum(s.value for s in ok) == len(requests)
+    generated = families["swarmspec_generated_tokens"].samples[0].value
+    assert generated == sum(tokens for _, tokens in answers)
+    assert families["swarmspec_running_batch_size"].samples[0].value == 0
+    assert families["swarmspec_queue_depth"].samples[0].value == 0
+    # The batched engines shared target forwards: fewer batched steps than tokens generated.
+    steps = sum(engine.batched.steps for engine in engines_used if engine.batched) - steps_before
+    assert 0 < steps < generated
+
+
+def test_a_request_beyond_the_kv_budget_is_refused(batched_server: tuple[Server, str]) -> None:
+    response = httpx.post(
+        f"{batched_server[1]}/v1/completions",
+        json={"model": MODEL, "prompt": "t1 " * 300, "max_tokens": 200},
+        timeout=60,
+    )
+    assert response.status_code == 400
+    assert "exceeds the server's KV budget of 400 tokens" in response.json()["error"]["message"]
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(batched_server: tuple[Server, str]) -> None:
+    state, url = batched_server
+    with httpx.stream(
+        "POST",
+        f"{url}/v1/completions",
+        json={"model": MODEL, "prompt": PROMPT, "max_tokens": 300, "stream": True, "method": "ar"},
+        timeout=60,
+    ) as response:
+        first = next(response.iter_lines())
+        assert first.startswith("data: ")
+    # It stops generating: its worker and cache tokens are free again, and the next request is served.
+    deadline = time.monotonic() + 60
+    while state.worker.budget.reserved or state.worker.running:
+        assert time.monotonic() < deadline, "the abandoned generation did not stop"
+        time.sleep(0.05)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0).choices[0].text

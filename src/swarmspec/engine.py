@@ -149,8 +149,10 @@ class Engine:
         new_state: Callable[[], GenerationState],
         tokenizer: PreTrainedTokenizerBase,
         stop_token_ids: frozenset[int],
+        batched: BatchedTarget | None = None,
     ) -> None:
         self.new_state = new_state
+        self.batched = batched  # continuous batching: the target all generations' forwards share
         self.tokenizer = tokenizer
         self.stop_token_ids = stop_token_ids
         self._idle: list[GenerationState] = []
@@ -202,7 +204,7 @@ class Engine:
                 )
             return SequenceState(target_runner, speculation, policy)
 
-        engine = cls(new_state, target.tokenizer, target.stop_token_ids)
+        engine = cls(new_state, target.tokenizer, target.stop_token_ids, batched)
         engine._idle.append(new_state())  # the first request does not pay for paging the weights in
         return engine
 

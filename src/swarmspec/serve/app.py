@@ -140,7 +140,7 @@ class Worker:
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.metrics = metrics
         self.budget = KvBudget(kv_budget)
-        self._running = 0
+        self.running = 0
         self._count_lock = threading.Lock()
         self.threads = [
             threading.Thread(target=self._run, name=f"swarmspec-worker-{i}", daemon=True)
@@ -190,8 +190,8 @@ class Worker:
 
     def _count(self, change: int) -> None:
         with self._count_lock:
-            self._running += change
-            self.metrics.running.set(self._running)
+            self.running += change
+            self.metrics.running.set(self.running)
 
     def _generate(self, job: Job) -> None:
         def emit(kind: str, value: Any) -> None:
