@@ -16,11 +16,13 @@ from swarmspec.config import (
     HF_BASELINES,
     LLAMA_CPP_PREFIX,
     METHODS,
+    MODEL_FREE_DRAFTERS,
     WORKERS,
     BenchConfig,
     EngineConfig,
     Gamma,
     GenerationRequest,
+    LoadBenchConfig,
     SimulationConfig,
     SortedDraft,
     TrainSortedConfig,
@@ -154,6 +156,35 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=bench_defaults.repeats, help="figures are medians")
     bench.add_argument("--out", help="report directory (default: bench-results/<UTC time>)")
     bench.set_defaults(run=run_bench)
+
+    load_defaults = LoadBenchConfig()
+    load = command(
+        "bench-serve",
+        "load benchmark: concurrent streaming clients against the server, fixed speculation lengths vs auto",
+    )
+    load.add_argument("--target", default=load_defaults.target, help="a PyTorch model spec (batching)")
+    load.add_argument("--method", choices=METHODS, default=load_defaults.method, help="when speculating")
+    load.add_argument(
+        "--drafter", action="append", help=f"repeatable (default: {', '.join(load_defaults.drafters)})"
+    )
+    load.add_argument(
+        "--concurrency", type=int_list, default=load_defaults.concurrency, help="concurrent clients per level"
+    )
+    load.add_argument(
+        "--gammas",
+        type=gamma_list,
+        default=load_defaults.gammas,
+        help="speculation lengths, one server each (0: plain decoding, auto: batch-aware)",
+    )
+    load.add_argument("--max-depth", type=int, default=load_defaults.max_depth, help="auto: deepest draft")
+    load.add_argument(
+        "--requests-per-client", type=int, default=load_defaults.requests_per_client, help="per level"
+    )
+    load.add_argument("--min-requests", type=int, default=load_defaults.min_requests, help="per level")
+    load.add_argument("--max-tokens", type=int, default=load_defaults.max_tokens, help="per request")
+    load.add_argument("--questions", help="Spec-Bench-format JSONL (default: the built-in prompt set)")
+    load.add_argument("--out-dir", default=load_defaults.out_dir, help="report directory")
+    load.set_defaults(run=run_bench_serve)
 
     sim_defaults = SimulationConfig()
     sim = command("simulate", "DSI vs SI vs plain decoding: a grid of drafter costs x acceptance, or a trace")
@@ -299,6 +330,10 @@ def gamma_value(text: str) -> Gamma:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of tokens or {AUTO}, got {text!r}") from None
+
+
+def gamma_list(text: str) -> tuple[Gamma, ...]:
+    return tuple(gamma_value(item) for item in comma_list(text))
 
 
 def float_list(text: str) -> tuple[float, ...]:
@@ -457,7 +492,9 @@ def run_profile(args: argparse.Namespace) -> int:
     profiles = []
     models = [(args.target, args.target_threads)]
     models += [
-        (spec, args.drafter_threads) for spec in args.drafter or default_drafters("chain", args.target)
+        (spec, args.drafter_threads)
+        for spec in args.drafter or default_drafters("chain", args.target)
+        if spec not in MODEL_FREE_DRAFTERS  # nothing to measure: they cost no forward
     ]
     for spec, threads in models:
         # Stored under the name the engine and `simulate` look up for a runner with these threads.
@@ -484,6 +521,31 @@ def run_profile(args: argparse.Namespace) -> int:
     print(format_table(profiles))
     if args.batch:
         print(format_batch_table(profiles[0]))
+    return 0
+
+
+def run_bench_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from swarmspec.bench.load import run_load_bench
+
+    config = LoadBenchConfig(
+        target=args.target,
+        method=args.method,
+        drafters=tuple(args.drafter or LoadBenchConfig().drafters),
+        concurrency=args.concurrency,
+        gammas=args.gammas,
+        max_depth=args.max_depth,
+        requests_per_client=args.requests_per_client,
+        min_requests=args.min_requests,
+        max_tokens=args.max_tokens,
+        questions=args.questions,
+        out_dir=args.out_dir,
+    )
+    report = run_load_bench(config)
+    paths = report.write(Path(config.out_dir))
+    print(report.markdown())
+    print(f"written: {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
     return 0
 
 

@@ -29,9 +29,10 @@ WORKERS = ("threads", "ray")
 Gamma = int | Literal["auto"]
 
 
-def check_gamma(gamma: Gamma, max_depth: int) -> None:
-    if gamma != AUTO and (not isinstance(gamma, int) or gamma < 1):
-        raise InvalidRequestError(f"gamma must be >= 1 or {AUTO!r}, got {gamma!r}")
+def check_gamma(gamma: Gamma, max_depth: int, allow_zero: bool = False) -> None:
+    lowest = 0 if allow_zero else 1
+    if gamma != AUTO and (not isinstance(gamma, int) or gamma < lowest):
+        raise InvalidRequestError(f"gamma must be >= {lowest} or {AUTO!r}, got {gamma!r}")
     if max_depth < 1:
         raise InvalidRequestError(f"max_depth must be >= 1, got {max_depth}")
 
@@ -240,6 +241,43 @@ class GenerationRequest:
             raise InvalidRequestError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop strings must be non-empty")
+
+
+@dataclass(frozen=True)
+class LoadBenchConfig:
+    """`swarmspec bench-serve`: concurrent streaming clients against the server, per speculation length."""
+
+    # A PyTorch target (continuous batching); the 0.5B keeps the sweep to about 15 minutes on 2 cores.
+    target: str = "onednn:" + DEFAULT_DRAFTER
+    method: str = "chain"
+    drafters: tuple[str, ...] = ("prompt-lookup",)
+    # Concurrent clients, one level after another; the server batches up to the largest.
+    concurrency: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    # Speculation lengths, one server each: fixed gammas (0: plain decoding) and auto (batch-aware).
+    gammas: tuple[Gamma, ...] = (0, 2, 4, 8, AUTO)
+    max_depth: int = 16
+    # Requests per level: requests_per_client per client, at least min_requests.
+    requests_per_client: int = 2
+    min_requests: int = 8
+    max_tokens: int = 32
+    # Spec-Bench-format JSONL (first turns, every family in turn); None: the built-in prompt set.
+    questions: str | None = None
+    out_dir: str = "bench-serve"
+
+    def __post_init__(self) -> None:
+        if self.target.startswith(LLAMA_CPP_PREFIX):
+            raise InvalidRequestError(
+                "bench-serve batches requests: it needs a PyTorch target, not llama.cpp"
+            )
+        if not self.concurrency or min(self.concurrency) < 1:
+            raise InvalidRequestError(f"concurrency levels must be >= 1, got {list(self.concurrency)}")
+        if not self.gammas:
+            raise InvalidRequestError("give at least one speculation length")
+        for gamma in self.gammas:
+            check_gamma(gamma, self.max_depth, allow_zero=True)
+        for name in ("requests_per_client", "min_requests", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
