@@ -5,9 +5,11 @@ Slow: loads the 1.5B target (fp32, ~7 GB) and the 0.5B drafter, fetched and conv
 
 from __future__ import annotations
 
+import concurrent.futures
 from collections.abc import Callable
 from typing import Any
 
+import openai
 import pytest
 import torch
 
@@ -18,7 +20,11 @@ from swarmspec.models.loading import LoadedModel, load_model
 from swarmspec.models.registry import DEFAULT_DRAFTER, DEFAULT_TARGET
 from swarmspec.policy import FixedDepth
 from swarmspec.runners.hf import HFRunner
+from swarmspec.serve.app import Server
+from swarmspec.serve.engines import MethodEngines
 from swarmspec.speculate import ChainSpeculation, NoSpeculation, Speculation
+
+from test_serve import running
 
 pytestmark = pytest.mark.slow
 
@@ -109,3 +115,35 @@ def test_tree_and_vote_equal_transformers_generate(
         assert result.token_ids == hf_reference[prompt], prompt
         assert result.stats.accepted_tokens > 0
         assert sum(result.stats.accepted_by(drafters).values()) == result.stats.accepted_tokens
+
+
+def test_batched_server_equals_transformers_generate(
+    target: LoadedModel, hf_reference: dict[str, list[int]]
+) -> None:
+    """The real pair behind the server with continuous batching: the three prompts sent at once (chat
+    completions, streamed and not, official `openai` client) each get transformers' own greedy text."""
+    drafter = f"int8:{DEFAULT_DRAFTER}"
+    config = EngineConfig(target=DEFAULT_TARGET, drafters=(drafter,), gamma=4, max_batch=3)
+    server = Server(MethodEngines(config, target, {drafter: load_model(drafter)}), "chain", "real", 8, 64)
+    with running(server) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
+
+        def ask(indexed: tuple[int, str]) -> str:
+            i, prompt = indexed
+            messages = [{"role": "user", "content": prompt}]
+            if i % 2:
+                stream = client.chat.completions.create(
+                    model="real", messages=messages, max_tokens=NEW_TOKENS, temperature=0, stream=True
+                )
+                return "".join(c.choices[0].delta.content or "" for c in stream)
+            reply = client.chat.completions.create(
+                model="real", messages=messages, max_tokens=NEW_TOKENS, temperature=0
+            )
+            return reply.choices[0].message.content or ""
+
+        with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
+            texts = list(pool.map(ask, enumerate(PROMPTS)))
+    for prompt, text in zip(PROMPTS, texts, strict=True):
+        assert text == target.tokenizer.decode(hf_reference[prompt], skip_special_tokens=True), prompt
+    (engine,) = server.engines.engines.values()
+    assert engine.batched is not None and engine.batched.steps > 0

@@ -17,6 +17,15 @@ measured forward over k rows and drafting time is the draft models' measured per
 drafters cost nothing: they propose as far as their match goes (up to `max_depth`) and the policy keeps
 only the part worth verifying. When no draft pays for itself the tree is the root alone: plain
 decoding through the same loop.
+
+With continuous batching (b sequences verified in one forward, each padded to the most rows one of
+them verifies) the step is the whole batch's: the rate is
+
+    (b + sum of P(node accepted) over this sequence's verified nodes) / (drafting + t_b(verified rows))
+
+where the other b - 1 sequences commit one token each and t_b is the measured forward of b sequences
+of that many rows each. Alone (b = 1) it is the rate above; in a large compute-bound batch a row costs
+about as much as a sequence's token and no draft pays.
 """
 
 from __future__ import annotations
@@ -215,9 +224,10 @@ class CostModelPolicy(SpeculationPolicy):
         cost = self.costs.draft_token_ms[drafter]
         if cost == 0 or limit == 0:
             return limit  # free: propose all the match has, `select` keeps what is worth verifying
-        best, best_rate = 0, 1 / self._verify(1)
+        base = 1.0 + self._others  # tokens the step commits without this drafter's
+        best, best_rate = 0, base / self._verify(1)
         reach = 1.0  # P(the whole chain so far is accepted)
-        expected = 1.0
+        expected = base
         for depth in range(1, limit + 1):
             reach *= self.stats.rate(self._source(drafter), depth)
             expected += reach
@@ -230,7 +240,8 @@ class CostModelPolicy(SpeculationPolicy):
 
     def _probe_due(self, drafter: int, cost: float) -> bool:
         """Count one idle step of `drafter`; True when it is to be probed now."""
-        if 2 / (cost + self._verify(2)) <= 1 / self._verify(1):
+        base = 1.0 + self._others
+        if (base + 1) / (cost + self._verify(2)) <= base / self._verify(1):
             return False  # even a draft the target accepts would lose to plain decoding
         self._probe_wait[drafter] -= 1
         if self._probe_wait[drafter] > 0:
@@ -240,9 +251,15 @@ class CostModelPolicy(SpeculationPolicy):
         return True
 
     def _verify(self, rows: int) -> float:
-        """This step's forward if this sequence verifies `rows` rows (and so does every other one in the
-        batch: choosing alike, the batch's rate is this sequence's rate times the batch size)."""
+        """This step's forward if this sequence verifies `rows` rows: the whole batch's, every other
+        sequence padded to as many rows."""
         return self.costs.verify(rows, self._batch)
+
+    @property
+    def _others(self) -> int:
+        """Tokens the rest of the batch commits in the step: one per other sequence (what each commits
+        without drafts). Rows this sequence adds slow all of them down and pay only for its own."""
+        return self._batch - 1
 
     def _source(self, drafter: int) -> int:
         return 2 * drafter + self._streak[drafter]
@@ -280,8 +297,8 @@ class CostModelPolicy(SpeculationPolicy):
         # Most valuable first; a node never outranks its parent (values shrink along a path, ties go to
         # the earlier node, and parents come first), so every prefix of the ranking is a tree.
         ranked = sorted(range(1, len(tree)), key=lambda n: (-values[n], n))
-        best_count, best_rate = 0, 1 / (self._draft_ms + self._verify(1))
-        expected = 1.0
+        expected = 1.0 + self._others  # the target's own token (and the rest of the batch's)
+        best_count, best_rate = 0, expected / (self._draft_ms + self._verify(1))
         for count, node in enumerate(ranked, start=1):
             expected += values[node]
             rate = expected / (self._draft_ms + self._verify(count + 1))
