@@ -15,7 +15,7 @@ from swarmspec.config import EngineConfig
 from swarmspec.drafters.lookup import PromptLookupDrafter
 from swarmspec.drafters.model import ModelDrafter
 from swarmspec.errors import InvalidRequestError
-from swarmspec.policy import CostModelPolicy, StepCosts
+from swarmspec.policy import BatchPeers, CostModelPolicy, StepCosts
 from swarmspec.runners.batch import BatchedTarget, BatchSlot
 from swarmspec.runners.hf import HFRunner
 from swarmspec.speculate import MergedTree, NoSpeculation, Speculation
@@ -188,9 +188,16 @@ SINGLE = {1: 30.0, 2: 31.0, 4: 33.0, 8: 38.0}
 BATCHED = {16: {1: 120.0, 2: 240.0, 4: 480.0, 8: 960.0}}
 
 
-def batch_policy(batch: int) -> CostModelPolicy:
-    costs = StepCosts(SINGLE, (0.0,), BATCHED)
-    return CostModelPolicy(costs, max_depth=8, batch_size=lambda: batch)
+def sure(p: float = 0.9, rows: int = 9) -> list[float]:
+    """Expected committed tokens with 1..rows rows of a sequence whose drafts are accepted w.p. p each."""
+    return [sum(p**d for d in range(r)) for r in range(1, rows + 1)]
+
+
+def peers_of(curves: list[list[float]], size: int | None = None) -> BatchPeers:
+    peers = BatchPeers(lambda: size or len(curves))
+    for member, curve in enumerate(curves):
+        peers.publish(member, curve)
+    return peers
 
 
 def test_step_costs_interpolate_between_batch_sizes() -> None:
@@ -202,25 +209,49 @@ def test_step_costs_interpolate_between_batch_sizes() -> None:
     assert costs.verify(2, batch=32) == 480.0  # proportional beyond the largest measured batch
 
 
-def test_batch_aware_policy_speculates_alone_and_stops_in_a_full_batch() -> None:
-    """A free drafter whose drafts are almost always accepted: alone, the flat curve pays for all 8 rows
-    (even at 0.9 per row, (1 + .9 + ... + .9^8) / 38 = 0.16 tokens/ms against 1/30 = 0.033 for none);
-    in a batch of 16, (16 + p) / 240 < 16 / 120 for any p: none. In between (linear in b) fewer as b
-    grows: at b = 4, t_4(1) = 48 and t_4(2) = 72.8, so even one row would need p > 2.07: none."""
+def test_the_batch_picks_its_rows_from_every_sequences_gain() -> None:
+    """By hand, drafts accepted w.p. 0.9. Alone the flat curve pays for all 8 rows; two sequences pay
+    for 7 (2 * 5.22 / t_2(7) = 10.43 / 90.3 = 0.116 against 11.39 / 99.5 = 0.114 for 8 and 2 / 36 =
+    0.056 for 1; t_2 is linear between the measured b = 1 and 16). In a batch of 16 a row
+    costs what a token does: 16 * 1.9 / 240 < 16 / 120, so one row. At b = 4 (t_4(1) = 48, t_4(2) =
+    72.8) four drafting sequences pay for a second row (4 * 1.9 / 72.8 = 0.104 > 4 / 48 = 0.083), but
+    one copying sequence among three with nothing to draft does not ((3 + 1.9) / 72.8 = 0.067)."""
+    costs = StepCosts(SINGLE, (0.0,), BATCHED)
+    assert peers_of([sure()]).best_rows(costs, 8) == 8
+    assert peers_of([sure(), sure()]).best_rows(costs, 8) == 7
+    assert peers_of([sure()] * 16).best_rows(costs, 8) == 1
+    assert peers_of([sure()] * 4).best_rows(costs, 8) >= 2
+    assert peers_of([sure(), [1.0] * 9, [1.0] * 9, [1.0] * 9]).best_rows(costs, 8) == 1
+    # Sequences that have not published count as one token per step: the same as nothing to draft.
+    assert peers_of([sure()], size=4).best_rows(costs, 8) == 1
+
+
+def test_policies_in_a_batch_draft_and_verify_the_batchs_rows() -> None:
+    """Through the policy: each sequence publishes its gains from its running acceptance, drafts and
+    verifies as many rows as the batch chose, and leaves the batch when its generation ends."""
     from swarmspec.tree import TokenTree
 
-    def chosen(batch: int) -> int:
-        policy = batch_policy(batch)
-        for _ in range(40):  # learn a 90% acceptance rate
-            tree = TokenTree.chain(0, torch.arange(1, 5))
+    costs = StepCosts(SINGLE, (0.0,), BATCHED)
+    members = 1
+    peers = BatchPeers(lambda: members)
+    policies = [CostModelPolicy(costs, max_depth=8, peers=peers) for _ in range(16)]
+    for policy in policies:  # learn nearly sure drafts
+        for _ in range(40):
             policy.draft_depths(8)
-            policy.observe(tree, [1, 2, 3, 4] if _ % 10 else [1])
-        policy.draft_depths(8)
-        return len(policy.select(TokenTree.chain(0, torch.arange(1, 9)))) - 1
+            policy.observe(TokenTree.chain(0, torch.arange(1, 5)), [1, 2, 3, 4])
 
-    choices = [chosen(batch) for batch in (1, 2, 3, 4, 8, 16)]
-    assert choices == sorted(choices, reverse=True)
-    assert choices[0] == 8 and choices[3:] == [0, 0, 0]
+    def verified(policy: CostModelPolicy) -> int:
+        depth = policy.draft_depths(8)[0]
+        return len(policy.select(TokenTree.chain(0, torch.arange(1, 1 + depth)))) - 1
+
+    assert verified(policies[0]) == 8  # alone: its own choice
+    members = 2
+    assert [verified(p) for p in policies[:2]] == [8, 8]  # the batch pays for them
+    members = 16
+    assert {verified(p) for p in policies} == {0}
+    for policy in policies:
+        policy.end()
+    assert not peers._gains
 
 
 def test_max_batch_needs_a_pytorch_target() -> None:

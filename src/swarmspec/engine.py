@@ -36,7 +36,14 @@ from swarmspec.models.loading import (
 )
 from swarmspec.models.registry import REGISTRY
 from swarmspec.models.sorted import sorted_exits
-from swarmspec.policy import AcceptancePrior, CostModelPolicy, FixedDepth, SpeculationPolicy, StepCosts
+from swarmspec.policy import (
+    AcceptancePrior,
+    BatchPeers,
+    CostModelPolicy,
+    FixedDepth,
+    SpeculationPolicy,
+    StepCosts,
+)
 from swarmspec.profile import batch_forward_costs, forward_costs, profile_key
 from swarmspec.runners.base import ModelRunner
 from swarmspec.runners.batch import BatchedTarget
@@ -182,6 +189,7 @@ class Engine:
         step_costs = costs
         # Continuous batching: every generation's target runner is a slot of one batched target.
         batched = BatchedTarget(target.hf_model) if config.max_batch > 1 else None
+        peers = BatchPeers(lambda: batched.size) if batched else None
 
         def new_state() -> GenerationState:
             nonlocal step_costs
@@ -198,10 +206,7 @@ class Engine:
             else:
                 if step_costs is None:
                     step_costs = measure_step_costs(config, target_runner, speculation, batched)
-                batch_size = (lambda: batched.size) if batched else (lambda: 1)
-                policy = CostModelPolicy(
-                    step_costs, config.max_depth, shared.acceptance, batch_size=batch_size
-                )
+                policy = CostModelPolicy(step_costs, config.max_depth, shared.acceptance, peers=peers)
             return SequenceState(target_runner, speculation, policy)
 
         engine = cls(new_state, target.tokenizer, target.stop_token_ids, batched)

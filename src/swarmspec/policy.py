@@ -19,18 +19,20 @@ only the part worth verifying. When no draft pays for itself the tree is the roo
 decoding through the same loop.
 
 With continuous batching (b sequences verified in one forward, each padded to the most rows one of
-them verifies) the step is the whole batch's: the rate is
+them verifies) the batch chooses one row count R per step (the fifth seed's rule, with each sequence's
+own acceptance instead of one average): the R that maximizes
 
-    (b + sum of P(node accepted) over this sequence's verified nodes) / (drafting + t_b(verified rows))
+    (sum over the b sequences of their expected committed tokens with R rows) / t_b(R)
 
-where the other b - 1 sequences commit one token each and t_b is the measured forward of b sequences
-of that many rows each. Alone (b = 1) it is the rate above; in a large compute-bound batch a row costs
-about as much as a sequence's token and no draft pays.
+where t_b(R) is the measured forward of b sequences of R rows each (`BatchPeers`). Each sequence then
+verifies at most R rows. One sequence copying a passage among sequences that are not cannot make the
+whole batch pay for its rows; many sequences that all draft well can.
 """
 
 from __future__ import annotations
 
 import bisect
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -170,6 +172,40 @@ class AcceptancePrior:
         return AcceptanceStats(sources)
 
 
+class BatchPeers:
+    """The sequences of one continuously batched target and what each would commit per step with R
+    rows: from these and the batched cost curve the batch's row count R is chosen each step. Each
+    policy publishes its curve as it decides; a sequence that has not published yet counts as one
+    token per step whatever R is."""
+
+    def __init__(self, size: Callable[[], int]) -> None:
+        self.size = size  # sequences sharing the forward now
+        self._gains: dict[int, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def publish(self, member: object, gains: list[float]) -> None:
+        with self._lock:
+            self._gains[id(member)] = gains
+
+    def leave(self, member: object) -> None:
+        with self._lock:
+            self._gains.pop(id(member), None)
+
+    def best_rows(self, costs: StepCosts, limit: int, draft_token_ms: float = 0.0) -> int:
+        """The rows per sequence, 1..limit, that maximize the batch's committed tokens per second."""
+        batch = self.size()
+        with self._lock:
+            curves = list(self._gains.values())[:batch]
+        silent = batch - len(curves)
+        best, best_rate = 1, 0.0
+        for rows in range(1, limit + 1):
+            tokens = silent + sum(curve[min(rows, len(curve)) - 1] for curve in curves)
+            rate = tokens / (costs.verify(rows, batch) + (rows - 1) * draft_token_ms)
+            if rate > best_rate:
+                best, best_rate = rows, rate
+        return best
+
+
 class CostModelPolicy(SpeculationPolicy):
     """Self-tuning speculation: the depth and the verified nodes that maximize expected committed tokens
     per second, from `costs` and the running acceptance (see the module docstring).
@@ -190,13 +226,13 @@ class CostModelPolicy(SpeculationPolicy):
         prior: AcceptancePrior | None = None,
         probe_every: int = 4,
         max_probe_every: int = 64,
-        batch_size: Callable[[], int] = lambda: 1,
+        peers: BatchPeers | None = None,
     ) -> None:
         if max_depth < 1:
             raise ValueError(f"max_depth must be >= 1, got {max_depth}")
         self.costs = costs
-        self.batch_size = batch_size  # sequences verified in the same forward (continuous batching)
-        self._batch = 1
+        self.peers = peers  # the sequences verified in the same forwards (continuous batching)
+        self._rows: int | None = None  # the batch's row count this step; None: deciding alone
         self.max_depth = max_depth
         self.prior = prior or AcceptancePrior()
         self.probe_every, self.max_probe_every = probe_every, max_probe_every
@@ -213,10 +249,22 @@ class CostModelPolicy(SpeculationPolicy):
 
     def end(self) -> None:
         self.prior.stats = self.stats.copy()
+        if self.peers is not None:
+            self.peers.leave(self)
 
     def draft_depths(self, limit: int) -> list[int]:
-        self._batch = self.batch_size()
-        depths = [self._depth(i, min(limit, self.max_depth)) for i in range(self.drafters)]
+        limit = min(limit, self.max_depth)
+        self._rows = None
+        if self.peers is not None:
+            self.peers.publish(self, self._gains(limit))
+            if self.peers.size() > 1:
+                self._rows = self.peers.best_rows(
+                    self.costs, limit + 1, max(self.costs.draft_token_ms, default=0)
+                )
+                depths = [min(limit, self._rows - 1)] * self.drafters
+                self._draft_ms = sum(d * c for d, c in zip(depths, self.costs.draft_token_ms, strict=True))
+                return depths
+        depths = [self._depth(i, limit) for i in range(self.drafters)]
         self._draft_ms = sum(d * c for d, c in zip(depths, self.costs.draft_token_ms, strict=True))
         return depths
 
@@ -224,10 +272,9 @@ class CostModelPolicy(SpeculationPolicy):
         cost = self.costs.draft_token_ms[drafter]
         if cost == 0 or limit == 0:
             return limit  # free: propose all the match has, `select` keeps what is worth verifying
-        base = 1.0 + self._others  # tokens the step commits without this drafter's
-        best, best_rate = 0, base / self._verify(1)
+        best, best_rate = 0, 1 / self._verify(1)
         reach = 1.0  # P(the whole chain so far is accepted)
-        expected = base
+        expected = 1.0
         for depth in range(1, limit + 1):
             reach *= self.stats.rate(self._source(drafter), depth)
             expected += reach
@@ -240,8 +287,7 @@ class CostModelPolicy(SpeculationPolicy):
 
     def _probe_due(self, drafter: int, cost: float) -> bool:
         """Count one idle step of `drafter`; True when it is to be probed now."""
-        base = 1.0 + self._others
-        if (base + 1) / (cost + self._verify(2)) <= base / self._verify(1):
+        if 2 / (cost + self._verify(2)) <= 1 / self._verify(1):
             return False  # even a draft the target accepts would lose to plain decoding
         self._probe_wait[drafter] -= 1
         if self._probe_wait[drafter] > 0:
@@ -251,15 +297,19 @@ class CostModelPolicy(SpeculationPolicy):
         return True
 
     def _verify(self, rows: int) -> float:
-        """This step's forward if this sequence verifies `rows` rows: the whole batch's, every other
-        sequence padded to as many rows."""
-        return self.costs.verify(rows, self._batch)
+        return self.costs.verify(rows)
 
-    @property
-    def _others(self) -> int:
-        """Tokens the rest of the batch commits in the step: one per other sequence (what each commits
-        without drafts). Rows this sequence adds slow all of them down and pay only for its own."""
-        return self._batch - 1
+    def _gains(self, limit: int) -> list[float]:
+        """Expected committed tokens if this sequence verifies r = 1..limit + 1 rows: its best
+        drafter's chain of r - 1 tokens (the product of its running acceptance along the chain)."""
+        gains = [1.0] * (limit + 1)
+        for drafter in range(self.drafters):
+            reach, expected = 1.0, 1.0
+            for depth in range(1, limit + 1):
+                reach *= self.stats.rate(self._source(drafter), depth)
+                expected += reach
+                gains[depth] = max(gains[depth], expected)
+        return gains
 
     def _source(self, drafter: int) -> int:
         return 2 * drafter + self._streak[drafter]
@@ -297,8 +347,10 @@ class CostModelPolicy(SpeculationPolicy):
         # Most valuable first; a node never outranks its parent (values shrink along a path, ties go to
         # the earlier node, and parents come first), so every prefix of the ranking is a tree.
         ranked = sorted(range(1, len(tree)), key=lambda n: (-values[n], n))
-        expected = 1.0 + self._others  # the target's own token (and the rest of the batch's)
-        best_count, best_rate = 0, expected / (self._draft_ms + self._verify(1))
+        if self._rows is not None:  # in a batch: the rows the batch chose
+            return tree.keep(sorted([0, *ranked[: self._rows - 1]]))
+        best_count, best_rate = 0, 1 / (self._draft_ms + self._verify(1))
+        expected = 1.0
         for count, node in enumerate(ranked, start=1):
             expected += values[node]
             rate = expected / (self._draft_ms + self._verify(count + 1))
