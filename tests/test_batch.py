@@ -16,7 +16,7 @@ from swarmspec.drafters.lookup import PromptLookupDrafter
 from swarmspec.drafters.model import ModelDrafter
 from swarmspec.errors import InvalidRequestError
 from swarmspec.policy import BatchPeers, CostModelPolicy, StepCosts
-from swarmspec.runners.batch import BatchedTarget, BatchSlot
+from swarmspec.runners.batch import BatchSlot, TorchBatchedTarget
 from swarmspec.runners.hf import HFRunner
 from swarmspec.speculate import MergedTree, NoSpeculation, Speculation
 
@@ -67,7 +67,7 @@ def test_batched_sequences_equal_each_alone(seed: int) -> None:
     kinds = ["chain", "tree", "ar"]
     plans = [(p, kinds[i % 3], 1 + (i + seed) % 4, 8 + 5 * (i % 4)) for i, p in enumerate(batch)]
     alone = [run_decode(TARGET, speculation(kind), p, new, gamma=gamma)[0] for p, kind, gamma, new in plans]
-    batched = BatchedTarget(TARGET)
+    batched = TorchBatchedTarget(TARGET)
     together = concurrently(
         [
             lambda p=p, kind=kind, gamma=gamma, new=new: run_decode(
@@ -84,7 +84,7 @@ def test_batched_sequences_equal_each_alone(seed: int) -> None:
 def test_rejected_drafts_are_compacted_away() -> None:
     """Padding and rejected drafts grow the cache's rows; compaction keeps them near the longest
     sequence, and the output is unchanged by it."""
-    batched = BatchedTarget(TARGET)
+    batched = TorchBatchedTarget(TARGET)
     longest_physical = 0
     slot_a, slot_b = batched.slot(), batched.slot()
 
@@ -115,7 +115,7 @@ def test_a_slow_sequence_does_not_hold_the_others_back() -> None:
             time.sleep(0.3)
             return super().propose(*args, **kwargs)
 
-    batched = BatchedTarget(TARGET, wait_s=0.02)
+    batched = TorchBatchedTarget(TARGET, wait_s=0.02)
     fast, slow = prompts(2, 3)
     alone = [run_decode(TARGET, speculation("chain"), x, 12, gamma=2)[0] for x in (fast, slow)]
     finished: dict[str, float] = {}
@@ -137,7 +137,7 @@ def test_a_slow_sequence_does_not_hold_the_others_back() -> None:
 
 
 def test_a_failing_step_fails_its_sequences_and_the_batch_goes_on() -> None:
-    batched = BatchedTarget(TARGET)
+    batched = TorchBatchedTarget(TARGET)
     slot = batched.slot()
     with pytest.raises(ValueError, match="must be a chain"):  # a prompt given as a tree
         slot.forward(torch.tensor([3, 4, 5]), 1, tree_mask=torch.ones(3, 3, dtype=torch.bool).tril())
@@ -158,7 +158,7 @@ def test_abandoned_generation_leaves_the_batch() -> None:
     from swarmspec.sampling import SamplingConfig
     from swarmspec.verify import make_verifier
 
-    batched = BatchedTarget(TARGET, wait_s=30)  # only leaving can release the others in time
+    batched = TorchBatchedTarget(TARGET, wait_s=30)  # only leaving can release the others in time
     p, q = prompts(2, 8)
     slot = batched.slot()
     chunks = decode(
@@ -176,7 +176,7 @@ def test_abandoned_generation_leaves_the_batch() -> None:
     next(chunks)
     assert batched.size == 1
     chunks.close()
-    assert batched.size == 0 and not slot.slots
+    assert batched.size == 0 and slot.cached_len == 0
     start = time.monotonic()
     assert run_decode(TARGET, None, q, 10, runner=batched.slot())[0] == run_decode(TARGET, None, q, 10)[0]
     assert time.monotonic() - start < 30
@@ -254,9 +254,10 @@ def test_policies_in_a_batch_draft_and_verify_the_batchs_rows() -> None:
     assert not peers._gains
 
 
-def test_max_batch_needs_a_pytorch_target() -> None:
-    with pytest.raises(InvalidRequestError, match=r"llama\.cpp batching is not built"):
-        EngineConfig(target="llamacpp:qwen2.5-coder-1.5b-instruct", max_batch=4)
+def test_max_batch_refuses_what_it_cannot_batch() -> None:
+    EngineConfig(target="llamacpp:qwen2.5-coder-1.5b-instruct", method="vote", max_batch=4)  # chains: fine
+    with pytest.raises(InvalidRequestError, match=r"on llama\.cpp chains only"):
+        EngineConfig(target="llamacpp:qwen2.5-coder-1.5b-instruct", method="tree", max_batch=4)
     with pytest.raises(InvalidRequestError, match="max-batch"):
         EngineConfig(target="qwen2.5-coder-1.5b-instruct", max_batch=0)
     with pytest.raises(InvalidRequestError, match="continuous batching"):

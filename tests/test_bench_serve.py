@@ -25,31 +25,35 @@ def test_bench_serve_reports_every_length_and_level(tmp_path: Path) -> None:
         requests_per_client=2,
         min_requests=2,
         max_tokens=6,
+        rounds=2,
         out_dir=str(tmp_path),
     )
     report = run_load_bench(config, target, {})
-    assert [(r.concurrency, r.gamma) for r in report.results] == [
-        (level, gamma) for level in (1, 3) for gamma in ("0", "2", "auto")
+    assert [(r.round, r.concurrency, r.gamma) for r in report.results] == [
+        (round_, level, gamma) for round_ in (0, 1) for level in (1, 3) for gamma in ("0", "2", "auto")
     ]
-    assert [r.requests for r in report.results] == [2, 2, 2, 6, 6, 6]
+    assert [r.requests for r in report.results] == [2, 2, 2, 6, 6, 6] * 2
+    median, rounds = report.throughput(3, "auto")
+    assert len(rounds) == 2 and median == pytest.approx(sum(rounds) / 2)
+    assert report.best_fixed(3) in ("0", "2")
     assert report.mismatches() == []  # every answer equals the request served alone
     assert all(r.completion_tokens > 0 and len(r.latency_s) == r.requests for r in report.results)
     assert all(r.drafted_per_step == 0 for r in report.results if r.gamma == "0")
     paths = report.write(tmp_path)
     data = json.loads(paths["json"].read_text())
-    assert data["mismatches"] == [] and len(data["results"]) == 6
+    assert data["mismatches"] == [] and len(data["results"]) == 12
     markdown = paths["markdown"].read_text()
-    assert "**all** of them" in markdown and "| 3 | auto |" in markdown
+    assert "**all** of them" in markdown and "| 1 | 3 | auto |" in markdown
     assert paths["plot"].stat().st_size > 0
 
 
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"target": "llamacpp:qwen2.5-coder-1.5b-instruct"}, "PyTorch target"),
         ({"concurrency": (0, 2)}, "concurrency levels must be >= 1"),
         ({"gammas": (-1,)}, "gamma must be >= 0"),
         ({"max_tokens": 0}, "max_tokens must be >= 1"),
+        ({"rounds": 0}, "rounds must be >= 1"),
     ],
 )
 def test_bench_serve_config_errors(fields: dict, message: str) -> None:

@@ -8,6 +8,7 @@ verification must reproduce llama.cpp's own one-token-at-a-time logits (see runn
 
 from __future__ import annotations
 
+import concurrent.futures
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from swarmspec.metrics import DecodeStats
 from swarmspec.models.loading import LoadedModel, load_model
 from swarmspec.models.registry import DEFAULT_DRAFTER, DEFAULT_TARGET
 from swarmspec.policy import FixedDepth
+from swarmspec.runners.batch import Forward
 from swarmspec.runners.llama_cpp import EXACT_ROWS, LlamaCppRunner
 from swarmspec.sampling import SamplingConfig, logits_to_probs
 from swarmspec.speculate import ChainSpeculation
@@ -237,3 +239,60 @@ def test_sampling_through_llama_cpp_is_the_targets_distribution(
         torch.tensor([exact.get(c, 0.0) for c in cells], dtype=torch.float64),
     )
     assert p > 1e-3 if rule == "correct" else p < 1e-6
+
+
+def test_batched_rows_are_bit_identical_to_each_sequence_alone(target: LoadedModel) -> None:
+    """Continuous batching on llama.cpp: three sequences (one past 512 cells), each in its own cache
+    stream, their rows sharing `llama_decode` calls (chains of 1-4 tokens, rollbacks in between): every
+    row's logits equal the sequence's own one-token-at-a-time decoding, bit for bit."""
+    contexts = [context_ids(7, 60), context_ids(8, 600), context_ids(9, 130)]
+    alone = []  # each sequence's greedy tokens and their logits, one token at a time
+    for context in contexts:
+        runner = target.new_runner()
+        logits = runner.forward(context, num_logits=1)
+        tokens, rows = [], []
+        for _ in range(9):
+            tokens.append(int(logits[-1].argmax()))
+            logits = runner.forward(torch.tensor(tokens[-1:]), num_logits=1)
+            rows.append(logits[0])
+        alone.append((tokens, torch.stack(rows)))
+    batched = target.new_batched_target(max_batch=3)
+    slots = [batched.slot() for _ in contexts]
+    for slot, context in zip(slots, contexts, strict=True):
+        batched.run({slot: Forward(context, 1, None)})
+    done = [0, 0, 0]
+    for chunk in [(1, 2, 3), (4, 1, 2), (2, 3, 1), (2, 3, 3)]:
+        forwards = {
+            slot: Forward(torch.tensor(alone[s][0][done[s] : done[s] + k]), k, None)
+            for s, (slot, k) in enumerate(zip(slots, chunk, strict=True))
+        }
+        batched.run(forwards)
+        for s, slot in enumerate(slots):
+            k = chunk[s]
+            assert torch.equal(forwards[slot].logits, alone[s][1][done[s] : done[s] + k]), (s, chunk)
+            slot.rollback(len(contexts[s]) + done[s] + k - 1)  # drop the last row: fed again next
+            done[s] += k - 1
+    for slot in slots:
+        slot.end()
+    assert sorted(batched.free_seqs) == [0, 1, 2]
+
+
+def test_concurrent_requests_batched_equal_plain_decoding(target: LoadedModel) -> None:
+    """Requests decoded concurrently through one batched llama.cpp target (plain decoding and prompt
+    lookup chains, fixed and self-tuning) each give the tokens of plain llama.cpp decoding alone."""
+    plain = Engine.from_models(EngineConfig(target=TARGET, method="ar"), target, {})
+    configs = [
+        EngineConfig(target=TARGET, method="ar", max_batch=3),
+        EngineConfig(target=TARGET, method="chain", drafters=("prompt-lookup",), gamma=3, max_batch=3),
+        EngineConfig(target=TARGET, method="chain", drafters=("prompt-lookup",), max_batch=3),
+    ]
+    requests = [GenerationRequest(prompt, max_new_tokens=24) for prompt in PROMPTS[:3]]
+    expected = [plain.generate(request).token_ids for request in requests]
+    for config in configs:
+        engine = Engine.from_models(config, target, {})  # measures batched costs if auto, once
+        assert engine.batched is not None
+        steps_before = engine.batched.steps
+        with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+            results = list(pool.map(engine.generate, requests))
+        assert [r.token_ids for r in results] == expected, config
+        assert engine.batched.steps - steps_before < sum(len(t) for t in expected)  # forwards shared

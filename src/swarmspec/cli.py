@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-batch",
         type=int,
         default=defaults.max_batch,
-        help="continuous batching: up to N requests decode together (PyTorch targets; 1: one at a time)",
+        help="continuous batching: up to N requests decode together (1: one at a time)",
     )
     serve.add_argument(
         "--kv-budget",
@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="also the target's batched forwards, b = 1, 2, 4, ... up to this many sequences x k = 1..8 rows "
-        "each (continuous batching; PyTorch targets)",
+        "each (continuous batching)",
     )
     prof.set_defaults(run=run_profile)
 
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bench-serve",
         "load benchmark: concurrent streaming clients against the server, fixed speculation lengths vs auto",
     )
-    load.add_argument("--target", default=load_defaults.target, help="a PyTorch model spec (batching)")
+    load.add_argument("--target", default=load_defaults.target, help="model spec")
     load.add_argument("--method", choices=METHODS, default=load_defaults.method, help="when speculating")
     load.add_argument(
         "--drafter", action="append", help=f"repeatable (default: {', '.join(load_defaults.drafters)})"
@@ -182,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     load.add_argument("--min-requests", type=int, default=load_defaults.min_requests, help="per level")
     load.add_argument("--max-tokens", type=int, default=load_defaults.max_tokens, help="per request")
+    load.add_argument(
+        "--rounds", type=int, default=load_defaults.rounds, help="passes over the levels (medians)"
+    )
     load.add_argument("--questions", help="Spec-Bench-format JSONL (default: the built-in prompt set)")
     load.add_argument("--out-dir", default=load_defaults.out_dir, help="report directory")
     load.set_defaults(run=run_bench_serve)
@@ -482,7 +485,6 @@ def run_profile(args: argparse.Namespace) -> int:
         measure_forward_latency,
         profile_key,
     )
-    from swarmspec.runners.batch import BatchedTarget
 
     if args.max_k < 1 or args.context < 1 or args.repeats < 1 or args.batch < 0:
         raise SwarmspecError("--max-k, --context and --repeats must be >= 1, --batch >= 0")
@@ -508,11 +510,9 @@ def run_profile(args: argparse.Namespace) -> int:
         stored = CostProfile.load(key, device)
         batch_latency = stored.batch_latency_ms if stored is not None else {}
         if args.batch and spec == args.target:
-            if loaded.backend != "torch":
-                raise SwarmspecError(f"--batch profiles continuous batching: a PyTorch target, not {spec}")
             batches = [b for b in BATCH_SIZES if b <= args.batch]
             print(f"profiling {key}'s batched forwards (b = {batches}, k = {BATCH_KS})", file=sys.stderr)
-            batched = BatchedTarget(loaded.hf_model)
+            batched = loaded.new_batched_target(max(batches), threads or None)
             batch_latency = measure_batch_latency(batched, batches, BATCH_KS, args.context, args.repeats, key)
         profile = CostProfile(key, device, args.context, args.repeats, latency, batch_latency)
         print(f"  saved {profile.save()}", file=sys.stderr)
@@ -539,6 +539,7 @@ def run_bench_serve(args: argparse.Namespace) -> int:
         requests_per_client=args.requests_per_client,
         min_requests=args.min_requests,
         max_tokens=args.max_tokens,
+        rounds=args.rounds,
         questions=args.questions,
         out_dir=args.out_dir,
     )

@@ -116,8 +116,8 @@ class EngineConfig:
     # actors (a process each, on this machine or the cluster at ray_address).
     workers: str = "threads"
     ray_address: str | None = None
-    # Continuous batching (PyTorch targets; not dsi): up to this many concurrent generations verify
-    # their drafts in one target forward, a step at a time (see runners.batch); 1: each on its own.
+    # Continuous batching (not dsi; on llama.cpp not tree): up to this many concurrent generations
+    # verify their drafts in one target forward, a step at a time (see runners.batch); 1: each alone.
     max_batch: int = 1
 
     def __post_init__(self) -> None:
@@ -134,10 +134,12 @@ class EngineConfig:
             )
         if self.max_batch < 1:
             raise InvalidRequestError(f"--max-batch must be >= 1, got {self.max_batch}")
-        if self.max_batch > 1 and (self.method == "dsi" or self.target.startswith(LLAMA_CPP_PREFIX)):
+        if self.max_batch > 1 and (
+            self.method == "dsi" or (self.method == "tree" and self.target.startswith(LLAMA_CPP_PREFIX))
+        ):
             raise InvalidRequestError(
-                "continuous batching (--max-batch > 1) runs a PyTorch target with ar, chain, tree or vote; "
-                f"not {self.target} with {self.method} (llama.cpp batching is not built)"
+                "continuous batching (--max-batch > 1) runs ar, chain, tree or vote, and on llama.cpp "
+                f"chains only (ar, chain, vote); not {self.method} on {self.target}"
             )
         if not self.drafters:
             object.__setattr__(self, "drafters", default_drafters(self.method, self.target))
@@ -247,7 +249,8 @@ class GenerationRequest:
 class LoadBenchConfig:
     """`swarmspec bench-serve`: concurrent streaming clients against the server, per speculation length."""
 
-    # A PyTorch target (continuous batching); the 0.5B keeps the sweep to about 15 minutes on 2 cores.
+    # The 0.5B on PyTorch (oneDNN), where batched forwards are cheap, keeps the sweep to about 20
+    # minutes on 2 cores; llama.cpp targets batch chains (ar, chain, vote).
     target: str = "onednn:" + DEFAULT_DRAFTER
     method: str = "chain"
     drafters: tuple[str, ...] = ("prompt-lookup",)
@@ -259,7 +262,9 @@ class LoadBenchConfig:
     # Requests per level: requests_per_client per client, at least min_requests.
     requests_per_client: int = 2
     min_requests: int = 8
-    max_tokens: int = 32
+    max_tokens: int = 64
+    # Passes over all levels (the servers interleaved in each); throughput is the median over them.
+    rounds: int = 1
     # Spec-Bench-format JSONL (first turns, every family in turn); None: the built-in prompt set.
     questions: str | None = None
     out_dir: str = "bench-serve"
@@ -275,7 +280,7 @@ class LoadBenchConfig:
             raise InvalidRequestError("give at least one speculation length")
         for gamma in self.gammas:
             check_gamma(gamma, self.max_depth, allow_zero=True)
-        for name in ("requests_per_client", "min_requests", "max_tokens"):
+        for name in ("requests_per_client", "min_requests", "max_tokens", "rounds"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}")
 

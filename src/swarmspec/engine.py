@@ -188,7 +188,11 @@ class Engine:
         shared = SharedLearning()
         step_costs = costs
         # Continuous batching: every generation's target runner is a slot of one batched target.
-        batched = BatchedTarget(target.hf_model) if config.max_batch > 1 else None
+        batched = (
+            target.new_batched_target(config.max_batch, config.target_threads or None)
+            if config.max_batch > 1
+            else None
+        )
         peers = BatchPeers(lambda: batched.size) if batched else None
 
         def new_state() -> GenerationState:

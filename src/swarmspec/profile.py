@@ -205,10 +205,10 @@ def batch_forward_costs(
     repeats: int = 2,
 ) -> dict[int, dict[int, float]]:
     """Milliseconds of a batched forward, batch size -> {k rows per sequence -> ms}, for the batch sizes
-    up to `max_batch` (and the next measured one, to interpolate): this device's stored profile of
+    of `BATCH_SIZES` below `max_batch` and `max_batch` itself: this device's stored profile of
     `model` when it has them, else measured now (and stored with the single-sequence costs)."""
     device = device_name()
-    batches = [b for b in BATCH_SIZES if b < max_batch] + [min(b for b in BATCH_SIZES if b >= max_batch)]
+    batches = [b for b in BATCH_SIZES if b < max_batch] + [max_batch]
     stored = CostProfile.load(model, device) if persist else None
     if stored is not None and set(batches) <= set(stored.batch_latency_ms):
         return {b: stored.batch_latency_ms[b] for b in batches}

@@ -54,6 +54,7 @@ class LoadResult:
     ttft_s: list[float]  # per request, send to first token
     drafted_per_step: float  # drafted tokens the target verified per sequence per forward
     texts: list[str]  # the answers, in request order
+    round: int = 0  # which pass over the levels
 
     @property
     def tokens_per_s(self) -> float:
@@ -68,6 +69,7 @@ class LoadResult:
         return {
             "gamma": self.gamma,
             "concurrency": self.concurrency,
+            "round": self.round,
             "requests": self.requests,
             "completion_tokens": self.completion_tokens,
             "wall_s": round(self.wall_s, 3),
@@ -209,9 +211,15 @@ class LoadReport:
     def questions(self) -> list[Question]:
         return bench_questions(self.config)
 
-    def best_fixed(self, concurrency: int) -> LoadResult | None:
-        fixed = [r for r in self.results if r.concurrency == concurrency and r.gamma != AUTO]
-        return max(fixed, key=lambda r: r.tokens_per_s, default=None)
+    def throughput(self, concurrency: int, gamma: str) -> tuple[float, list[float]]:
+        """The median tokens/s over the rounds of one server at one level, and each round's."""
+        rounds = [r.tokens_per_s for r in self.results if r.concurrency == concurrency and r.gamma == gamma]
+        return (statistics.median(rounds) if rounds else 0.0), rounds
+
+    def best_fixed(self, concurrency: int) -> str | None:
+        """The fixed speculation length with the highest median throughput at this level."""
+        fixed = {r.gamma for r in self.results if r.concurrency == concurrency and r.gamma != AUTO}
+        return max(sorted(fixed), key=lambda g: self.throughput(concurrency, g)[0], default=None)
 
     def markdown(self) -> str:
         c = self.config
@@ -222,36 +230,46 @@ class LoadReport:
             f"Device: {self.device}. Continuous batching up to {max(c.concurrency)} sequences; greedy; "
             f"{c.max_tokens} tokens per request; {len(self.questions)} questions cycled; each level sends "
             f"max({c.requests_per_client} x concurrency, {c.min_requests}) requests from `concurrency` "
-            "streaming clients (official `openai` client), the servers interleaved level by level.",
+            "streaming clients (official `openai` client), the servers interleaved level by level; "
+            f"{c.rounds} round(s) over all levels, throughput the median over rounds.",
             "",
             "Greedy outputs identical to the same request served alone by plain decoding: "
             + ("**all** of them" if not mismatches else f"**{len(mismatches)} differ**: {mismatches[:10]}"),
             "",
             "## Batch-aware policy (`auto`) against the best fixed length",
             "",
-            "| concurrency | auto tokens/s | best fixed | its tokens/s | auto / best fixed |",
+            "| concurrency | auto tokens/s (rounds) | best fixed | its tokens/s (rounds) | auto / best |",
             "|---|---|---|---|---|",
         ]
+
+        def shown(level: int, gamma: str) -> str:
+            median, rounds = self.throughput(level, gamma)
+            return (
+                f"{median:.1f} ({', '.join(f'{t:.1f}' for t in rounds)})"
+                if len(rounds) > 1
+                else f"{median:.1f}"
+            )
+
         for level in c.concurrency:
-            auto = next((r for r in self.results if r.concurrency == level and r.gamma == AUTO), None)
             best = self.best_fixed(level)
+            auto = self.throughput(level, AUTO)[0]
             if auto and best:
+                ratio = auto / self.throughput(level, best)[0]
                 lines.append(
-                    f"| {level} | {auto.tokens_per_s:.1f} | gamma {best.gamma} | {best.tokens_per_s:.1f} | "
-                    f"{auto.tokens_per_s / best.tokens_per_s:.2f}x |"
+                    f"| {level} | {shown(level, AUTO)} | gamma {best} | {shown(level, best)} | {ratio:.2f}x |"
                 )
         lines += [
             "",
             "## Every run",
             "",
-            "| concurrency | gamma | tokens/s | latency p50 / p90 / p99 (s) | TTFT p50 / p90 (s) | "
+            "| round | concurrency | gamma | tokens/s | latency p50 / p90 / p99 (s) | TTFT p50 / p90 (s) | "
             "drafted per sequence-step | requests |",
-            "|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in self.results:
             s = r.summary()
             lines.append(
-                f"| {r.concurrency} | {r.gamma} | {r.tokens_per_s:.1f} | {s['latency_p50_s']} / "
+                f"| {r.round} | {r.concurrency} | {r.gamma} | {r.tokens_per_s:.1f} | {s['latency_p50_s']} / "
                 f"{s['latency_p90_s']} / {s['latency_p99_s']} | {s['ttft_p50_s']} / {s['ttft_p90_s']} | "
                 f"{r.drafted_per_step:.2f} | {r.requests} |"
             )
@@ -272,12 +290,12 @@ class LoadReport:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 4.5))
+        levels = list(self.config.concurrency)
         for gamma in dict.fromkeys(r.gamma for r in self.results):
-            runs = [r for r in self.results if r.gamma == gamma]
             style = {"linewidth": 2.5, "color": "black"} if gamma == AUTO else {}
             ax.plot(
-                [r.concurrency for r in runs],
-                [r.tokens_per_s for r in runs],
+                levels,
+                [self.throughput(level, gamma)[0] for level in levels],
                 marker="o",
                 label=f"gamma {gamma}",
                 **style,
@@ -369,16 +387,20 @@ def run_load_bench(
         for gamma, url in urls.items():  # builds the engines (and measures their costs) before timing
             print(f"warming up the gamma {gamma} server ...", file=sys.stderr, flush=True)
             asyncio.run(load(url, [questions[0].prompt], 1, 4))
-        for level in config.concurrency:
-            for gamma, url in urls.items():
-                result = run_level(url, gamma, prompts[level], level, config.max_tokens)
-                print(
-                    f"  concurrency {level:>2}, gamma {gamma!s:>4}: {result.tokens_per_s:7.2f} tokens/s, "
-                    f"{result.drafted_per_step:.2f} drafted per sequence-step",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                results.append(result)
+        for round_ in range(config.rounds):
+            for level in config.concurrency:
+                for gamma, url in urls.items():
+                    result = replace(
+                        run_level(url, gamma, prompts[level], level, config.max_tokens), round=round_
+                    )
+                    print(
+                        f"  round {round_}, concurrency {level:>2}, gamma {gamma!s:>4}: "
+                        f"{result.tokens_per_s:7.2f} tokens/s, {result.drafted_per_step:.2f} drafted per "
+                        "sequence-step",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    results.append(result)
     reference = reference_answers(
         replace(engine_config, method="ar", max_batch=1), target, prompts, config.max_tokens
     )

@@ -12,8 +12,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from swarmspec.errors import ModelNotFoundError, SwarmspecError
 from swarmspec.models.registry import gguf_file, gguf_tokenizer, resolve_model
 from swarmspec.runners.base import ModelRunner
+from swarmspec.runners.batch import BatchedTarget, TorchBatchedTarget
 from swarmspec.runners.hf import HFRunner
-from swarmspec.runners.llama_cpp import LlamaCppModel
+from swarmspec.runners.llama_cpp import LlamaCppBatchedTarget, LlamaCppModel
 
 # Prefixes a model spec may carry. "int8" changes the weights (for drafters: losslessness never depends
 # on the drafter); "onednn" keeps the exact fp32 weights and only changes the matmul kernel; "llamacpp"
@@ -66,6 +67,13 @@ class LoadedModel:
         if isinstance(self.model, LlamaCppModel):
             return self.model.new_runner(self.max_length, threads)
         return HFRunner(self.model)
+
+    def new_batched_target(self, max_batch: int, threads: int | None = None) -> BatchedTarget:
+        """Continuous batching: one batched cache over these weights for up to `max_batch` sequences'
+        forwards (`threads`: llama.cpp's; PyTorch shares torch's intra-op pool)."""
+        if isinstance(self.model, LlamaCppModel):
+            return LlamaCppBatchedTarget(self.model, max_batch, self.max_length, threads)
+        return TorchBatchedTarget(self.model)
 
     @property
     def gguf_path(self) -> Path:

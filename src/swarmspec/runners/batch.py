@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
@@ -55,18 +55,16 @@ class Forward:
     done: threading.Event = field(default_factory=threading.Event)
 
 
-class BatchedTarget:
-    """One PyTorch causal LM and its batched cache, shared by the `BatchSlot`s of running sequences."""
+class BatchedTarget(ABC):
+    """The step barrier every backend shares: sequences post their forwards, the last to arrive runs
+    them all (`run`), and sequences join and leave between steps. Backends hold the model and the
+    batched cache (`_join`, `_step`, `_drop`, `_keep`, `cached_len`), always under the lock."""
 
-    def __init__(self, model: PreTrainedModel, wait_s: float = WAIT_S) -> None:
-        if any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=model.config).layers):
-            raise SwarmspecError("continuous batching does not support sliding-window attention layers")
-        self.model = model.eval()
-        self.vocab_size = model.config.vocab_size
-        self.max_length = model.config.max_position_embeddings
+    def __init__(self, vocab_size: int, max_length: int, wait_s: float = WAIT_S) -> None:
+        self.vocab_size = vocab_size
+        self.max_length = max_length
         self.wait_s = wait_s
-        self.cache: DynamicCache | None = None  # row b: self.rows[b]'s keys and values
-        self.rows: list[BatchSlot] = []
+        self.rows: list[BatchSlot] = []  # the sequences in the batch, in cache row order
         self.posts: dict[BatchSlot, Forward] = {}
         self.steps = 0  # batched forwards run so far
         self._lock = threading.Condition()
@@ -79,11 +77,6 @@ class BatchedTarget:
         """Sequences decoding now (cached or joining)."""
         with self._lock:
             return len(self.rows) + sum(1 for slot in self.posts if slot not in self.rows)
-
-    @property
-    def physical_len(self) -> int:
-        """Slots per row of the batched cache (cached tokens, rejected drafts and padding)."""
-        return 0 if self.cache is None else self.cache.get_seq_length()
 
     def _forward(self, slot: BatchSlot, post: Forward) -> torch.Tensor:
         """Post `slot`'s rows and return their logits once a step has run them."""
@@ -102,8 +95,7 @@ class BatchedTarget:
         return post.logits
 
     def _run_step(self) -> None:
-        """Run every posted forward (under the lock): joining sequences' prompts, then one batched
-        forward for the cached ones, and wake their threads."""
+        """Run every posted forward (under the lock) and wake their threads."""
         posts, self.posts = self.posts, {}
         try:
             self.run(posts)
@@ -115,22 +107,81 @@ class BatchedTarget:
                 post.done.set()
             self._lock.notify_all()
 
-    @torch.inference_mode()
     def run(self, posts: dict[BatchSlot, Forward]) -> None:
-        """Run the given forwards now: each slot not in the batch yet prefills its rows alone and joins;
-        the others' rows go through one batched forward."""
+        """Run the given forwards now (no other thread may use the batch meanwhile): each slot not in
+        the batch yet prefills its rows alone and joins; the others' rows go through one forward."""
         for slot, post in posts.items():
             if slot not in self.rows:
+                if post.tree_mask is not None:
+                    raise ValueError("a sequence's first forward (its prompt) must be a chain")
                 post.logits = self._join(slot, post)
+                self.rows.append(slot)
         batched = {slot: post for slot, post in posts.items() if post.logits is None}
         if batched:
             self._step(batched)
             self.steps += 1
-            self._compact_if_sparse()
+
+    def _leave(self, slot: BatchSlot) -> None:
+        with self._lock:
+            self.posts.pop(slot, None)
+            if slot in self.rows:
+                self._drop(slot)
+                self.rows.remove(slot)
+            self._lock.notify_all()  # whoever waited for it to post stops waiting
+
+    def _edit(self, slot: BatchSlot, keep_len: int, keep_positions: list[int]) -> None:
+        with self._lock:
+            kept, cached = keep_len + len(keep_positions), self.cached_len(slot)
+            if kept > cached:
+                raise ValueError(f"cannot keep {kept} tokens: only {cached} are cached")
+            self._keep(slot, keep_len, keep_positions)
+
+    @abstractmethod
+    def cached_len(self, slot: BatchSlot) -> int:
+        """The sequence's cached tokens (0 before it joins)."""
+
+    @abstractmethod
+    def _join(self, slot: BatchSlot, post: Forward) -> torch.Tensor:
+        """Prefill a new sequence's prompt alone; its cache becomes the batch's last row."""
+
+    @abstractmethod
+    def _step(self, posts: dict[BatchSlot, Forward]) -> None:
+        """One forward over the posted rows of sequences in the batch (the others are padded)."""
+
+    @abstractmethod
+    def _drop(self, slot: BatchSlot) -> None:
+        """Remove a sequence's cache from the batch."""
+
+    @abstractmethod
+    def _keep(self, slot: BatchSlot, keep_len: int, keep_positions: list[int]) -> None:
+        """Keep the sequence's first keep_len cached tokens and then those at keep_positions."""
+
+
+class TorchBatchedTarget(BatchedTarget):
+    """One PyTorch causal LM and its batched cache (see the module docstring)."""
+
+    def __init__(self, model: PreTrainedModel, wait_s: float = WAIT_S) -> None:
+        if any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=model.config).layers):
+            raise SwarmspecError("continuous batching does not support sliding-window attention layers")
+        super().__init__(model.config.vocab_size, model.config.max_position_embeddings, wait_s)
+        self.model = model.eval()
+        self.cache: DynamicCache | None = None  # row b: self.rows[b]'s keys and values
+        self.slots: dict[BatchSlot, list[int]] = {}  # position i of a sequence: slot slots[i] of its row
+
+    @property
+    def physical_len(self) -> int:
+        """Slots per row of the batched cache (cached tokens, rejected drafts and padding)."""
+        return 0 if self.cache is None else self.cache.get_seq_length()
+
+    def cached_len(self, slot: BatchSlot) -> int:
+        return len(self.slots.get(slot, ()))
+
+    @torch.inference_mode()
+    def run(self, posts: dict[BatchSlot, Forward]) -> None:
+        super().run(posts)
+        self._compact_if_sparse()
 
     def _join(self, slot: BatchSlot, post: Forward) -> torch.Tensor:
-        if post.tree_mask is not None:
-            raise ValueError("a sequence's first forward (its prompt) must be a chain")
         prefill = DynamicCache(config=self.model.config)
         out = self.model(
             input_ids=post.input_ids[None], cache=prefill, use_cache=True, logits_to_keep=post.num_logits
@@ -144,8 +195,7 @@ class BatchedTarget:
                 for name in ("keys", "values"):
                     old, new = getattr(batch_layer, name), getattr(new_layer, name)
                     setattr(batch_layer, name, torch.cat([_pad_slots(old, grown), _pad_slots(new, grown)]))
-        self.rows.append(slot)
-        slot.slots = list(range(length))
+        self.slots[slot] = list(range(length))
         return out.logits[0].float()
 
     def _step(self, posts: dict[BatchSlot, Forward]) -> None:
@@ -169,8 +219,8 @@ class BatchedTarget:
                 else post.tree_mask.to(torch.bool)
             )
             input_ids[b, :k] = post.input_ids
-            positions[b, :k] = position_ids(own, len(slot.slots))
-            allowed[b, :k, slot.slots] = True
+            positions[b, :k] = position_ids(own, len(self.slots[slot]))
+            allowed[b, :k, self.slots[slot]] = True
             allowed[b, :k, physical : physical + k] = own
         if int(positions.max()) >= self.max_length:
             raise ValueError(f"sequence would exceed the model's {self.max_length} positions")
@@ -189,10 +239,10 @@ class BatchedTarget:
                 continue
             k = post.input_ids.shape[0]
             post.logits = out.logits[b, k - post.num_logits : k].float()
-            slot.slots.extend(range(physical, physical + k))
+            self.slots[slot].extend(range(physical, physical + k))
 
     def _compact_if_sparse(self) -> None:
-        longest = max((len(slot.slots) for slot in self.rows), default=0)
+        longest = max((len(self.slots[slot]) for slot in self.rows), default=0)
         if self.cache is None or self.physical_len <= 2 * longest + COMPACT_SLACK:
             return
         for layer in self.cache.layers:
@@ -200,32 +250,26 @@ class BatchedTarget:
                 old = getattr(layer, name)
                 new = old.new_zeros(*old.shape[:2], longest, old.shape[3])
                 for b, slot in enumerate(self.rows):
-                    new[b, :, : len(slot.slots)] = old[b, :, slot.slots]
+                    new[b, :, : len(self.slots[slot])] = old[b, :, self.slots[slot]]
                 setattr(layer, name, new)
         for slot in self.rows:
-            slot.slots = list(range(len(slot.slots)))
+            self.slots[slot] = list(range(len(self.slots[slot])))
 
-    def _leave(self, slot: BatchSlot) -> None:
-        with self._lock:
-            self.posts.pop(slot, None)
-            if slot in self.rows:
-                b = self.rows.index(slot)
-                self.rows.pop(b)
-                assert self.cache is not None
-                if not self.rows:
-                    self.cache = None
-                else:
-                    keep = torch.tensor([i for i in range(len(self.rows) + 1) if i != b])
-                    for layer in self.cache.layers:
-                        layer.keys = layer.keys.index_select(0, keep)
-                        layer.values = layer.values.index_select(0, keep)
-            slot.slots = []
-            self._lock.notify_all()  # whoever waited for it to post stops waiting
+    def _drop(self, slot: BatchSlot) -> None:
+        b = self.rows.index(slot)
+        del self.slots[slot]
+        assert self.cache is not None
+        if len(self.rows) == 1:
+            self.cache = None
+            return
+        keep = torch.tensor([i for i in range(len(self.rows)) if i != b])
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, keep)
+            layer.values = layer.values.index_select(0, keep)
 
-    def _edit(self, slot: BatchSlot, keep: Callable[[list[int]], list[int]]) -> None:
-        """Replace a sequence's slots by `keep(slots)`, under the lock: a step may renumber them."""
-        with self._lock:
-            slot.slots = keep(slot.slots)
+    def _keep(self, slot: BatchSlot, keep_len: int, keep_positions: list[int]) -> None:
+        slots = self.slots[slot]
+        self.slots[slot] = slots[:keep_len] + [slots[p] for p in keep_positions]
 
 
 def _pad_slots(states: torch.Tensor, length: int) -> torch.Tensor:
@@ -247,11 +291,10 @@ class BatchSlot(ModelRunner):
         self.target = target
         self.vocab_size = target.vocab_size
         self.max_length = target.max_length
-        self.slots: list[int] = []  # position i of this sequence is in slot slots[i] of its cache row
 
     @property
     def cached_len(self) -> int:
-        return len(self.slots)
+        return self.target.cached_len(self)
 
     def forward(
         self, input_ids: torch.Tensor, num_logits: int, tree_mask: torch.Tensor | None = None
@@ -263,12 +306,10 @@ class BatchSlot(ModelRunner):
         return self.target._forward(self, Forward(input_ids, num_logits, tree_mask))
 
     def compact(self, keep_len: int, keep_positions: list[int]) -> None:
-        self.target._edit(self, lambda slots: slots[:keep_len] + [slots[p] for p in keep_positions])
+        self.target._edit(self, keep_len, keep_positions)
 
     def rollback(self, keep_len: int) -> None:
-        if keep_len > len(self.slots):
-            raise ValueError(f"cannot roll back to {keep_len} tokens: only {len(self.slots)} are cached")
-        self.target._edit(self, lambda slots: slots[:keep_len])
+        self.target._edit(self, keep_len, [])
 
     def reset(self) -> None:
         self.target._leave(self)

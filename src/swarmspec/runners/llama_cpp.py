@@ -46,6 +46,7 @@ import torch
 
 from swarmspec.errors import ModelIntegrityError, ModelNotFoundError, SwarmspecError
 from swarmspec.runners.base import ModelRunner
+from swarmspec.runners.batch import BatchedTarget, BatchSlot, Forward
 from swarmspec.tree import position_ids
 
 # The largest batch whose every row goes through the same kernels as a single token (see above).
@@ -420,3 +421,123 @@ class LlamaCppRunner(ModelRunner):
     def reset(self) -> None:
         self._api.llama_memory_clear(self.memory, True)
         self.committed, self.in_cache, self.tree, self.tree_cells = [], 0, [], []
+
+
+class LlamaCppBatchedTarget(BatchedTarget):
+    """Continuous batching on llama.cpp: one context whose cache has a stream of its own per sequence
+    (`kv_unified` off, a sequence id per request), so every sequence's tokens sit in the cells at their
+    positions, as in plain decoding. A step decodes every sequence's rows in `llama_decode` calls of at
+    most `EXACT_ROWS` rows, rows of several sequences sharing a call: each row goes through the same
+    kernels as a single token, so its logits are bit-identical to the sequence decoded alone. Sequences
+    verify chains only (a tree's branches need cells removed between decode calls)."""
+
+    def __init__(
+        self, model: LlamaCppModel, max_batch: int, context: int, threads: int | None = None
+    ) -> None:
+        llama_cpp = _llama_cpp()
+        super().__init__(model.vocab_size, min(context, model.context_train))
+        self._api = llama_cpp
+        self.model = model
+        threads = threads or os.cpu_count() or 1
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = self.max_length * max_batch  # each sequence's stream: max_length cells
+        params.n_batch = PROMPT_BATCH
+        params.n_ubatch = PROMPT_BATCH
+        params.n_seq_max = max_batch
+        params.kv_unified = False
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        params.no_perf = True
+        params.flash_attn_type = FLASH_ATTN
+        self.ctx = llama_cpp.llama_init_from_model(model.handle, params)
+        if not self.ctx:
+            raise SwarmspecError(f"llama.cpp could not create a context: {''.join(_recent_log).strip()}")
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.batch = llama_cpp.llama_batch_init(PROMPT_BATCH, 0, 1)
+        self.free_seqs = list(range(max_batch))
+        self.seqs: dict[BatchSlot, int] = {}  # each joined sequence's id
+        self.lengths: dict[BatchSlot, int] = {}  # and its cached tokens (cells 0..length-1 of its stream)
+
+    def __del__(self) -> None:
+        if getattr(self, "ctx", None):
+            self._api.llama_batch_free(self.batch)
+            self._api.llama_free(self.ctx)
+            self.ctx = None
+
+    def cached_len(self, slot: BatchSlot) -> int:
+        return self.lengths.get(slot, 0)
+
+    def _join(self, slot: BatchSlot, post: Forward) -> torch.Tensor:
+        if not self.free_seqs:
+            raise SwarmspecError(f"all {len(self.seqs)} sequences of the batch are in use")
+        tokens = post.input_ids.tolist()
+        if len(tokens) > self.max_length:
+            raise ValueError(f"sequence would exceed the context of {self.max_length} positions")
+        seq = self.free_seqs.pop(0)
+        self._api.llama_memory_seq_rm(self.memory, seq, -1, -1)
+        first_logit = len(tokens) - post.num_logits
+        entries = [(token, position, seq, position >= first_logit) for position, token in enumerate(tokens)]
+        try:
+            logits = self._decode(entries, PROMPT_BATCH)
+        except Exception:
+            self._api.llama_memory_seq_rm(self.memory, seq, -1, -1)
+            self.free_seqs.insert(0, seq)
+            raise
+        self.seqs[slot], self.lengths[slot] = seq, len(tokens)
+        return torch.from_numpy(logits)
+
+    def _step(self, posts: dict[BatchSlot, Forward]) -> None:
+        entries: list[tuple[int, int, int, bool]] = []
+        for slot, post in posts.items():
+            k = post.input_ids.shape[0]
+            if post.tree_mask is not None and not torch.equal(
+                post.tree_mask.to(torch.bool), torch.ones(k, k, dtype=torch.bool).tril()
+            ):
+                raise ValueError("batched llama.cpp sequences verify chains, not trees")
+            tokens = post.input_ids.tolist()
+            start = self.lengths[slot]
+            if start + len(tokens) > self.max_length:
+                raise ValueError(f"sequence would exceed the context of {self.max_length} positions")
+            first_logit = len(tokens) - post.num_logits
+            entries += [(t, start + i, self.seqs[slot], i >= first_logit) for i, t in enumerate(tokens)]
+        logits = self._decode(entries, EXACT_ROWS)
+        row = 0
+        for slot, post in posts.items():
+            post.logits = torch.from_numpy(logits[row : row + post.num_logits])
+            row += post.num_logits
+            self.lengths[slot] += post.input_ids.shape[0]
+
+    def _decode(self, entries: list[tuple[int, int, int, bool]], chunk: int) -> np.ndarray:
+        """Decode (token, position, sequence id, wants logits) in calls of `chunk` rows; the logits
+        wanted, in order."""
+        rows: list[np.ndarray] = []
+        for start in range(0, len(entries), chunk):
+            part = entries[start : start + chunk]
+            self.batch.n_tokens = len(part)
+            for i, (token, position, seq, wanted) in enumerate(part):
+                self.batch.token[i] = token
+                self.batch.pos[i] = position
+                self.batch.n_seq_id[i] = 1
+                self.batch.seq_id[i][0] = seq
+                self.batch.logits[i] = wanted
+            status = self._api.llama_decode(self.ctx, self.batch)
+            if status != 0:
+                raise SwarmspecError(f"llama_decode failed ({status}): {''.join(_recent_log).strip()}")
+            wanted = sum(1 for entry in part if entry[3])
+            if wanted:
+                pointer = self._api.llama_get_logits(self.ctx)
+                rows.append(np.ctypeslib.as_array(pointer, shape=(wanted, self.vocab_size)).copy())
+        return np.concatenate(rows) if rows else np.empty((0, self.vocab_size), dtype=np.float32)
+
+    def _drop(self, slot: BatchSlot) -> None:
+        seq = self.seqs.pop(slot)
+        del self.lengths[slot]
+        self._api.llama_memory_seq_rm(self.memory, seq, -1, -1)
+        self.free_seqs.append(seq)
+
+    def _keep(self, slot: BatchSlot, keep_len: int, keep_positions: list[int]) -> None:
+        if keep_positions != list(range(keep_len, keep_len + len(keep_positions))):
+            raise ValueError("batched llama.cpp sequences keep a prefix of their chain")
+        kept = keep_len + len(keep_positions)
+        self._api.llama_memory_seq_rm(self.memory, self.seqs[slot], kept, -1)
+        self.lengths[slot] = kept
