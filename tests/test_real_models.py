@@ -13,6 +13,7 @@ import openai
 import pytest
 import torch
 
+from swarmspec.bench.load import serving
 from swarmspec.config import EngineConfig, GenerationRequest
 from swarmspec.drafters.model import ModelDrafter
 from swarmspec.engine import Engine, SequenceState
@@ -23,8 +24,6 @@ from swarmspec.runners.hf import HFRunner
 from swarmspec.serve.app import Server
 from swarmspec.serve.engines import MethodEngines
 from swarmspec.speculate import ChainSpeculation, NoSpeculation, Speculation
-
-from test_serve import running
 
 pytestmark = pytest.mark.slow
 
@@ -125,7 +124,7 @@ def test_batched_server_equals_transformers_generate(
     drafter = f"int8:{DEFAULT_DRAFTER}"
     config = EngineConfig(target=DEFAULT_TARGET, drafters=(drafter,), gamma=4, max_batch=3)
     server = Server(MethodEngines(config, target, {drafter: load_model(drafter)}), "chain", "real", 8, 64)
-    with running(server) as url:
+    with serving(server) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
 
         def ask(indexed: tuple[int, str]) -> str:

@@ -5,8 +5,6 @@ OpenAI-style errors, a full queue answers 503 at once."""
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -16,11 +14,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
+from swarmspec.bench.load import serving
 from swarmspec.config import ChatMessage, EngineConfig, GenerationRequest
-from swarmspec.serve.app import Job, Server, create_app
+from swarmspec.serve.app import Job, Server
 from swarmspec.serve.engines import MethodEngines
 
 from tiny_models import tiny_loaded
@@ -38,32 +36,10 @@ def engines() -> MethodEngines:
     return MethodEngines(config, target, {drafter.spec: drafter})
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running(state: Server) -> Iterator[str]:
-    """The app served by uvicorn on a free local port (its base URL), for real."""
-    port = free_port()
-    http = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=http.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not http.started:
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    http.should_exit = True
-    thread.join(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def server(engines: MethodEngines) -> Iterator[tuple[Server, str]]:
     state = Server(engines, "vote", MODEL, max_queue=2, default_max_tokens=12)
-    with running(state) as url:
+    with serving(state) as url:
         yield state, url
 
 
@@ -235,7 +211,7 @@ def batched_server(engines: MethodEngines) -> Iterator[tuple[Server, str]]:
     config = replace(engines.config, method="chain", drafters=engines.config.drafters[:1], max_batch=8)
     batched = MethodEngines(config, engines.target, engines.draft_models)
     state = Server(batched, "chain", MODEL, max_queue=64, default_max_tokens=12, kv_budget=400)
-    with running(state) as url:
+    with serving(state) as url:
         yield state, url
 
 

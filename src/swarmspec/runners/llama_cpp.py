@@ -1,5 +1,6 @@
 """The llama.cpp runner: a native GGUF file (quantized weights as stored) through `llama-cpp-python`'s
 low-level API: batches through `llama_decode`, rollback and tree pruning through the memory functions.
+`LlamaCppBatchedTarget` batches many sequences' chains (continuous batching, `runners.batch`).
 
 Trees. Attention without flash attention sums over cache cells in cell order, so a logits row is
 bit-identical to plain decoding only when every token it attends to sits in the cell at its position.
@@ -141,6 +142,26 @@ class LlamaCppModel:
         return LlamaCppRunner(self, context, threads)
 
 
+def _new_context(model: LlamaCppModel, cells: int, sequences: int, unified: bool, threads: int):
+    """A llama.cpp context over the model: `cells` cache cells for `sequences` sequence ids, in one
+    cache (`unified`) or a stream per sequence; flash attention off (see the module docstring)."""
+    llama_cpp = _llama_cpp()
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = cells
+    params.n_batch = PROMPT_BATCH
+    params.n_ubatch = PROMPT_BATCH
+    params.n_seq_max = sequences
+    params.kv_unified = unified
+    params.n_threads = threads
+    params.n_threads_batch = threads
+    params.no_perf = True
+    params.flash_attn_type = FLASH_ATTN
+    ctx = llama_cpp.llama_init_from_model(model.handle, params)
+    if not ctx:
+        raise SwarmspecError(f"llama.cpp could not create a context: {''.join(_recent_log).strip()}")
+    return ctx
+
+
 @dataclass
 class _Node:
     """A tree node in the cache (or in the batch being built)."""
@@ -166,20 +187,9 @@ class LlamaCppRunner(ModelRunner):
         self.vocab_size = model.vocab_size
         self.max_length = min(context, model.context_train)
         threads = threads or os.cpu_count() or 1
-        params = llama_cpp.llama_context_default_params()
         self.cells = self.max_length + TREE_CELLS
-        params.n_ctx = self.cells
-        params.n_batch = PROMPT_BATCH
-        params.n_ubatch = PROMPT_BATCH
-        params.n_seq_max = MAX_SEQUENCES
-        params.kv_unified = True  # one cache shared by the tree's sequences
-        params.n_threads = threads
-        params.n_threads_batch = threads
-        params.no_perf = True
-        params.flash_attn_type = FLASH_ATTN
-        self.ctx = llama_cpp.llama_init_from_model(model.handle, params)
-        if not self.ctx:
-            raise SwarmspecError(f"llama.cpp could not create a context: {''.join(_recent_log).strip()}")
+        # One cache shared by the tree's sequences (unified).
+        self.ctx = _new_context(model, self.cells, MAX_SEQUENCES, unified=True, threads=threads)
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(PROMPT_BATCH, 0, MAX_SEQUENCES)
         self.threads = threads
@@ -439,19 +449,8 @@ class LlamaCppBatchedTarget(BatchedTarget):
         self._api = llama_cpp
         self.model = model
         threads = threads or os.cpu_count() or 1
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = self.max_length * max_batch  # each sequence's stream: max_length cells
-        params.n_batch = PROMPT_BATCH
-        params.n_ubatch = PROMPT_BATCH
-        params.n_seq_max = max_batch
-        params.kv_unified = False
-        params.n_threads = threads
-        params.n_threads_batch = threads
-        params.no_perf = True
-        params.flash_attn_type = FLASH_ATTN
-        self.ctx = llama_cpp.llama_init_from_model(model.handle, params)
-        if not self.ctx:
-            raise SwarmspecError(f"llama.cpp could not create a context: {''.join(_recent_log).strip()}")
+        # A stream of max_length cells per sequence.
+        self.ctx = _new_context(model, self.max_length * max_batch, max_batch, unified=False, threads=threads)
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(PROMPT_BATCH, 0, 1)
         self.free_seqs = list(range(max_batch))
