@@ -14,7 +14,7 @@ from swarmspec.bench.contenders import Contender, build_contenders, hf_generatio
 from swarmspec.bench.questions import Question
 from swarmspec.bench.report import OVERALL, summarize
 from swarmspec.bench.run import reference_contender, time_contenders
-from swarmspec.config import HF_BASELINES, METHODS, MODEL_FREE_DRAFTERS, EngineConfig
+from swarmspec.config import HF_BASELINES, METHODS, MODEL_FREE_DRAFTERS, ONE_DRAFTER_METHODS, EngineConfig
 from swarmspec.models.loading import LoadedModel
 from swarmspec.sampling import SamplingConfig
 from swarmspec.tree import TokenTree
@@ -36,7 +36,7 @@ def contenders_for(
             target=target.spec,
             method=method,
             drafters=(draft_model.spec,)
-            if method in ("chain", "dsi")
+            if method in ONE_DRAFTER_METHODS
             else (draft_model.spec, *MODEL_FREE_DRAFTERS),
             gamma=gamma,
         )

@@ -72,6 +72,12 @@ from swarmspec.cli import main
             ["generate", "hi", "--method", "dsi", "--drafter", "prompt-lookup", "--drafter", "suffix"],
             "dsi takes one drafter, got 2",
         ),
+        (
+            ["generate", "hi", "--method", "pipeline", "--drafter", "prompt-lookup"],
+            "draft in microseconds: use --method chain",
+        ),
+        (["generate", "hi", "--method", "pipeline", "--workers", "ray"], "pipeline runs on threads"),
+        (["serve", "--method", "pipeline", "--max-batch", "4"], "continuous batching"),
         (["simulate", "--target", "x"], "a trace needs both --target and --drafter"),
         (["simulate", "--acceptances", "0.5,1.5"], "acceptance rates must be in [0, 1]"),
         (["simulate", "--lookaheads", "0"], "targets, drafters, tokens and lookaheads must be >= 1"),

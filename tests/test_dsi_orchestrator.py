@@ -1,5 +1,6 @@
-"""DSI on threads: the output equals plain decoding for any drafter and any number of target instances,
-stale work is never committed, sampling stays exact, and threads end with the generation."""
+"""DSI on threads and the pipeline: the output equals plain decoding for any drafter and any number of
+target instances, stale work is never committed, sampling stays exact, the pipelined drafter drafts while
+the target verifies, and threads end with the generation."""
 
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ def run_dsi(
     verifier: Verifier | None = None,
     seed: int = 0,
     stop_token_ids: frozenset[int] = frozenset(),
+    pipeline: bool = False,
 ) -> tuple[list[int], DecodeStats]:
     sampling = sampling or SamplingConfig()
     stats = DecodeStats()
@@ -51,6 +53,7 @@ def run_dsi(
         [LocalInstance(runner) for runner in instances], drafter, verifier or make_verifier(sampling), prompt,
         max_new_tokens=max_new_tokens, lookahead=lookahead, sampling=sampling,
         stop_token_ids=stop_token_ids, generator=torch.Generator().manual_seed(seed), stats=stats,
+        pipeline=pipeline,
     )  # fmt: skip
     return [t for chunk in chunks for t in chunk], stats
 
@@ -90,34 +93,90 @@ def dsi_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("swarmspec-dsi")]
 
 
+# (target instances, pipelined): DSI, and the pipeline on one instance (the engine's) or on several.
+LAYOUTS = [(1, False), (2, False), (3, False), (1, True), (2, True)]
+LAYOUT_IDS = [f"{n}{'-pipelined' if pipelined else ''}" for n, pipelined in LAYOUTS]
+
+
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("targets", [1, 2, 3])
+@pytest.mark.parametrize(("targets", "pipeline"), LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("lookahead", [1, 3])
-def test_random_drafter_matches_plain_decoding(seed: int, targets: int, lookahead: int) -> None:
+def test_random_drafter_matches_plain_decoding(
+    seed: int, targets: int, pipeline: bool, lookahead: int
+) -> None:
     target, other = tiny_qwen2(seed), tiny_qwen2(seed + 100)
     prompt = prompt_for(seed, 3 + seed * 5)
     reference, _ = run_decode(target, None, prompt, 40)
     instances = [HFRunner(target) for _ in range(targets)]
-    output, stats = run_dsi(instances, ModelDrafter(HFRunner(other)), prompt, 40, lookahead)
+    output, stats = run_dsi(
+        instances, ModelDrafter(HFRunner(other)), prompt, 40, lookahead, pipeline=pipeline
+    )
     assert output == reference
     assert stats.new_tokens == 40
-    if targets == 1:  # with more, the plain lane often commits before a draft of this slow drafter is back
+    # With more instances, or pipelined, the target decodes on while this drafter (as slow as the target
+    # here) drafts, and commits before the drafts are back; slow targets: the test below.
+    if targets == 1 and not pipeline:
         assert stats.drafted_tokens > 0
 
 
-@pytest.mark.parametrize("targets", [1, 2, 4])
+@pytest.mark.parametrize(("targets", "pipeline"), [(1, False), (2, False), (4, False), (1, True)])
 @pytest.mark.parametrize("wrong", [None, set(), {0, 5, 6, 17}, set(range(3, 40, 4))], ids=str)
-def test_scripted_drafters_match_plain_decoding(targets: int, wrong: set[int] | None) -> None:
+def test_scripted_drafters_match_plain_decoding(targets: int, pipeline: bool, wrong: set[int] | None) -> None:
     target = tiny_qwen2(7)
     prompt = prompt_for(7, 5)
     reference, _ = run_decode(target, None, prompt, 40)
     drafter = ReferenceDrafter(reference, len(prompt), wrong)
-    output, stats = run_dsi([HFRunner(target) for _ in range(targets)], drafter, prompt, 40, lookahead=3)
+    instances = [HFRunner(target) for _ in range(targets)]
+    output, stats = run_dsi(instances, drafter, prompt, 40, lookahead=3, pipeline=pipeline)
     assert output == reference
     if wrong is None:  # always wrong: one token per job, as plain decoding
         assert stats.accepted_tokens == 0
     elif not wrong:  # always right
         assert stats.acceptance_rate == 1.0 and stats.target_forwards < 40 // 2
+
+
+class BusyRunner(SlowRunner):
+    """A slow runner that says when it is in a forward."""
+
+    def __init__(self, model, delay: float) -> None:
+        super().__init__(model, delay)
+        self.busy = threading.Event()
+
+    def forward(self, input_ids, num_logits, tree_mask=None):
+        self.busy.set()
+        try:
+            return super().forward(input_ids, num_logits, tree_mask)
+        finally:
+            self.busy.clear()
+
+
+class WatchingDrafter(ReferenceDrafter):
+    """Counts the drafts it starts while the target is in a forward."""
+
+    def __init__(self, target: BusyRunner, reference: list[int], prompt_len: int, wrong: set[int]) -> None:
+        super().__init__(reference, prompt_len, wrong)
+        self.target, self.while_verifying = target, 0
+
+    def propose(self, context, max_tokens, sampling, generator) -> Draft:
+        self.while_verifying += self.target.busy.is_set()
+        time.sleep(0.005)  # a drafter takes time too
+        return super().propose(context, max_tokens, sampling, generator)
+
+
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_the_pipelined_drafter_drafts_while_the_target_verifies(pipeline: bool) -> None:
+    target = tiny_qwen2(6)
+    prompt = prompt_for(6, 5)
+    reference, _ = run_decode(target, None, prompt, 40)
+    runner = BusyRunner(target, 0.03)
+    drafter = WatchingDrafter(runner, reference, len(prompt), wrong={7, 19, 30})
+    output, stats = run_dsi([runner], drafter, prompt, 40, lookahead=3, pipeline=pipeline)
+    assert output == reference
+    if pipeline:
+        assert drafter.while_verifying > 10
+        assert stats.accepted_tokens > 20
+    else:  # one instance without the pipeline takes turns: the drafter waits for every verification
+        assert drafter.while_verifying <= 1  # (it may start during the prompt's forward)
 
 
 def test_prompt_lookup_drafter_matches_plain_decoding() -> None:
@@ -180,8 +239,9 @@ def test_a_crashing_drafter_leaves_plain_decoding(caplog: pytest.LogCaptureFixtu
     target = tiny_qwen2(4)
     prompt = prompt_for(4, 6)
     reference, _ = run_decode(target, None, prompt, 30)
-    for targets in (1, 2):
-        output, _ = run_dsi([HFRunner(target) for _ in range(targets)], CrashingDrafter(2), prompt, 30)
+    for targets, pipeline in ((1, False), (2, False), (1, True)):
+        instances = [HFRunner(target) for _ in range(targets)]
+        output, _ = run_dsi(instances, CrashingDrafter(2), prompt, 30, pipeline=pipeline)
         assert output == reference
     assert "drafter bug" in caplog.text
 
@@ -214,31 +274,39 @@ def test_threads_end_when_the_consumer_stops_early() -> None:
     assert dsi_threads() == []
 
 
-def dsi_sampled_counts(verifier: Verifier, sampling: SamplingConfig, samples: int) -> torch.Tensor:
-    """The first NEW_TOKENS tokens of `samples` DSI generations (trigram target, 2 instances)."""
+def dsi_sampled_counts(
+    verifier: Verifier, sampling: SamplingConfig, samples: int, pipeline: bool = False
+) -> torch.Tensor:
+    """The first NEW_TOKENS tokens of `samples` generations (trigram target): DSI on 2 instances, or
+    pipelined on one."""
     generator = torch.Generator().manual_seed(4321)
     counts = torch.zeros(VOCAB**NEW_TOKENS, dtype=torch.float64)
-    instances = [LocalInstance(TrigramLM(seed=1, vocab_size=VOCAB)) for _ in range(2)]
+    instances = [LocalInstance(TrigramLM(seed=1, vocab_size=VOCAB)) for _ in range(1 if pipeline else 2)]
     drafter = ModelDrafter(TrigramLM(seed=2, vocab_size=VOCAB))
     for _ in range(samples):
         tokens = dsi_decode(
             instances, drafter, verifier, PROMPT, max_new_tokens=NEW_TOKENS + 1, lookahead=2,
             sampling=sampling, stop_token_ids=frozenset(), generator=generator, stats=DecodeStats(),
+            pipeline=pipeline,
         )  # fmt: skip
         t1, t2, t3, _ = (t for chunk in tokens for t in chunk)
         counts[(t1 * VOCAB + t2) * VOCAB + t3] += 1
     return counts
 
 
+@pytest.mark.parametrize("pipeline", [False, True], ids=["dsi", "pipeline"])
 @pytest.mark.parametrize("sampling", SAMPLING_CONFIGS, ids=["t1.0", "t1.3-topk4-topp0.95"])
-def test_sampling_through_dsi_matches_the_target_distribution(sampling: SamplingConfig) -> None:
-    counts = dsi_sampled_counts(make_verifier(sampling), sampling, 3_000)
+def test_sampling_through_dsi_matches_the_target_distribution(
+    sampling: SamplingConfig, pipeline: bool
+) -> None:
+    counts = dsi_sampled_counts(make_verifier(sampling), sampling, 3_000, pipeline)
     assert p_value(counts, exact_distribution(trigram_target().next_logits, sampling)) > 1e-3
 
 
-def test_broken_sampling_verifier_fails_through_dsi() -> None:
+@pytest.mark.parametrize("pipeline", [False, True], ids=["dsi", "pipeline"])
+def test_broken_sampling_verifier_fails_through_dsi(pipeline: bool) -> None:
     sampling = SAMPLING_CONFIGS[0]
-    counts = dsi_sampled_counts(broken("target_instead_of_residual", sampling), sampling, 3_000)
+    counts = dsi_sampled_counts(broken("target_instead_of_residual", sampling), sampling, 3_000, pipeline)
     assert p_value(counts, exact_distribution(trigram_target().next_logits, sampling)) < 1e-6
 
 

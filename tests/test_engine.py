@@ -8,7 +8,15 @@ import itertools
 import pytest
 import torch
 
-from swarmspec.config import AUTO, METHODS, MODEL_FREE_DRAFTERS, EngineConfig, Gamma
+from swarmspec.config import (
+    AUTO,
+    METHODS,
+    MODEL_FREE_DRAFTERS,
+    ONE_DRAFTER_METHODS,
+    ORCHESTRATED_METHODS,
+    EngineConfig,
+    Gamma,
+)
 from swarmspec.engine import Engine
 from swarmspec.errors import InvalidRequestError
 from swarmspec.metrics import DecodeStats
@@ -18,10 +26,13 @@ from swarmspec.sampling import SamplingConfig
 from tiny_models import tiny_loaded
 
 SAMPLINGS = [SamplingConfig(), SamplingConfig(temperature=0.9, top_k=20, top_p=0.9)]
-# DSI's sampled output is exact in distribution but not fixed by the seed: which drafts a job verifies
-# depends on which thread finishes first.
+# DSI's and the pipeline's sampled output is exact in distribution but not fixed by the seed: which
+# drafts a job verifies depends on which thread finishes first.
 SEEDED = [
-    (method, sampling) for method in METHODS for sampling in SAMPLINGS if method != "dsi" or sampling.greedy
+    (method, sampling)
+    for method in METHODS
+    for sampling in SAMPLINGS
+    if method not in ORCHESTRATED_METHODS or sampling.greedy
 ]
 SEEDED_IDS = [f"{m}-{'greedy' if s.greedy else 'sampled'}" for m, s in SEEDED]
 
@@ -31,7 +42,7 @@ def engine_for(method: str, tree_budget: int = 0, shared_learning: bool = True, 
     gamma auto, the costs are a CPU-like curve on which the tiny drafter pays for short drafts."""
     target, drafter = tiny_loaded("tiny-target", 1), tiny_loaded("tiny-drafter", 7, layers=1)
     free = MODEL_FREE_DRAFTERS if shared_learning else ("prompt-lookup",)
-    drafters = (drafter.spec,) if method in ("chain", "dsi") else (drafter.spec, *free)
+    drafters = (drafter.spec,) if method in ONE_DRAFTER_METHODS else (drafter.spec, *free)
     config = EngineConfig(
         target=target.spec, method=method, drafters=drafters, gamma=gamma, tree_budget=tree_budget
     )

@@ -116,6 +116,20 @@ def test_tree_and_vote_equal_transformers_generate(
         assert sum(result.stats.accepted_by(drafters).values()) == result.stats.accepted_tokens
 
 
+def test_pipeline_equals_transformers_generate(
+    target: LoadedModel, hf_reference: dict[str, list[int]]
+) -> None:
+    """The int8 drafter on a thread of its own, drafting while the fp32 target verifies (one PyTorch
+    intra-op thread each)."""
+    drafter = f"int8:{DEFAULT_DRAFTER}"
+    config = EngineConfig(target=DEFAULT_TARGET, method="pipeline", drafters=(drafter,), lookahead=4)
+    engine = Engine.from_models(config, target, {drafter: load_model(drafter)})
+    for prompt in PROMPTS:
+        result = engine.generate(GenerationRequest(prompt, max_new_tokens=NEW_TOKENS))
+        assert result.token_ids == hf_reference[prompt], prompt
+        assert result.stats.accepted_tokens > 0
+
+
 def test_batched_server_equals_transformers_generate(
     target: LoadedModel, hf_reference: dict[str, list[int]]
 ) -> None:

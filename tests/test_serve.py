@@ -83,7 +83,7 @@ def test_chat_completion_and_method_override(client: openai.OpenAI, engines: Met
     expected = engine_text(
         engines, "ar", messages=tuple(ChatMessage(**m) for m in messages), max_new_tokens=15
     )
-    for method in ("ar", "chain", "tree", "dsi"):
+    for method in ("ar", "chain", "tree", "dsi", "pipeline"):
         response = client.chat.completions.create(
             model=MODEL, messages=messages, max_tokens=15, temperature=0, extra_body={"method": method}
         )

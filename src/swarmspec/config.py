@@ -10,7 +10,11 @@ from swarmspec.models.registry import DEFAULT_DRAFTER, DEFAULT_TARGET
 from swarmspec.sampling import SamplingConfig
 from swarmspec.tree import FixedWidths, NodeBudget, TreeShape
 
-METHODS = ("ar", "chain", "tree", "vote", "dsi")
+METHODS = ("ar", "chain", "tree", "vote", "dsi", "pipeline")
+# Methods that take one drafter, and those whose target verifies on threads of its own, in
+# `dsi.orchestrator` (not a step at a time in the engine's loop).
+ONE_DRAFTER_METHODS = ("chain", "dsi", "pipeline")
+ORCHESTRATED_METHODS = ("dsi", "pipeline")
 # Drafters that need no model: n-gram lookup in the prompt and output, suffix match over earlier outputs.
 MODEL_FREE_DRAFTERS = ("prompt-lookup", "suffix")
 # What users of `transformers` pick instead: plain generate, assisted generation, prompt lookup.
@@ -84,7 +88,8 @@ class EngineConfig:
     # "tree": every drafter's proposal merged into one token tree (or a tree grown from the first model
     # drafter, see tree_widths and tree_budget); "vote": a weighted vote of the drafters picks one
     # chain (Minions); "dsi": several target instances verify one drafter's drafts at once (DSI, see
-    # targets and lookahead).
+    # targets and lookahead); "pipeline": one draft model drafts on a thread of its own while the target
+    # verifies what it drafted before, up to lookahead tokens a forward (Minions' pipeline).
     method: str = "chain"
     # Model specs (optionally prefixed "int8:" / "onednn:" / "llamacpp:", or "sorted:" for a sorted draft
     # of a PyTorch model) or model-free drafters (MODEL_FREE_DRAFTERS). Empty: the method's default, see
@@ -108,8 +113,8 @@ class EngineConfig:
     # 0: every core (dsi: the cores shared out between the instances and a draft model).
     target_threads: int = 0
     drafter_threads: int = 0
-    # dsi only: target instances verifying at once (one copy of the weights, a cache each), and drafted
-    # tokens per verification job.
+    # dsi only: target instances verifying at once (one copy of the weights, a cache each); dsi and
+    # pipeline: the most drafted tokens one verification job takes.
     targets: int = 2
     lookahead: int = 3
     # dsi only: where the instances run: "threads" in this process (one copy of the weights), or "ray"
@@ -135,7 +140,8 @@ class EngineConfig:
         if self.max_batch < 1:
             raise InvalidRequestError(f"--max-batch must be >= 1, got {self.max_batch}")
         if self.max_batch > 1 and (
-            self.method == "dsi" or (self.method == "tree" and self.target.startswith(LLAMA_CPP_PREFIX))
+            self.method in ORCHESTRATED_METHODS
+            or (self.method == "tree" and self.target.startswith(LLAMA_CPP_PREFIX))
         ):
             raise InvalidRequestError(
                 "continuous batching (--max-batch > 1) runs ar, chain, tree or vote, and on llama.cpp "
@@ -145,11 +151,18 @@ class EngineConfig:
             object.__setattr__(self, "drafters", default_drafters(self.method, self.target))
         if self.workers == "ray" and any(d.startswith(SORTED_PREFIX) for d in self.drafters):
             raise InvalidRequestError("sorted drafts run with --workers threads, not ray")
-        if self.method in ("chain", "dsi") and len(self.drafters) != 1:
+        if self.method in ONE_DRAFTER_METHODS and len(self.drafters) != 1:
             raise InvalidRequestError(
                 f"{self.method} takes one drafter, got {len(self.drafters)}; "
                 "use --method tree or vote for several"
             )
+        if self.method == "pipeline" and not self.model_drafters:
+            raise InvalidRequestError(
+                "--method pipeline overlaps a draft model's drafting with verification; model-free "
+                f"drafters ({', '.join(MODEL_FREE_DRAFTERS)}) draft in microseconds: use --method chain"
+            )
+        if self.method == "pipeline" and self.workers != "threads":
+            raise InvalidRequestError("--method pipeline runs on threads; --workers ray is for dsi")
         if self.tree_widths or self.tree_budget:
             if self.method != "tree":
                 raise InvalidRequestError(f"--tree and --tree-budget need --method tree, not {self.method}")
@@ -187,14 +200,22 @@ def default_baselines(target: str) -> tuple[str, ...]:
 
 
 def default_drafters(method: str, target: str = "") -> tuple[str, ...]:
-    """chain and dsi: the packaged 0.5B model (on the target's backend); tree and vote: the model plus
-    both model-free drafters."""
+    """chain, dsi and pipeline: the packaged 0.5B model (on the target's backend); tree and vote: the
+    model plus both model-free drafters."""
     model = LLAMA_CPP_PREFIX + DEFAULT_DRAFTER if target.startswith(LLAMA_CPP_PREFIX) else DEFAULT_DRAFTER
     if method == "ar":
         return ()
-    if method in ("chain", "dsi"):
+    if method in ONE_DRAFTER_METHODS:
         return (model,)
     return (model, *MODEL_FREE_DRAFTERS)
+
+
+def method_drafters(method: str, drafters: tuple[str, ...]) -> tuple[str, ...]:
+    """The drafters `method` takes of those given for several methods: one-drafter methods the first,
+    plain decoding none, the others all."""
+    if method == "ar":
+        return ()
+    return drafters[:1] if method in ONE_DRAFTER_METHODS else drafters
 
 
 @dataclass(frozen=True)
@@ -353,7 +374,7 @@ class BenchConfig:
     def engine_config(self, method: str) -> EngineConfig:
         """One method's engine: the given drafters (chain takes the first, ar none), else the method's
         default."""
-        drafters = {"chain": self.drafters[:1], "dsi": self.drafters[:1], "ar": ()}.get(method, self.drafters)
+        drafters = method_drafters(method, self.drafters)
         is_tree = method == "tree"
         return EngineConfig(
             target=self.target,

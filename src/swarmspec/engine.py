@@ -16,7 +16,7 @@ import torch
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
-from swarmspec.config import AUTO, ChatMessage, EngineConfig, GenerationRequest
+from swarmspec.config import AUTO, ORCHESTRATED_METHODS, ChatMessage, EngineConfig, GenerationRequest
 from swarmspec.decode import decode
 from swarmspec.drafters.base import Drafter
 from swarmspec.drafters.lookup import PromptLookupDrafter, SuffixDrafter, SuffixIndex
@@ -98,17 +98,26 @@ class SequenceState:
 
 @dataclass
 class DsiState:
-    """What one DSI generation mutates: the target instances' caches (over one copy of the weights)
-    and its drafter."""
+    """What one generation of DSI or the pipeline mutates: the target instances' caches (over one copy
+    of the weights) and its drafter."""
 
     instances: list[TargetInstance]
     drafter: Drafter
     lookahead: int
+    pipeline: bool
+    torch_threads: tuple[int, int]  # PyTorch's intra-op threads on each instance's thread, the drafter's
 
     def run(self, prompt_ids: list[int], verifier: Verifier, **options: Any) -> Iterator[list[int]]:
-        """DSI's orchestrator (see `dsi.orchestrator.dsi_decode` for the options)."""
+        """The orchestrator (see `dsi.orchestrator.dsi_decode` for the options)."""
         return dsi_decode(
-            self.instances, self.drafter, verifier, prompt_ids, lookahead=self.lookahead, **options
+            self.instances,
+            self.drafter,
+            verifier,
+            prompt_ids,
+            lookahead=self.lookahead,
+            pipeline=self.pipeline,
+            torch_threads=self.torch_threads,
+            **options,
         )
 
     @property
@@ -197,7 +206,7 @@ class Engine:
 
         def new_state() -> GenerationState:
             nonlocal step_costs
-            if config.method == "dsi":
+            if config.method in ORCHESTRATED_METHODS:
                 return new_dsi_state(config, target, draft_models, shared)
             target_runner = warmed_up(
                 batched.slot() if batched else target.new_runner(config.target_threads or None)
@@ -341,15 +350,18 @@ def new_dsi_state(
     draft_models: Mapping[str, LoadedModel],
     shared: SharedLearning,
 ) -> DsiState:
-    """DSI's target instances and drafter: runners over the loaded weights on threads, or Ray actors
-    that load the models in their own processes (a draft model too; a model-free drafter stays here)."""
+    """The target instances and drafter of DSI or the pipeline: runners over the loaded weights on
+    threads, or (DSI) Ray actors that load the models in their own processes (a draft model too; a
+    model-free drafter stays here)."""
     target_threads, drafter_threads = dsi_threads(config)
+    pipeline = config.method == "pipeline"
     if config.workers == "threads":
         instances: list[TargetInstance] = [
-            LocalInstance(warmed_up(target.new_runner(target_threads))) for _ in range(config.targets)
+            LocalInstance(warmed_up(target.new_runner(target_threads)))
+            for _ in range(target_instances(config))
         ]
         (drafter,) = build_drafters(config, target, draft_models, shared, drafter_threads)
-        return DsiState(instances, drafter, config.lookahead)
+        return DsiState(instances, drafter, config.lookahead, pipeline, (target_threads, drafter_threads))
     start_ray(config.ray_address)
     # On a Ray started here actors reserve no CPU: the threads above already share the cores out, and a
     # second concurrent generation's actors must not wait for the first's. A cluster places them.
@@ -363,7 +375,8 @@ def new_dsi_state(
         drafter: Drafter = RayDrafter(functools.partial(drafter_in_actor, model, drafter_threads), cpus)
     else:
         (drafter,) = build_drafters(config, target, draft_models, shared, drafter_threads)
-    return DsiState(instances, drafter, config.lookahead)
+    # Actors run their own threads; those here only wait for them.
+    return DsiState(instances, drafter, config.lookahead, pipeline, (0, 0))
 
 
 def shippable(model: LoadedModel) -> LoadedModel | str:
@@ -387,10 +400,16 @@ def is_loadable(spec: str) -> bool:
     return name in REGISTRY or Path(name).expanduser().exists()
 
 
+def target_instances(config: EngineConfig) -> int:
+    """Target instances verifying at once: DSI's; the pipeline's one."""
+    return config.targets if config.method == "dsi" else 1
+
+
 def dsi_threads(config: EngineConfig) -> tuple[int, int]:
-    """llama.cpp threads of each DSI target instance and of a draft model: as configured, else the cores
-    shared out between them (a model-free drafter needs none)."""
-    shared = max(1, (os.cpu_count() or 1) // (config.targets + len(config.model_drafters)))
+    """Threads of each target instance and of a draft model in DSI or the pipeline (llama.cpp's, and
+    PyTorch's intra-op threads on their threads): as configured, else the cores shared out between them
+    (a model-free drafter needs none)."""
+    shared = max(1, (os.cpu_count() or 1) // (target_instances(config) + len(config.model_drafters)))
     return config.target_threads or shared, config.drafter_threads or shared
 
 

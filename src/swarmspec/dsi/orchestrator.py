@@ -9,6 +9,13 @@ applies only when the drafter cannot give more (no match, failed, window or leng
 ordinary speculative decoding. `dsi.simulator` models these rules, drafting token by token and
 cancelling work at once, where here a chunk of drafts or a forward in progress runs to its end.
 
+Pipelined (Minions' pipeline, `pipeline=True`): the drafter also drafts while every instance is busy, one
+`lookahead` further, assuming its drafts are accepted, and an instance is never left idle: when no job
+in flight gives the next position it starts one on whatever is drafted (possibly nothing, a plain
+decoding step). With one instance, drafting and verification then overlap: each job verifies what was
+drafted while the previous one ran, up to `lookahead` tokens; after a rejection the target decodes on
+while the drafter catches up.
+
 The manager (the generator below, on the caller's thread) alone owns the sequence. When a job finishes
 it verifies, from the next position on, the drafted tokens the job's logits cover with the ordinary
 chain verifier, and commits the accepted ones and the target's own token. A rejection drops every draft
@@ -109,16 +116,26 @@ class _Drafted:
     error: BaseException | None = None
 
 
+def set_torch_threads(threads: int) -> None:
+    """PyTorch's intra-op threads for the calling thread only (an OpenMP setting per thread), so that a
+    PyTorch target and drafter on threads of their own share the cores out instead of oversubscribing
+    them; 0: unchanged."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
 class _InstanceThread(threading.Thread):
     """Hands one instance its jobs, one at a time, and reports each result to the manager."""
 
-    def __init__(self, instance: TargetInstance, events: queue.Queue) -> None:
+    def __init__(self, instance: TargetInstance, events: queue.Queue, torch_threads: int) -> None:
         super().__init__(daemon=True, name="swarmspec-dsi-target")
         self.instance = instance
         self.events = events
+        self.torch_threads = torch_threads
         self.inbox: queue.Queue[Job | None] = queue.Queue()
 
     def run(self) -> None:
+        set_torch_threads(self.torch_threads)
         while (job := self.inbox.get()) is not None:
             try:
                 self.events.put(_Verified(job, self.instance.verify(job)))
@@ -144,6 +161,7 @@ class _DrafterThread(threading.Thread):
         sampling: SamplingConfig,
         generator: torch.Generator,
         events: queue.Queue,
+        torch_threads: int,
     ) -> None:
         super().__init__(daemon=True, name="swarmspec-dsi-drafter")
         self.drafter = drafter
@@ -151,9 +169,11 @@ class _DrafterThread(threading.Thread):
         self.sampling = sampling
         self.generator = generator
         self.events = events
+        self.torch_threads = torch_threads
         self.inbox: queue.Queue[_DraftRequest | list[int]] = queue.Queue()  # a list: the last commits, stop
 
     def run(self) -> None:
+        set_torch_threads(self.torch_threads)
         failed = False
         try:
             self.drafter.begin(self.prompt_ids)
@@ -211,22 +231,30 @@ def dsi_decode(
     stop_token_ids: frozenset[int],
     generator: torch.Generator,
     stats: DecodeStats,
+    pipeline: bool = False,
+    torch_threads: tuple[int, int] = (0, 0),
 ) -> Iterator[list[int]]:
     """Yield the tokens each finished verification job commits, until a stop token or `max_new_tokens`.
 
-    `instances`: where the target's verification jobs run (see the module docstring for the schedule).
+    `instances`: where the target's verification jobs run (see the module docstring for the schedule and
+    `pipeline`). `torch_threads`: PyTorch's intra-op threads on each instance's thread and on the
+    drafter's (0: as they are).
     """
     if lookahead < 1 or not instances:
         raise ValueError(f"need lookahead >= 1 and a target instance, got {lookahead}, {len(instances)}")
     check_fits(len(prompt_ids), max_new_tokens, instances[0].max_length)
     events: queue.Queue[_Verified | _Drafted] = queue.Queue()
-    targets = [_InstanceThread(instance, events) for instance in instances]
+    targets = [_InstanceThread(instance, events, torch_threads[0]) for instance in instances]
     # The drafter samples on its own thread, so from its own generator (seeded from the request's).
     draft_generator = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
-    drafter_thread = _DrafterThread(drafter, prompt_ids, sampling, draft_generator, events)
+    drafter_thread = _DrafterThread(drafter, prompt_ids, sampling, draft_generator, events, torch_threads[1])
     state = _State(list(prompt_ids), len(prompt_ids), reported=len(prompt_ids))
     limit = len(prompt_ids) + max_new_tokens  # the sequence never needs a position past this
-    window = lookahead * len(instances)
+    # Drafts wait for no more than the instances can take at once (pipelined: one lookahead more).
+    window = lookahead * (len(instances) + pipeline)
+    # Drafts asked for at once. Pipelined, one: a rejection then wastes at most one drafted token (the
+    # drafter cannot be interrupted) before drafting restarts from the target's token.
+    chunk = 1 if pipeline else lookahead
     idle = list(range(len(instances)))
 
     def dispatch() -> None:
@@ -238,15 +266,17 @@ def dsi_decode(
             ]
             furthest = max((job.end for job in valid), default=state.committed)
             drafter_blocked = not state.drafting and not can_draft()
-            plain_lane = not valid and (len(instances) > 1 or drafter_blocked)
+            plain_lane = not valid and (len(instances) > 1 or drafter_blocked or pipeline)
             if not plain_lane and len(state.sequence) - furthest < lookahead:
                 return
-            job = Job(state.epoch, state.committed, list(state.sequence), idle.pop())
+            # A job verifies at most `lookahead` drafts beyond what the jobs in flight cover.
+            end = min(len(state.sequence), furthest + lookahead)
+            job = Job(state.epoch, state.committed, state.sequence[:end], idle.pop())
             state.running[job.instance] = job
             targets[job.instance].inbox.put(job)
 
     def draft_room() -> int:
-        return min(lookahead, window - state.drafted, limit - 1 - len(state.sequence))
+        return min(chunk, window - state.drafted, limit - 1 - len(state.sequence))
 
     def can_draft() -> bool:
         return (

@@ -6,7 +6,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import replace
 
-from swarmspec.config import EngineConfig, GenerationRequest, default_drafters
+from swarmspec.config import EngineConfig, GenerationRequest, default_drafters, method_drafters
 from swarmspec.decode import check_fits
 from swarmspec.engine import Engine, encode_request
 from swarmspec.models.loading import LoadedModel, check_spec, load_model
@@ -34,8 +34,7 @@ class MethodEngines:
 
     def config_for(self, method: str) -> EngineConfig:
         """The configured engine with another method (tree shapes only for the tree)."""
-        one = self.given_drafters[:1]
-        drafters = {"chain": one, "dsi": one, "ar": ()}.get(method, self.given_drafters)
+        drafters = method_drafters(method, self.given_drafters)
         if method == self.config.method:
             return self.config
         tree = method == "tree"
