@@ -126,3 +126,19 @@ def test_dsi_flags_map_onto_the_engine_config() -> None:
     config = engine_config(args)
     assert (config.targets, config.lookahead, config.workers, config.ray_address) == (3, 2, "ray", "auto")
     assert config.drafters == ("prompt-lookup",)
+
+
+def test_bench_methods_take_their_drafters_from_the_given_ones() -> None:
+    from swarmspec.config import BenchConfig
+
+    model = "llamacpp:qwen2.5-coder-0.5b-instruct"
+    bench = BenchConfig(drafters=("prompt-lookup", model, "suffix"))
+    drafters = {method: bench.engine_config(method).drafters for method in bench.methods}
+    assert drafters == {
+        "ar": (),
+        "chain": ("prompt-lookup",),
+        "tree": ("prompt-lookup", model, "suffix"),
+        "vote": ("prompt-lookup", model, "suffix"),
+        "dsi": ("prompt-lookup",),
+        "pipeline": (model,),  # the first draft model: the pipeline overlaps a model's drafting
+    }

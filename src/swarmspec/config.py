@@ -211,10 +211,13 @@ def default_drafters(method: str, target: str = "") -> tuple[str, ...]:
 
 
 def method_drafters(method: str, drafters: tuple[str, ...]) -> tuple[str, ...]:
-    """The drafters `method` takes of those given for several methods: one-drafter methods the first,
-    plain decoding none, the others all."""
+    """The drafters `method` takes of those given for several methods: one-drafter methods the first
+    (the pipeline the first draft model), plain decoding none, the others all."""
     if method == "ar":
         return ()
+    if method == "pipeline":
+        models = [d for d in drafters if d not in MODEL_FREE_DRAFTERS]
+        return tuple(models[:1]) or drafters[:1]
     return drafters[:1] if method in ONE_DRAFTER_METHODS else drafters
 
 
