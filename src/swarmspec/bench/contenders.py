@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from abc import ABC, abstractmethod
@@ -24,6 +25,18 @@ from swarmspec.sampling import SamplingConfig
 HF_PROMPT_LOOKUP_TOKENS = 10
 # llama-cpp-python's `LlamaPromptLookupDecoding` default.
 LLAMA_CPP_PROMPT_LOOKUP_TOKENS = 10
+
+
+class _TransformersOwnCall(logging.Filter):
+    """transformers' assisted generation calls the assistant's `generate` with a generation config and
+    generation arguments both (`AssistedCandidateGenerator._prepare_generation_args`), then warns that
+    this is deprecated: a warning about its own call, which no caller can change, dropped here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Passing `generation_config` together with" not in record.getMessage()
+
+
+logging.getLogger("transformers.generation.utils").addFilter(_TransformersOwnCall())
 
 
 @dataclass(frozen=True)
