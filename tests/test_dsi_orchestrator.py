@@ -113,7 +113,9 @@ def test_random_drafter_matches_plain_decoding(
     )
     assert output == reference
     assert stats.new_tokens == 40
-    if targets == 1:  # with more, the plain lane often commits before a draft of this slow drafter is back
+    # With more instances, or pipelined, the target decodes on while this drafter (as slow as the target
+    # here) drafts, and commits before the drafts are back; slow targets: the test below.
+    if targets == 1 and not pipeline:
         assert stats.drafted_tokens > 0
 
 
