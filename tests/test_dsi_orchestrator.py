@@ -259,14 +259,15 @@ def test_a_failing_target_instance_fails_the_request_and_stops_every_thread() ->
     assert dsi_threads() == []
 
 
-def test_threads_end_when_the_consumer_stops_early() -> None:
+@pytest.mark.parametrize(("targets", "pipeline"), [(2, False), (1, True)])
+def test_threads_end_when_the_consumer_stops_early(targets: int, pipeline: bool) -> None:
     target = tiny_qwen2(4)
     greedy = SamplingConfig()
     chunks = dsi_decode(
-        [LocalInstance(HFRunner(target)) for _ in range(2)], ModelDrafter(HFRunner(tiny_qwen2(9))),
+        [LocalInstance(HFRunner(target)) for _ in range(targets)], ModelDrafter(HFRunner(tiny_qwen2(9))),
         make_verifier(greedy),
         prompt_for(4, 6), max_new_tokens=50, lookahead=2, sampling=greedy, stop_token_ids=frozenset(),
-        generator=torch.Generator().manual_seed(0), stats=DecodeStats(),
+        generator=torch.Generator().manual_seed(0), stats=DecodeStats(), pipeline=pipeline,
     )  # fmt: skip
     next(chunks)
     assert dsi_threads()

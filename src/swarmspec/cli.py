@@ -300,12 +300,12 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tree", type=int_list, default=(), help="tree widths per depth, e.g. 3,2,1,1")
     parser.add_argument("--tree-budget", type=int, default=0, help="grow <= N nodes from the model drafter")
-    help_threads = "llama.cpp threads (0: every core; dsi: the cores shared out)"
+    help_threads = "llama.cpp threads (0: every core; dsi, pipeline: the cores shared out)"
     parser.add_argument("--target-threads", type=int, default=defaults.target_threads, help=help_threads)
     parser.add_argument("--drafter-threads", type=int, default=defaults.drafter_threads, help=help_threads)
     parser.add_argument("--targets", type=int, default=defaults.targets, help="dsi: target instances")
     parser.add_argument(
-        "--lookahead", type=int, default=defaults.lookahead, help="dsi: drafted tokens per job"
+        "--lookahead", type=int, default=defaults.lookahead, help="dsi, pipeline: drafted tokens per job"
     )
     parser.add_argument(
         "--workers", choices=WORKERS, default=defaults.workers, help="dsi: instances on threads or Ray actors"

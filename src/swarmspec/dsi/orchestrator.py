@@ -1,13 +1,14 @@
 """DSI on threads: several target instances verify drafts at once, without waiting for each other.
 
 One drafter thread drafts ahead of what is committed (up to `lookahead` tokens per target instance). A
-free target instance starts a verification job on the committed tokens plus every drafted token so far
-whenever (a) no job in flight gives the target's token at the next position (with two instances or
-more: a plain-decoding lane, which is why DSI is never much slower than plain decoding), or (b) the
-drafter has `lookahead` tokens no job in flight covers (speculation parallelism). With one instance (a)
-applies only when the drafter cannot give more (no match, failed, window or length reached), so DSI is
-ordinary speculative decoding. `dsi.simulator` models these rules, drafting token by token and
-cancelling work at once, where here a chunk of drafts or a forward in progress runs to its end.
+free target instance starts a verification job on the committed tokens plus the drafted ones, up to
+`lookahead` beyond what the jobs in flight cover, whenever (a) no job in flight gives the target's token
+at the next position (with two instances or more: a plain-decoding lane, which is why DSI is never much
+slower than plain decoding), or (b) the drafter has `lookahead` tokens no job in flight covers
+(speculation parallelism). With one instance (a) applies only when the drafter cannot give more (no
+match, failed, window or length reached), so DSI is ordinary speculative decoding. `dsi.simulator`
+models these rules, drafting token by token and cancelling work at once, where here a chunk of drafts
+or a forward in progress runs to its end.
 
 Pipelined (Minions' pipeline, `pipeline=True`): the drafter also drafts while every instance is busy, one
 `lookahead` further, assuming its drafts are accepted, one token per request (after a rejection it
