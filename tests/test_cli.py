@@ -78,6 +78,8 @@ from swarmspec.cli import main
         ),
         (["generate", "hi", "--method", "pipeline", "--workers", "ray"], "pipeline runs on threads"),
         (["serve", "--method", "pipeline", "--max-batch", "4"], "continuous batching"),
+        (["serve", "--model-name", "a", "--model-name", "b"], "2 --model-name for 1 --target"),
+        (["serve", "--target", "x", "--target", "x"], "each served model needs its own name, got ['x', 'x']"),
         (["simulate", "--target", "x"], "a trace needs both --target and --drafter"),
         (["simulate", "--acceptances", "0.5,1.5"], "acceptance rates must be in [0, 1]"),
         (["simulate", "--lookaheads", "0"], "targets, drafters, tokens and lookaheads must be >= 1"),

@@ -137,7 +137,8 @@ def test_batched_server_equals_transformers_generate(
     completions, streamed and not, official `openai` client) each get transformers' own greedy text."""
     drafter = f"int8:{DEFAULT_DRAFTER}"
     config = EngineConfig(target=DEFAULT_TARGET, drafters=(drafter,), gamma=4, max_batch=3)
-    server = Server(MethodEngines(config, target, {drafter: load_model(drafter)}), "chain", "real", 8, 64)
+    engines = MethodEngines(config, target, {drafter: load_model(drafter)})
+    server = Server({"real": engines}, "chain", 8, 64)
     with serving(server) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
 
@@ -158,5 +159,5 @@ def test_batched_server_equals_transformers_generate(
             texts = list(pool.map(ask, enumerate(PROMPTS)))
     for prompt, text in zip(PROMPTS, texts, strict=True):
         assert text == target.tokenizer.decode(hf_reference[prompt], skip_special_tokens=True), prompt
-    (engine,) = server.engines.engines.values()
+    (engine,) = engines.engines.values()
     assert engine.batched is not None and engine.batched.steps > 0

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,9 +18,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from swarmspec.bench.load import serving
-from swarmspec.config import ChatMessage, EngineConfig, GenerationRequest
+from swarmspec.config import ChatMessage, EngineConfig, GenerationRequest, SortedDraft
+from swarmspec.drafters.sorted import SortedDrafter
+from swarmspec.models.loading import LoadedModel
+from swarmspec.models.sorted import SortedExits, trained_exits_path
 from swarmspec.serve.app import Job, Server
-from swarmspec.serve.engines import MethodEngines
+from swarmspec.serve.engines import DraftModels, MethodEngines
 
 from tiny_models import tiny_loaded
 
@@ -38,7 +42,7 @@ def engines() -> MethodEngines:
 
 @pytest.fixture(scope="module")
 def server(engines: MethodEngines) -> Iterator[tuple[Server, str]]:
-    state = Server(engines, "vote", MODEL, max_queue=2, default_max_tokens=12)
+    state = Server({MODEL: engines}, "vote", max_queue=2, default_max_tokens=12)
     with serving(state) as url:
         yield state, url
 
@@ -210,7 +214,7 @@ def batched_server(engines: MethodEngines) -> Iterator[tuple[Server, str]]:
     """Continuous batching: up to 8 requests decode together, within a budget of 400 cache tokens."""
     config = replace(engines.config, method="chain", drafters=engines.config.drafters[:1], max_batch=8)
     batched = MethodEngines(config, engines.target, engines.draft_models)
-    state = Server(batched, "chain", MODEL, max_queue=64, default_max_tokens=12, kv_budget=400)
+    state = Server({MODEL: batched}, "chain", max_queue=64, default_max_tokens=12, kv_budget=400)
     with serving(state) as url:
         yield state, url
 
@@ -248,7 +252,7 @@ def test_concurrent_requests_each_equal_the_request_served_alone(
         return "".join(c.choices[0].text for c in chunks if c.choices), chunks[-1].usage.completion_tokens
 
     methods = {request["method"] for request in requests}
-    engines_used = [state.engines(method) for method in methods]  # built (and costs measured) first
+    engines_used = [state.models[MODEL](method) for method in methods]  # built (and costs measured) first
     steps_before = sum(engine.batched.steps for engine in engines_used if engine.batched)
     with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
         answers = list(pool.map(ask, requests))
@@ -300,3 +304,51 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(batched_server: tup
         time.sleep(0.05)
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
     assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0).choices[0].text
+
+
+def test_one_server_serves_several_targets_over_one_sorted_draft(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two targets behind one server, the request's `model` choosing: one loaded sorted draft drafts
+    for both, each with the exit thresholds tuned for its target, and each answer is exactly its
+    target's own plain output."""
+    monkeypatch.setenv("SWARMSPEC_CACHE", str(tmp_path))
+    draft = tiny_loaded("tiny-drafter", 7, layers=3)
+    sorted_draft = LoadedModel("sorted:tiny-drafter", draft.model, draft.tokenizer)
+    tuned = {"target-a": {"1": 0.2}, "target-b": {"1": 0.9}}
+    SortedExits(draft.model, (1, 3)).save(trained_exits_path(draft.model, (1, 3)), {"thresholds": tuned})
+    draft_models = DraftModels({sorted_draft.spec: sorted_draft})
+    targets = {"a": tiny_loaded("target-a", 1), "b": tiny_loaded("target-b", 2)}
+    served = {
+        name: MethodEngines(
+            EngineConfig(
+                target=target.spec,
+                drafters=(sorted_draft.spec,),
+                sorted_draft=SortedDraft(exits=(1, 3)),
+                gamma=3,
+            ),
+            target,
+            draft_models,
+        )
+        for name, target in targets.items()
+    }
+    with serving(Server(served, "chain", max_queue=4, default_max_tokens=12)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["a", "b"]
+        for name, target in targets.items():
+            reply = client.completions.create(model=name, prompt=PROMPT, max_tokens=20, temperature=0)
+            assert reply.model == name
+            plain = MethodEngines(EngineConfig(target=target.spec, method="ar"), target)("ar")
+            expected = plain.generate(GenerationRequest(prompt=PROMPT, chat=False, max_new_tokens=20))
+            assert reply.choices[0].text == expected.text
+            assert reply.usage is not None and reply.usage.completion_tokens == len(expected.token_ids)
+        unknown = httpx.post(f"{url}/v1/completions", json={"model": "c", "prompt": PROMPT}, timeout=30)
+        assert unknown.status_code == 404 and "runs 'a', 'b'" in unknown.json()["error"]["message"]
+        # No model named: the first target answers.
+        default = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 3}, timeout=60)
+        assert default.status_code == 200 and default.json()["model"] == "a"
+    assert draft_models.loaded == {sorted_draft.spec: sorted_draft}  # one copy of the draft's weights
+    for engines, threshold in [(served["a"], 0.2), (served["b"], 0.9)]:
+        (drafter,) = engines("chain").new_state().drafters
+        assert isinstance(drafter, SortedDrafter) and drafter.runner.model is draft.model
+        assert drafter.thresholds == (threshold, 0.0)

@@ -98,10 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = command("serve", "an OpenAI-compatible HTTP server (completions, chat completions, metrics)")
     serve.add_argument("--method", choices=METHODS, default=defaults.method, help="requests may override it")
-    add_engine_flags(serve)
+    add_engine_flags(serve, several_targets=True)
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     serve.add_argument("--port", type=int, default=8000, help="TCP port")
-    serve.add_argument("--model-name", help="the model id clients send (default: the target spec)")
+    serve.add_argument(
+        "--model-name",
+        action="append",
+        help="repeatable: the model id clients send for each --target, in order (default: the target spec)",
+    )
     serve.add_argument("--max-queue", type=int, default=16, help="waiting requests before 503")
     serve.add_argument(
         "--max-tokens", type=int, default=512, help="chat completions' max_tokens when a request gives none"
@@ -258,10 +262,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_engine_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags of `EngineConfig` that `generate` and `bench` share."""
+def add_engine_flags(parser: argparse.ArgumentParser, several_targets: bool = False) -> None:
+    """The flags of `EngineConfig` that `generate`, `bench` and `serve` share (`serve` takes several
+    targets: an `EngineConfig` each)."""
     defaults = EngineConfig()
-    parser.add_argument("--target", default=defaults.target, help="target model spec")
+    if several_targets:
+        parser.add_argument(
+            "--target",
+            action="append",
+            help=f"repeatable: a target model spec, each served with the same method and drafters, one copy "
+            f"of each draft model for all (default: {defaults.target})",
+        )
+    else:
+        parser.add_argument("--target", default=defaults.target, help="target model spec")
     parser.add_argument(
         "--drafter",
         action="append",
@@ -455,21 +468,48 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from swarmspec.serve.app import Server, create_app
-    from swarmspec.serve.engines import MethodEngines
+    from swarmspec.serve.engines import DraftModels, MethodEngines
 
     if args.max_queue < 1 or args.max_tokens < 1 or args.kv_budget < 1 or not 0 < args.port < 65536:
         raise SwarmspecError("--max-queue, --max-tokens and --kv-budget must be >= 1, --port in 1..65535")
-    config = EngineConfig(method=args.method, max_batch=args.max_batch, **engine_flags(args))
-    print(f"loading {config.target} ...", file=sys.stderr, flush=True)
-    engines = MethodEngines(config)
-    engines(config.method)  # load and warm up before accepting requests
-    name = args.model_name or config.target
-    server = Server(engines, config.method, name, args.max_queue, args.max_tokens, args.kv_budget)
+    configs = serve_configs(args)  # validates every target's settings before loading anything
+    names = serve_model_names(args, configs)
+    draft_models = DraftModels()
+    served = {}
+    for name, config in zip(names, configs, strict=True):
+        print(f"loading {config.target} ...", file=sys.stderr, flush=True)
+        served[name] = MethodEngines(config, draft_models=draft_models)
+        served[name](config.method)  # load and warm up before accepting requests
+    method = configs[0].method
+    server = Server(served, method, args.max_queue, args.max_tokens, args.kv_budget)
     print(
-        f"serving {name} ({config.method}) on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True
+        f"serving {', '.join(served)} ({method}) on http://{args.host}:{args.port}/v1",
+        file=sys.stderr,
+        flush=True,
     )
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def serve_configs(args: argparse.Namespace) -> list[EngineConfig]:
+    """`serve`'s engine configuration for each --target (each target's default drafters, unless given)."""
+    targets = args.target or [EngineConfig().target]
+    flags = engine_flags(args)
+    return [
+        EngineConfig(method=args.method, max_batch=args.max_batch, **{**flags, "target": target})
+        for target in targets
+    ]
+
+
+def serve_model_names(args: argparse.Namespace, configs: list[EngineConfig]) -> list[str]:
+    """The model id clients send for each target: --model-name in order, else the target's spec."""
+    given = args.model_name or []
+    if len(given) > len(configs):
+        raise SwarmspecError(f"{len(given)} --model-name for {len(configs)} --target: give at most one each")
+    names = [*given, *(config.target for config in configs[len(given) :])]
+    if len(set(names)) < len(names):
+        raise SwarmspecError(f"each served model needs its own name, got {names}")
+    return names
 
 
 def run_profile(args: argparse.Namespace) -> int:

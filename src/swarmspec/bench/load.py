@@ -375,9 +375,8 @@ def run_load_bench(
             replace(engine_config, method=method, gamma=AUTO if gamma == 0 else gamma), target, draft_models
         )
         servers[gamma] = Server(
-            engines,
+            {MODEL_NAME: engines},
             method,
-            MODEL_NAME,
             max_queue=4 * max(config.concurrency),
             default_max_tokens=config.max_tokens,
         )

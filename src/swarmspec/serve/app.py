@@ -1,5 +1,6 @@
 """The HTTP server: OpenAI's completions and chat completions (streamed by server-sent events or not),
-models, health and Prometheus metrics, over one engine per speculation method.
+models, health and Prometheus metrics, over one engine per target and speculation method. One process may
+serve several targets (the request's `model` chooses), their draft models loaded once for all of them.
 
 Generations run on worker threads in arrival order: one at a time, or with continuous batching
 (`--max-batch N`, PyTorch targets) up to N at once, their target forwards batched step by step
@@ -18,7 +19,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -224,25 +225,29 @@ class Worker:
 
 
 class Server:
-    """The app's state: the loaded engines (one per method, made on first use), worker and metrics."""
+    """The app's state: the targets served, by the model name clients send (the first is the default;
+    each with its engines per method, made on first use), the worker they share and the metrics."""
 
     def __init__(
         self,
-        engines: MethodEngines,
+        models: Mapping[str, MethodEngines],
         default_method: str,
-        model_name: str,
         max_queue: int,
         default_max_tokens: int,
         kv_budget: int = DEFAULT_KV_BUDGET,
     ) -> None:
-        self.engines = engines
+        if not models:
+            raise ValueError("a server needs at least one target")
+        self.models = dict(models)
+        self.default_model = next(iter(self.models))
         self.default_method = default_method
-        self.model_name = model_name
         self.default_max_tokens = default_max_tokens
         self.kv_budget = kv_budget
         self.metrics = Metrics()
-        # With continuous batching up to max_batch generations run at once; else one at a time.
-        self.worker = Worker(max_queue, self.metrics, engines.config.max_batch, kv_budget)
+        # With continuous batching up to max_batch generations run at once, whatever their targets;
+        # else one at a time.
+        max_batch = max(engines.config.max_batch for engines in self.models.values())
+        self.worker = Worker(max_queue, self.metrics, max_batch, kv_budget)
 
 
 def create_app(server: Server) -> FastAPI:
@@ -274,8 +279,8 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        card = {"id": server.model_name, "object": "model", "created": 0, "owned_by": "swarmspec"}
-        return {"object": "list", "data": [card]}
+        card = {"object": "model", "created": 0, "owned_by": "swarmspec"}
+        return {"object": "list", "data": [{"id": name, **card} for name in server.models]}
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -284,12 +289,11 @@ def create_app(server: Server) -> FastAPI:
     async def serve(
         body: CompletionRequest | ChatCompletionRequest, endpoint: str, request: Request
     ) -> Response:
-        if body.model not in (None, server.model_name):
-            return error(
-                404,
-                f"model {body.model!r} is not served here; this server runs {server.model_name!r}",
-                endpoint,
-            )
+        model = server.default_model if body.model is None else body.model
+        if model not in server.models:
+            served = ", ".join(repr(name) for name in server.models)
+            return error(404, f"model {body.model!r} is not served here; this server runs {served}", endpoint)
+        engines = server.models[model]
         method = body.method or server.default_method
         if method not in METHODS:
             return error(400, f"unknown method {method!r}; choose one of {', '.join(METHODS)}", endpoint)
@@ -301,7 +305,7 @@ def create_app(server: Server) -> FastAPI:
             )
             generation = body.to_generation(default_max_tokens)
             # A streamed request gets its 400 here too, before it queues.
-            prompt_tokens = await asyncio.to_thread(server.engines.check, generation)
+            prompt_tokens = await asyncio.to_thread(engines.check, generation)
             kv_tokens = prompt_tokens + generation.max_new_tokens
             if kv_tokens > server.kv_budget:
                 raise InvalidRequestError(
@@ -310,7 +314,7 @@ def create_app(server: Server) -> FastAPI:
                 )
         except SwarmspecError as err:
             return error(400, str(err), endpoint)
-        job = Job(lambda: server.engines(method), generation, asyncio.get_running_loop(), kv_tokens)
+        job = Job(lambda: engines(method), generation, asyncio.get_running_loop(), kv_tokens)
         if not server.worker.submit(job):
             return error(
                 503,
@@ -318,7 +322,7 @@ def create_app(server: Server) -> FastAPI:
                 endpoint,
                 **{"Retry-After": str(RETRY_AFTER_S)},
             )
-        ids = ResponseIds("completion" if isinstance(body, CompletionRequest) else "chat", server.model_name)
+        ids = ResponseIds("completion" if isinstance(body, CompletionRequest) else "chat", model)
         if body.stream:
             server.metrics.requests.labels(endpoint, "200").inc()
             include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -1,4 +1,5 @@
-"""The server's engines: the models loaded once, an engine per speculation method built on first use."""
+"""The server's engines: the models loaded once, an engine per target and speculation method built on
+first use."""
 
 from __future__ import annotations
 
@@ -12,23 +13,42 @@ from swarmspec.engine import Engine, encode_request
 from swarmspec.models.loading import LoadedModel, check_spec, load_model
 
 
+class DraftModels:
+    """Draft models by spec, each loaded the first time an engine needs it: one copy of its weights
+    however many targets and methods draft with it (a sorted draft serves every target this way)."""
+
+    def __init__(self, loaded: Mapping[str, LoadedModel] | None = None) -> None:
+        self.loaded = dict(loaded or {})
+        self._lock = threading.Lock()
+
+    def __getitem__(self, spec: str) -> LoadedModel:
+        with self._lock:
+            if spec not in self.loaded:
+                check_spec(spec)
+                self.loaded[spec] = load_model(spec)
+            return self.loaded[spec]
+
+
 class MethodEngines:
     """Engines over one target, one per method (a request may choose its method). The configured
     drafters serve every method (chain takes the first); without drafters each method gets its default.
-    Models are loaded once, when the first engine needing them is built."""
+    Models are loaded once, when the first engine needing them is built; draft models may be shared
+    with other targets' engines (`DraftModels`)."""
 
     def __init__(
         self,
         config: EngineConfig,
         target: LoadedModel | None = None,
-        draft_models: Mapping[str, LoadedModel] | None = None,
+        draft_models: DraftModels | Mapping[str, LoadedModel] | None = None,
     ) -> None:
         self.config = config
         # Drafters the user chose serve every method; the method's defaults only the configured method.
         default = default_drafters(config.method, config.target)
         self.given_drafters = () if config.method == "ar" or config.drafters == default else config.drafters
         self.target = target or load_model(config.target)
-        self.draft_models = dict(draft_models or {})
+        self.draft_models = (
+            draft_models if isinstance(draft_models, DraftModels) else DraftModels(draft_models)
+        )
         self.engines: dict[str, Engine] = {}
         self._lock = threading.Lock()
 
@@ -57,9 +77,6 @@ class MethodEngines:
         with self._lock:
             if method not in self.engines:
                 config = self.config_for(method)  # validates
-                for spec in config.model_drafters:
-                    if spec not in self.draft_models:
-                        check_spec(spec)
-                        self.draft_models[spec] = load_model(spec)
-                self.engines[method] = Engine.from_models(config, self.target, self.draft_models)
+                drafts = {spec: self.draft_models[spec] for spec in config.model_drafters}
+                self.engines[method] = Engine.from_models(config, self.target, drafts)
             return self.engines[method]
