@@ -29,13 +29,17 @@ def test_bench_serve_reports_every_length_and_level(tmp_path: Path) -> None:
         out_dir=str(tmp_path),
     )
     report = run_load_bench(config, target, {})
+    # The servers take turns, their order turning each round.
     assert [(r.round, r.concurrency, r.gamma) for r in report.results] == [
-        (round_, level, gamma) for round_ in (0, 1) for level in (1, 3) for gamma in ("0", "2", "auto")
+        *[(0, level, gamma) for level in (1, 3) for gamma in ("0", "2", "auto")],
+        *[(1, level, gamma) for level in (1, 3) for gamma in ("2", "auto", "0")],
     ]
     assert [r.requests for r in report.results] == [2, 2, 2, 6, 6, 6] * 2
     median, rounds = report.throughput(3, "auto")
     assert len(rounds) == 2 and median == pytest.approx(sum(rounds) / 2)
     assert report.best_fixed(3) in ("0", "2")
+    by_run = {(r.round, r.concurrency, r.gamma): r.tokens_per_s for r in report.results}
+    assert report.paired_ratios(3, "0") == [by_run[(n, 3, "auto")] / by_run[(n, 3, "0")] for n in (0, 1)]
     assert report.mismatches() == []  # every answer equals the request served alone
     assert all(r.completion_tokens > 0 and len(r.latency_s) == r.requests for r in report.results)
     assert all(r.drafted_per_step == 0 for r in report.results if r.gamma == "0")

@@ -216,6 +216,17 @@ class LoadReport:
         rounds = [r.tokens_per_s for r in self.results if r.concurrency == concurrency and r.gamma == gamma]
         return (statistics.median(rounds) if rounds else 0.0), rounds
 
+    def paired_ratios(self, concurrency: int, gamma: str) -> list[float]:
+        """Per round, auto's tokens/s over `gamma`'s in the same round: the machine's drift between
+        rounds (a shared host) cancels out of each ratio."""
+        by_round = {(r.round, r.gamma): r.tokens_per_s for r in self.results if r.concurrency == concurrency}
+        rounds = sorted({round_ for round_, _ in by_round})
+        return [
+            by_round[(n, AUTO)] / by_round[(n, gamma)]
+            for n in rounds
+            if (n, AUTO) in by_round and by_round.get((n, gamma))
+        ]
+
     def best_fixed(self, concurrency: int) -> str | None:
         """The fixed speculation length with the highest median throughput at this level."""
         fixed = {r.gamma for r in self.results if r.concurrency == concurrency and r.gamma != AUTO}
@@ -230,7 +241,8 @@ class LoadReport:
             f"Device: {self.device}. Continuous batching up to {max(c.concurrency)} sequences; greedy; "
             f"{c.max_tokens} tokens per request; {len(self.questions)} questions cycled; each level sends "
             f"max({c.requests_per_client} x concurrency, {c.min_requests}) requests from `concurrency` "
-            "streaming clients (official `openai` client), the servers interleaved level by level; "
+            "streaming clients (official `openai` client), the servers interleaved level by level "
+            "(their order turning each round); "
             f"{c.rounds} round(s) over all levels, throughput the median over rounds.",
             "",
             "Greedy outputs identical to the same request served alone by plain decoding: "
@@ -238,8 +250,12 @@ class LoadReport:
             "",
             "## Batch-aware policy (`auto`) against the best fixed length",
             "",
-            "| concurrency | auto tokens/s (rounds) | best fixed | its tokens/s (rounds) | auto / best |",
-            "|---|---|---|---|---|",
+            "auto / best: the ratio of the medians; per round: auto over the best fixed length in the same "
+            "round (the servers' order turns each round), and their median.",
+            "",
+            "| concurrency | auto tokens/s (rounds) | best fixed | its tokens/s (rounds) | auto / best | "
+            "per round (median) |",
+            "|---|---|---|---|---|---|",
         ]
 
         def shown(level: int, gamma: str) -> str:
@@ -255,8 +271,11 @@ class LoadReport:
             auto = self.throughput(level, AUTO)[0]
             if auto and best:
                 ratio = auto / self.throughput(level, best)[0]
+                paired = self.paired_ratios(level, best)
+                per_round = f"{', '.join(f'{r:.2f}' for r in paired)} ({statistics.median(paired):.2f}x)"
                 lines.append(
-                    f"| {level} | {shown(level, AUTO)} | gamma {best} | {shown(level, best)} | {ratio:.2f}x |"
+                    f"| {level} | {shown(level, AUTO)} | gamma {best} | {shown(level, best)} | "
+                    f"{ratio:.2f}x | {per_round} |"
                 )
         lines += [
             "",
@@ -386,9 +405,13 @@ def run_load_bench(
         for gamma, url in urls.items():  # builds the engines (and measures their costs) before timing
             print(f"warming up the gamma {gamma} server ...", file=sys.stderr, flush=True)
             asyncio.run(load(url, [questions[0].prompt], 1, 4))
+        servers_in_turn = list(urls.items())
         for round_ in range(config.rounds):
             for level in config.concurrency:
-                for gamma, url in urls.items():
+                # The order turns each round, so that no server always runs first at a level (after
+                # the change of batch size) or always last.
+                turn = round_ % len(servers_in_turn)
+                for gamma, url in servers_in_turn[turn:] + servers_in_turn[:turn]:
                     result = replace(
                         run_level(url, gamma, prompts[level], level, config.max_tokens), round=round_
                     )
