@@ -45,6 +45,16 @@ def test_costs_interpolate_and_extrapolate() -> None:
     assert costs.verify(1) == 30.0 and costs.verify(3) == 76.0 and costs.verify(6) == 145.0
 
 
+def test_costs_measured_decreasing_are_fitted_non_decreasing() -> None:
+    # Measured on a busy machine: two rows "cheaper" than one, two sequences "cheaper" than one.
+    costs = StepCosts({1: 30.0, 2: 20.0, 4: 99.0}, (), {2: {1: 20.0, 2: 70.0}})
+    # Rows: 30 and 20 pool to 25. Batch size at k = 1: 25 and 20 pool to 22.5.
+    assert costs.verify_ms == {1: 22.5, 2: 25.0, 4: 99.0}
+    assert costs.batch_verify_ms == {2: {1: 22.5, 2: 70.0}}
+    # Where the curve did not decrease, nothing moves.
+    assert StepCosts({1: 30.0, 2: 53.0}, ()).verify_ms == {1: 30.0, 2: 53.0}
+
+
 def test_acceptance_estimates_follow_the_observed_rates() -> None:
     stats = trained_stats([0.9, 0.2])
     assert stats.rate(0, 3) == pytest.approx(0.9, abs=0.05)

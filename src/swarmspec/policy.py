@@ -89,6 +89,17 @@ class StepCosts:
         for curve in [self.verify_ms, *self.batch_verify_ms.values()]:
             if 1 not in curve or len(curve) < 2:
                 raise ValueError(f"need the target's cost at k = 1 and one more k, got {sorted(curve)}")
+        # A forward over more rows, or more sequences, never costs less; measured on a busy machine a
+        # curve may say so, and a policy believing it would verify rows for nothing. Each curve is
+        # replaced by its least-squares non-decreasing fit (in rows, then in batch size at each k).
+        batched = {1: self.verify_ms, **self.batch_verify_ms}
+        batched = {b: non_decreasing(curve) for b, curve in batched.items()}
+        for k in set.intersection(*(set(curve) for curve in batched.values())):
+            column = non_decreasing({b: batched[b][k] for b in batched})
+            for b in batched:
+                batched[b][k] = column[b]
+        object.__setattr__(self, "verify_ms", non_decreasing(batched.pop(1)))
+        object.__setattr__(self, "batch_verify_ms", {b: non_decreasing(c) for b, c in batched.items()})
 
     def verify(self, rows: int, batch: int = 1) -> float:
         """The step's forward: `batch` sequences verifying `rows` rows each."""
@@ -102,6 +113,20 @@ class StepCosts:
         lo, hi = sizes[i - 1], sizes[i]
         t_lo, t_hi = _interpolate(curves[lo], rows), _interpolate(curves[hi], rows)
         return t_lo + (t_hi - t_lo) * (batch - lo) / (hi - lo)
+
+
+def non_decreasing(curve: dict[int, float]) -> dict[int, float]:
+    """The least-squares non-decreasing fit of `curve` over its sorted keys (pool adjacent violators:
+    a run of points that decreases is replaced by its mean)."""
+    blocks: list[list[float]] = []  # [sum, count] of pooled runs
+    for x in sorted(curve):
+        blocks.append([curve[x], 1])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    fitted = [total / count for total, count in blocks for _ in range(int(count))]
+    return dict(zip(sorted(curve), fitted, strict=True))
 
 
 def _interpolate(curve: dict[int, float], x: int) -> float:
