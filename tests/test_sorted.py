@@ -13,7 +13,7 @@ from transformers import Qwen2ForCausalLM
 
 from swarmspec.cli import main
 from swarmspec.config import AUTO, EngineConfig, Gamma, SortedDraft
-from swarmspec.drafters.sorted import SortedDrafter
+from swarmspec.drafters.sorted import SortedDrafter, exits_worth_trying
 from swarmspec.engine import Engine, SharedLearning, build_drafters
 from swarmspec.errors import InvalidRequestError
 from swarmspec.metrics import DecodeStats
@@ -94,8 +94,10 @@ def test_an_exit_asked_twice_for_one_token_is_an_error(model: Qwen2ForCausalLM) 
         runner.exit_logits(0)
 
 
-def sorted_drafter(model: Qwen2ForCausalLM, thresholds: tuple[float, ...]) -> SortedDrafter:
-    return SortedDrafter(SortedRunner(model, SortedExits(model, EXITS)), thresholds)
+def sorted_drafter(
+    model: Qwen2ForCausalLM, thresholds: tuple[float, ...], prune_exits: bool = False
+) -> SortedDrafter:
+    return SortedDrafter(SortedRunner(model, SortedExits(model, EXITS)), thresholds, prune_exits)
 
 
 @pytest.mark.parametrize(
@@ -267,3 +269,36 @@ def test_a_reused_cache_drafts_what_a_fresh_one_does(model: Qwen2ForCausalLM) ->
         assert reused.runner.cached_len == len(reused.cached_ids)
         kept = rng.randrange(len(drafted))  # the target accepts a prefix, then says its own token
         context = [*context, *drafted[:kept], rng.randrange(VOCAB)]
+
+
+def test_an_exit_is_tried_only_where_it_pays() -> None:
+    """By hand, heads of 10 and segments of 5 (weights read). The deepest exit always answers (10 from
+    its decision on). Exit 1: a token leaving it unanswered costs 5 + 10 = 15, so at a pass rate of 0.1
+    it saves 1.5 for a head of 10: skipped. Exit 0: leaving it costs 5 + 15 = 20; at 0.6 it saves 12 > 10:
+    tried; at 0.5 it saves 10, not more than its head: skipped."""
+    assert exits_worth_trying([0.6, 0.1, 1.0], [10, 10, 10], [5, 5, 5]) == [True, False, True]
+    assert exits_worth_trying([0.5, 0.1, 1.0], [10, 10, 10], [5, 5, 5]) == [False, False, True]
+    # A cheap head (a draft head) is worth trying at a low pass rate: 0.1 * 15 > 1.
+    assert exits_worth_trying([0.5, 0.1, 1.0], [1, 1, 10], [5, 5, 5]) == [True, True, True]
+
+
+def test_pruned_exits_are_probed_and_change_the_cost_not_the_drafts(model: Qwen2ForCausalLM) -> None:
+    """Shallow exits that never pass (threshold 1) soon stop being tried but for a probe every 16 tokens;
+    the drafts stay those of the deepest exit. An exit that always passes (threshold 0) is always tried."""
+    prompt, sampling = tokens(6), SamplingConfig()
+    pruned = sorted_drafter(model, (1.0, 1.0), prune_exits=True)
+    tried = [0, 0, 0]
+    exit_logits = pruned.runner.exit_logits
+
+    def counted(exit_index: int) -> torch.Tensor:
+        tried[exit_index] += 1
+        return exit_logits(exit_index)
+
+    pruned.runner.exit_logits = counted  # type: ignore[method-assign]
+    drafted = pruned.propose(prompt, 64, sampling, None).tokens.tolist()
+    assert drafted == sorted_drafter(model, (1.0, 1.0)).propose(prompt, 64, sampling, None).tokens.tolist()
+    assert tried[2] == 64 and pruned.exit_counts == [0, 0, 64]
+    assert 0 < tried[0] <= 12 and 0 < tried[1] <= 12  # a few tries to learn, then probes
+    always = sorted_drafter(model, (0.0, 0.0), prune_exits=True)
+    always.propose(prompt, 64, sampling, None)
+    assert always.exit_counts == [64, 0, 0]

@@ -12,18 +12,52 @@ from swarmspec.runners.sorted import SortedRunner
 from swarmspec.sampling import SamplingConfig
 
 
+def exits_worth_trying(
+    pass_rates: Sequence[float], head_cost: Sequence[float], segment_cost: Sequence[float]
+) -> list[bool]:
+    """Which exits a token should try, from the shallowest: trying exit j costs its head whether or not
+    the token passes there; passing saves what the token would spend beyond it (the next segment's
+    layers and whatever it would try after, chosen the same way). `pass_rates[j]`: P(a token that tries
+    exit j passes its threshold). The deepest exit always answers."""
+    worth = [True] * len(pass_rates)
+    after = head_cost[-1]  # expected cost of a token that has reached the deepest exit's decision
+    for j in range(len(pass_rates) - 2, -1, -1):
+        onward = segment_cost[j + 1] + after  # what a token leaving exit j unanswered still costs
+        worth[j] = pass_rates[j] * onward > head_cost[j]
+        after = head_cost[j] + (1 - pass_rates[j]) * onward if worth[j] else onward
+    return worth
+
+
 class SortedDrafter(Drafter):
     """Drafts a chain; per token it tries the exits from the shallowest and keeps the first whose top
     probability reaches that exit's threshold (the deepest exit always answers). Only the exits tried
-    run, and a deeper exit completes the skipped layers' cache on the way (runners.sorted)."""
+    run, and a deeper exit completes the skipped layers' cache on the way (runners.sorted).
 
-    def __init__(self, runner: SortedRunner, thresholds: Sequence[float]) -> None:
+    With `prune_exits`, an exit whose tokens pass too rarely to pay for its head is not tried
+    (`exits_worth_trying`, from each exit's running pass rate and the weights its head and the layers
+    after it read); it is still tried once every `probe_every` tokens that skip it, so that its pass rate
+    stays current."""
+
+    def __init__(
+        self,
+        runner: SortedRunner,
+        thresholds: Sequence[float],
+        prune_exits: bool = True,
+        probe_every: int = 16,
+        decay: float = 0.98,
+    ) -> None:
         if len(thresholds) != len(runner.exits.depths) - 1:
             raise ValueError(f"one threshold per exit but the deepest, got {list(thresholds)}")
         self.runner = runner
         self.thresholds = (*thresholds, 0.0)
         self.cached_ids: list[int] = []
         self.exit_counts = [0] * len(self.thresholds)  # drafted tokens per exit, for reports
+        self.prune_exits, self.probe_every, self.decay = prune_exits, probe_every, decay
+        self.segment_cost, self.head_cost = runner.weights_read()
+        # Decayed counts of tokens that tried each exit and passed, starting from one pass in two tries.
+        self.tried = [2.0] * len(self.thresholds)
+        self.passed = [1.0] * len(self.thresholds)
+        self.skipped = [0] * len(self.thresholds)  # tokens that skipped each exit since it was last tried
 
     def propose(
         self,
@@ -48,11 +82,30 @@ class SortedDrafter(Drafter):
 
     def _confident_exit_logits(self) -> torch.Tensor:  # [V] after the last token
         for exit_index, threshold in enumerate(self.thresholds):
+            if not self._tries(exit_index):
+                continue
             logits = self.runner.exit_logits(exit_index)
-            if threshold == 0 or float(torch.softmax(logits, -1).max()) >= threshold:
+            passed = threshold == 0 or float(torch.softmax(logits, -1).max()) >= threshold
+            self.tried[exit_index] = self.decay * self.tried[exit_index] + 1
+            self.passed[exit_index] = self.decay * self.passed[exit_index] + passed
+            if passed:
                 self.exit_counts[exit_index] += 1
                 return logits
         raise AssertionError("the deepest exit's threshold is 0")
+
+    def _tries(self, exit_index: int) -> bool:
+        """Whether the next token tries this exit (the deepest: always)."""
+        if not self.prune_exits or exit_index == len(self.thresholds) - 1:
+            return True
+        pass_rates = [p / t for p, t in zip(self.passed, self.tried, strict=True)]
+        if exits_worth_trying(pass_rates, self.head_cost, self.segment_cost)[exit_index]:
+            self.skipped[exit_index] = 0
+            return True
+        self.skipped[exit_index] += 1
+        if self.skipped[exit_index] >= self.probe_every:  # a probe: is it worth trying again?
+            self.skipped[exit_index] = 0
+            return True
+        return False
 
     def _feed(self, token: int) -> torch.Tensor:  # [V] after `token`
         self._extend([token])
