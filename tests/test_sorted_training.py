@@ -18,6 +18,7 @@ from swarmspec.train.sorted import (
     exit_features,
     token_frequency_order,
     train_exits,
+    tune_cascade,
     tune_threshold,
     tune_thresholds,
 )
@@ -148,6 +149,24 @@ def test_threshold_tuning_on_synthetic_confidences() -> None:
     assert tune_threshold(confidence, correct, 1.0) == pytest.approx(0.8)
     assert tune_threshold(confidence, correct, 0.5) == pytest.approx(0.3)  # 4 of 8 overall
     assert tune_threshold(confidence, torch.zeros(8, dtype=torch.bool), 0.5) == 1.0  # never right: never
+
+
+def test_thresholds_are_tuned_in_cascade() -> None:
+    """Rows 0-3 are easy, 4-7 hard; the deepest exit is right on all but row 7 (7 of 8). Exit 0 is right
+    on the easy rows (precision 1 down to 0.8, then 4 of 5): 0.8. Exit 1 then sees rows 4-7 only, where
+    the deepest is right 3 of 4 times: it is right on its top two (0.7, 0.6), then 2 of 3: 0.6. Tuned on
+    every row instead, exit 1 would also count the easy rows it never sees and stop at 0.5."""
+    confidence = [
+        torch.tensor([0.95, 0.9, 0.85, 0.8, 0.3, 0.25, 0.2, 0.15]),
+        torch.tensor([0.5, 0.5, 0.5, 0.5, 0.7, 0.6, 0.4, 0.35]),
+    ]
+    correct = [torch.tensor([True] * 4 + [False] * 4), torch.tensor([True] * 6 + [False] * 2)]
+    deepest = torch.tensor([True] * 7 + [False])
+    assert tune_cascade(confidence, correct, deepest) == pytest.approx([0.8, 0.6])
+    assert tune_threshold(confidence[1], correct[1], 7 / 8) == pytest.approx(0.5)
+    # Exit 0 answers every row: nothing is left for exit 1, which never answers.
+    sure, right = torch.tensor([0.9, 0.8]), torch.ones(2, dtype=torch.bool)
+    assert tune_cascade([sure, torch.tensor([0.3, 0.2])], [right, right], right) == pytest.approx([0.8, 1.0])
 
 
 def test_tuned_thresholds_are_stored_per_target_and_used_by_exit_subsets(

@@ -237,20 +237,43 @@ def tune_threshold(confidence: torch.Tensor, correct: torch.Tensor, required: fl
     return float(confidence[order[int(reached[-1])]]) if len(reached) else 1.0
 
 
+def tune_cascade(
+    confidence: Sequence[torch.Tensor], correct: Sequence[torch.Tensor], deepest_correct: torch.Tensor
+) -> list[float]:
+    """Thresholds for exits tried in turn, as drafting tries them (the deepest answering the rest):
+    exit j is tuned on the rows the exits before it leave unanswered, to be right there as often as the
+    deepest exit is on those same rows."""
+    remaining = torch.ones_like(deepest_correct, dtype=torch.bool)
+    thresholds = []
+    for exit_confidence, exit_correct in zip(confidence, correct, strict=True):
+        if not remaining.any():
+            thresholds.append(1.0)
+            continue
+        required = float(deepest_correct[remaining].double().mean())
+        threshold = tune_threshold(exit_confidence[remaining], exit_correct[remaining], required)
+        thresholds.append(threshold)
+        remaining &= exit_confidence < threshold  # a token at or above it stops at this exit
+    return thresholds
+
+
 def tune_thresholds(
     exits: SortedExits, model: PreTrainedModel, features: Features
 ) -> dict[str, dict[str, float]]:
-    """Per target model (name without backend prefix) and exit but the deepest: the threshold at which
-    that exit is as often right as the deepest exit on `features` (each exit tuned on every row, not
-    only those the exits before it pass on)."""
+    """Per target model (name without backend prefix) and exit but the deepest: the exits' thresholds
+    tuned in cascade on `features` (`tune_cascade`)."""
     predictions = exit_predictions(exits, model, features)
     tuned = {}
     for target, mine in rows_by_target(features).items():
         labels = features.labels[mine]
-        required = float((predictions[-1].top[mine] == labels).double().mean())
+        shallow = predictions[:-1]
+        thresholds = tune_cascade(
+            [p.confidence[mine] for p in shallow],
+            [p.top[mine] == labels for p in shallow],
+            predictions[-1].top[mine] == labels,
+        )
+        depths = exits.depths[:-1]
         tuned[split_spec(target)[1]] = {
-            str(depth): round(tune_threshold(p.confidence[mine], p.top[mine] == labels, required), 4)
-            for depth, p in zip(exits.depths[:-1], predictions, strict=False)
+            str(depth): round(threshold, 4) for depth, threshold in zip(depths, thresholds, strict=True)
         }
     return tuned
 
