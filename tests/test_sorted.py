@@ -17,7 +17,7 @@ from swarmspec.drafters.sorted import SortedDrafter, exits_worth_trying
 from swarmspec.engine import Engine, SharedLearning, build_drafters
 from swarmspec.errors import InvalidRequestError
 from swarmspec.metrics import DecodeStats
-from swarmspec.models.loading import LoadedModel
+from swarmspec.models.loading import LoadedModel, pack_linears_onednn
 from swarmspec.models.sorted import SortedExits, trained_exits_path
 from swarmspec.policy import StepCosts
 from swarmspec.runners.sorted import SortedRunner
@@ -302,3 +302,17 @@ def test_pruned_exits_are_probed_and_change_the_cost_not_the_drafts(model: Qwen2
     always = sorted_drafter(model, (0.0, 0.0), prune_exits=True)
     always.propose(prompt, 64, sampling, None)
     assert always.exit_counts == [64, 0, 0]
+
+
+def test_a_sorted_draft_on_onednn_packed_layers_counts_the_same_weights_and_decodes_exactly() -> None:
+    """The `sorted:` variant packs the draft's layers for oneDNN and keeps its LM head (draft heads take
+    its rows): the exits' costs count the packed weights, and drafting stays exact."""
+    target, draft_model = tiny_qwen2(2, layers=2), tiny_qwen2(8, layers=4)
+    plain_costs = SortedRunner(draft_model, SortedExits(draft_model, (1, 4))).weights_read()
+    pack_linears_onednn(draft_model, keep=("lm_head",))
+    assert isinstance(draft_model.lm_head, torch.nn.Linear)
+    runner = SortedRunner(draft_model, SortedExits(draft_model, (1, 4)))
+    assert runner.weights_read() == plain_costs
+    prompt = tokens(6, 1)
+    speculative, stats = run_decode(target, SortedDrafter(runner, (0.3,)), prompt, 40, gamma=3)
+    assert speculative == run_decode(target, None, prompt, 40)[0] and stats.drafted_tokens > 0

@@ -15,7 +15,19 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from swarmspec.models.loading import PackedLinear
 from swarmspec.models.sorted import SortedExits, decoder_layers
+
+
+def weights_in(module: torch.nn.Module) -> int:
+    """A module's weights: its parameters, and the weights and biases of its oneDNN-packed linears (kept
+    as plain tensors, not parameters)."""
+    packed = sum(
+        m.packed_weight.numel() + (0 if m.bias is None else m.bias.numel())
+        for m in module.modules()
+        if isinstance(m, PackedLinear)
+    )
+    return packed + sum(p.numel() for p in module.parameters())
 
 
 class SortedRunner:
@@ -34,9 +46,7 @@ class SortedRunner:
         """Weights one drafted token reads in each segment's layers, and in each exit's head (norm,
         adapter, LM head or draft head). A single-token forward is memory-bound on a CPU, so its time
         follows these counts (the 0.5B: 6 layers 89M against a full head's 136M, 20 against 31 ms)."""
-        segments = [
-            sum(p.numel() for layer in s for p in self.layers[layer].parameters()) for s in self.segments
-        ]
+        segments = [sum(weights_in(self.layers[layer]) for layer in s) for s in self.segments]
         head_rows, hidden = self.model.lm_head.weight.shape
         draft_rows = head_rows if self.exits.head_rows is None else len(self.exits.head_rows)
         heads = []
