@@ -79,6 +79,16 @@ def test_drafter_that_cannot_pay_is_never_run_not_even_to_probe() -> None:
     assert all(policy.draft_depths(16) == [0] for _ in range(200))
 
 
+def test_a_drafter_costing_a_share_of_its_profile_is_priced_at_that_share() -> None:
+    # A sorted draft whose tokens stop at shallow exits: a tenth of the profiled 18.5 ms, so one token
+    # at 0.95 pays (1.95 / (1.85 + 53) = 0.0356 > 1/30), which at the whole 18.5 ms it never does.
+    prior = AcceptancePrior()
+    prior.stats = trained_stats([0.95, 0.95])
+    shared = CostModelPolicy(StepCosts(STEEP, (18.5,)), max_depth=16, prior=prior, cost_shares=[lambda: 0.1])
+    assert shared.draft_depths(16)[0] >= 1
+    assert policy_with(STEEP, 18.5, 0.95).draft_depths(16) == [0]
+
+
 def test_select_keeps_the_prefix_worth_verifying() -> None:
     policy = policy_with(STEEP, 0.0, 0.85)
     chain = TokenTree.chain(5, torch.arange(16))

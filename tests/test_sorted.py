@@ -13,7 +13,7 @@ from transformers import Qwen2ForCausalLM
 
 from swarmspec.cli import main
 from swarmspec.config import AUTO, EngineConfig, Gamma, SortedDraft
-from swarmspec.drafters.sorted import SortedDrafter, exits_worth_trying
+from swarmspec.drafters.sorted import SortedDrafter, plan_exits
 from swarmspec.engine import Engine, SharedLearning, build_drafters
 from swarmspec.errors import InvalidRequestError
 from swarmspec.metrics import DecodeStats
@@ -276,10 +276,13 @@ def test_an_exit_is_tried_only_where_it_pays() -> None:
     its decision on). Exit 1: a token leaving it unanswered costs 5 + 10 = 15, so at a pass rate of 0.1
     it saves 1.5 for a head of 10: skipped. Exit 0: leaving it costs 5 + 15 = 20; at 0.6 it saves 12 > 10:
     tried; at 0.5 it saves 10, not more than its head: skipped."""
-    assert exits_worth_trying([0.6, 0.1, 1.0], [10, 10, 10], [5, 5, 5]) == [True, False, True]
-    assert exits_worth_trying([0.5, 0.1, 1.0], [10, 10, 10], [5, 5, 5]) == [False, False, True]
+    assert plan_exits([0.6, 0.1, 1.0], [10, 10, 10], [5, 5, 5]) == ([True, False, True], 23)
+    assert plan_exits([0.5, 0.1, 1.0], [10, 10, 10], [5, 5, 5])[0] == [False, False, True]
     # A cheap head (a draft head) is worth trying at a low pass rate: 0.1 * 15 > 1.
-    assert exits_worth_trying([0.5, 0.1, 1.0], [1, 1, 10], [5, 5, 5]) == [True, True, True]
+    assert plan_exits([0.5, 0.1, 1.0], [1, 1, 10], [5, 5, 5])[0] == [True, True, True]
+    # A token costs segment 0 (5), then exit 0's head (10) and, 40% of the time, 20 more: 23. Trying
+    # every exit instead: 5 + 10 + 0.4 * (5 + 10 + 0.9 * (5 + 10)) = 26.4; the whole model 5 * 3 + 10 = 25.
+    assert plan_exits([0.6, 0.1, 1.0], [10, 10, 10], [5, 5, 5], try_all=True)[1] == pytest.approx(26.4)
 
 
 def test_pruned_exits_are_probed_and_change_the_cost_not_the_drafts(model: Qwen2ForCausalLM) -> None:
@@ -299,9 +302,14 @@ def test_pruned_exits_are_probed_and_change_the_cost_not_the_drafts(model: Qwen2
     assert drafted == sorted_drafter(model, (1.0, 1.0)).propose(prompt, 64, sampling, None).tokens.tolist()
     assert tried[2] == 64 and pruned.exit_counts == [0, 0, 64]
     assert 0 < tried[0] <= 12 and 0 < tried[1] <= 12  # a few tries to learn, then probes
+    assert 0.99 < pruned.cost_share() < 1.1  # the whole model, and a rare probe's head
     always = sorted_drafter(model, (0.0, 0.0), prune_exits=True)
     always.propose(prompt, 64, sampling, None)
     assert always.exit_counts == [64, 0, 0]
+    segments, heads = always.runner.weights_read()
+    # Nearly every token stops at exit 0: its segment and its head, of the whole model's weights.
+    stop_at_first = (segments[0] + heads[0]) / (sum(segments) + heads[-1])
+    assert always.cost_share() == pytest.approx(stop_at_first, rel=0.1)
 
 
 def test_a_sorted_draft_on_onednn_packed_layers_counts_the_same_weights_and_decodes_exactly() -> None:

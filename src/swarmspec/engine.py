@@ -219,7 +219,13 @@ class Engine:
             else:
                 if step_costs is None:
                     step_costs = measure_step_costs(config, target_runner, speculation, batched)
-                policy = CostModelPolicy(step_costs, config.max_depth, shared.acceptance, peers=peers)
+                policy = CostModelPolicy(
+                    step_costs,
+                    config.max_depth,
+                    shared.acceptance,
+                    peers=peers,
+                    cost_shares=[drafter.cost_share for drafter in speculation.drafters],
+                )
             return SequenceState(target_runner, speculation, policy)
 
         engine = cls(new_state, target.tokenizer, target.stop_token_ids, batched)

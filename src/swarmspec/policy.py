@@ -252,10 +252,14 @@ class CostModelPolicy(SpeculationPolicy):
         probe_every: int = 4,
         max_probe_every: int = 64,
         peers: BatchPeers | None = None,
+        cost_shares: Sequence[Callable[[], float]] = (),
     ) -> None:
         if max_depth < 1:
             raise ValueError(f"max_depth must be >= 1, got {max_depth}")
         self.costs = costs
+        # Per drafter, what a drafted token costs now as a share of its profiled one (`Drafter.cost_share`:
+        # a sorted draft stopping at shallow exits pays less than its whole model).
+        self.cost_shares = cost_shares
         self.peers = peers  # the sequences verified in the same forwards (continuous batching)
         self._rows: int | None = None  # the batch's row count this step; None: deciding alone
         self.max_depth = max_depth
@@ -283,18 +287,21 @@ class CostModelPolicy(SpeculationPolicy):
         if self.peers is not None:
             self.peers.publish(self, self._gains(limit))
             if self.peers.size() > 1:
-                self._rows = self.peers.best_rows(
-                    self.costs, limit + 1, max(self.costs.draft_token_ms, default=0)
-                )
+                draft_ms = [self._draft_token_ms(i) for i in range(self.drafters)]
+                self._rows = self.peers.best_rows(self.costs, limit + 1, max(draft_ms, default=0))
                 depths = [min(limit, self._rows - 1)] * self.drafters
-                self._draft_ms = sum(d * c for d, c in zip(depths, self.costs.draft_token_ms, strict=True))
+                self._draft_ms = sum(d * c for d, c in zip(depths, draft_ms, strict=True))
                 return depths
         depths = [self._depth(i, limit) for i in range(self.drafters)]
-        self._draft_ms = sum(d * c for d, c in zip(depths, self.costs.draft_token_ms, strict=True))
+        self._draft_ms = sum(d * self._draft_token_ms(i) for i, d in enumerate(depths))
         return depths
 
+    def _draft_token_ms(self, drafter: int) -> float:
+        share = self.cost_shares[drafter]() if self.cost_shares else 1.0
+        return self.costs.draft_token_ms[drafter] * share
+
     def _depth(self, drafter: int, limit: int) -> int:
-        cost = self.costs.draft_token_ms[drafter]
+        cost = self._draft_token_ms(drafter)
         if cost == 0 or limit == 0:
             return limit  # free: propose all the match has, `select` keeps what is worth verifying
         best, best_rate = 0, 1 / self._verify(1)
@@ -392,7 +399,7 @@ class CostModelPolicy(SpeculationPolicy):
             top = proposers[ranked[0]]
             if paid:
                 kept = paid[:1]
-            elif self._probe_due(top, self.costs.draft_token_ms[top]):
+            elif self._probe_due(top, self._draft_token_ms(top)):
                 kept = ranked[:1]
         return tree.keep(sorted([0, *kept]))
 

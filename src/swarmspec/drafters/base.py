@@ -53,6 +53,11 @@ class Drafter(ABC):
     def end(self) -> None:  # noqa: B027
         """The sequence is finished or abandoned."""
 
+    def cost_share(self) -> float:
+        """What drafting a token costs now, as a share of this drafter's profiled per-token cost (a
+        sorted draft whose tokens stop at shallow exits: less than its whole model's)."""
+        return 1.0
+
     @abstractmethod
     def propose(
         self,

@@ -12,20 +12,25 @@ from swarmspec.runners.sorted import SortedRunner
 from swarmspec.sampling import SamplingConfig
 
 
-def exits_worth_trying(
-    pass_rates: Sequence[float], head_cost: Sequence[float], segment_cost: Sequence[float]
-) -> list[bool]:
-    """Which exits a token should try, from the shallowest: trying exit j costs its head whether or not
-    the token passes there; passing saves what the token would spend beyond it (the next segment's
-    layers and whatever it would try after, chosen the same way). `pass_rates[j]`: P(a token that tries
-    exit j passes its threshold). The deepest exit always answers."""
+def plan_exits(
+    pass_rates: Sequence[float],
+    head_cost: Sequence[float],
+    segment_cost: Sequence[float],
+    try_all: bool = False,
+) -> tuple[list[bool], float]:
+    """Which exits a token should try, from the shallowest, and what a token then costs on average.
+
+    Trying exit j costs its head whether or not the token passes there; passing saves what the token
+    would spend beyond it (the next segment's layers and whatever it would try after, chosen the same
+    way). `pass_rates[j]`: P(a token that tries exit j passes its threshold). The deepest exit always
+    answers. `try_all`: every exit is tried (the cost of drafting without pruning)."""
     worth = [True] * len(pass_rates)
     after = head_cost[-1]  # expected cost of a token that has reached the deepest exit's decision
     for j in range(len(pass_rates) - 2, -1, -1):
         onward = segment_cost[j + 1] + after  # what a token leaving exit j unanswered still costs
-        worth[j] = pass_rates[j] * onward > head_cost[j]
+        worth[j] = try_all or pass_rates[j] * onward > head_cost[j]
         after = head_cost[j] + (1 - pass_rates[j]) * onward if worth[j] else onward
-    return worth
+    return worth, segment_cost[0] + after
 
 
 class SortedDrafter(Drafter):
@@ -34,7 +39,7 @@ class SortedDrafter(Drafter):
     run, and a deeper exit completes the skipped layers' cache on the way (runners.sorted).
 
     With `prune_exits`, an exit whose tokens pass too rarely to pay for its head is not tried
-    (`exits_worth_trying`, from each exit's running pass rate and the weights its head and the layers
+    (`plan_exits`, from each exit's running pass rate and the weights its head and the layers
     after it read); it is still tried once every `probe_every` tokens that skip it, so that its pass rate
     stays current."""
 
@@ -93,12 +98,20 @@ class SortedDrafter(Drafter):
                 return logits
         raise AssertionError("the deepest exit's threshold is 0")
 
+    def cost_share(self) -> float:
+        """A drafted token's expected weights read (`plan_exits`, from the running pass rates) over the
+        whole draft model's, whose forward the cost profile measured."""
+        _, expected = plan_exits(self._pass_rates(), self.head_cost, self.segment_cost, not self.prune_exits)
+        return expected / (sum(self.segment_cost) + self.head_cost[-1])
+
+    def _pass_rates(self) -> list[float]:
+        return [passed / tried for passed, tried in zip(self.passed, self.tried, strict=True)]
+
     def _tries(self, exit_index: int) -> bool:
         """Whether the next token tries this exit (the deepest: always)."""
         if not self.prune_exits or exit_index == len(self.thresholds) - 1:
             return True
-        pass_rates = [p / t for p, t in zip(self.passed, self.tried, strict=True)]
-        if exits_worth_trying(pass_rates, self.head_cost, self.segment_cost)[exit_index]:
+        if plan_exits(self._pass_rates(), self.head_cost, self.segment_cost)[0][exit_index]:
             self.skipped[exit_index] = 0
             return True
         self.skipped[exit_index] += 1
