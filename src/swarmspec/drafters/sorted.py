@@ -86,8 +86,11 @@ class SortedDrafter(Drafter):
         return sum(self.exit_counts), sum(n * d for n, d in zip(self.exit_counts, depths, strict=True))
 
     def _confident_exit_logits(self) -> torch.Tensor:  # [V] after the last token
+        # Exit j's worth depends on its own and deeper exits' rates only, which trying the shallower
+        # exits of this token does not change: one plan per token.
+        worth = plan_exits(self._pass_rates(), self.head_cost, self.segment_cost, not self.prune_exits)[0]
         for exit_index, threshold in enumerate(self.thresholds):
-            if not self._tries(exit_index):
+            if not self._tries(exit_index, worth[exit_index]):
                 continue
             logits = self.runner.exit_logits(exit_index)
             passed = threshold == 0 or float(torch.softmax(logits, -1).max()) >= threshold
@@ -107,11 +110,9 @@ class SortedDrafter(Drafter):
     def _pass_rates(self) -> list[float]:
         return [passed / tried for passed, tried in zip(self.passed, self.tried, strict=True)]
 
-    def _tries(self, exit_index: int) -> bool:
-        """Whether the next token tries this exit (the deepest: always)."""
-        if not self.prune_exits or exit_index == len(self.thresholds) - 1:
-            return True
-        if plan_exits(self._pass_rates(), self.head_cost, self.segment_cost)[0][exit_index]:
+    def _tries(self, exit_index: int, worth: bool) -> bool:
+        """Whether the token tries this exit: where it is worth it, else as a probe now and then."""
+        if worth:
             self.skipped[exit_index] = 0
             return True
         self.skipped[exit_index] += 1
