@@ -16,6 +16,7 @@ from swarmspec.drafters.model import ModelDrafter
 from swarmspec.dsi.orchestrator import LocalInstance, dsi_decode
 from swarmspec.errors import SwarmspecError
 from swarmspec.metrics import DecodeStats
+from swarmspec.policy import CostModelPolicy, SpeculationPolicy, StepCosts
 from swarmspec.runners.base import ModelRunner
 from swarmspec.runners.hf import HFRunner
 from swarmspec.sampling import SamplingConfig
@@ -46,6 +47,7 @@ def run_dsi(
     seed: int = 0,
     stop_token_ids: frozenset[int] = frozenset(),
     pipeline: bool = False,
+    policy: SpeculationPolicy | None = None,
 ) -> tuple[list[int], DecodeStats]:
     sampling = sampling or SamplingConfig()
     stats = DecodeStats()
@@ -53,7 +55,7 @@ def run_dsi(
         [LocalInstance(runner) for runner in instances], drafter, verifier or make_verifier(sampling), prompt,
         max_new_tokens=max_new_tokens, lookahead=lookahead, sampling=sampling,
         stop_token_ids=stop_token_ids, generator=torch.Generator().manual_seed(seed), stats=stats,
-        pipeline=pipeline,
+        pipeline=pipeline, policy=policy,
     )  # fmt: skip
     return [t for chunk in chunks for t in chunk], stats
 
@@ -179,6 +181,81 @@ def test_the_pipelined_drafter_drafts_while_the_target_verifies(pipeline: bool) 
         assert drafter.while_verifying <= 1  # (it may start during the prompt's forward)
 
 
+# The pipeline's `--gamma auto`: drafting is overlapped, so only the target's cost curve counts.
+FLAT = {1: 10.0, 2: 10.5, 4: 11.0, 8: 12.0, 16: 14.0}  # GPU-like: rows are nearly free
+MODERATE = {1: 10.0, 2: 13.0, 4: 19.0, 8: 31.0, 16: 55.0}
+STEEP = {1: 10.0, 2: 20.0, 4: 40.0, 8: 80.0}  # every row as dear as a forward: speculation cannot pay
+
+
+def pipeline_policy(curve: dict[int, float], max_depth: int = 8) -> CostModelPolicy:
+    return CostModelPolicy(StepCosts(curve, (0.0,)), max_depth)
+
+
+class RowCountingRunner(SlowRunner):
+    """A slow runner that records how many drafted tokens each forward verifies (its rows but the
+    first, which gives the token after the committed ones; the prompt's forward is not recorded)."""
+
+    def __init__(self, model, delay: float) -> None:
+        super().__init__(model, delay)
+        self.drafted_rows: list[int] = []
+
+    def forward(self, input_ids, num_logits, tree_mask=None):
+        if self.cached_len:
+            self.drafted_rows.append(num_logits - 1)
+        return super().forward(input_ids, num_logits, tree_mask)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("curve", [FLAT, MODERATE, STEEP], ids=["flat", "moderate", "steep"])
+def test_the_self_tuning_pipeline_matches_plain_decoding(seed: int, curve: dict[int, float]) -> None:
+    target, other = tiny_qwen2(seed), tiny_qwen2(seed + 100)
+    prompt = prompt_for(seed, 3 + seed * 5)
+    reference, _ = run_decode(target, None, prompt, 40)
+    for drafter in (ModelDrafter(HFRunner(other)), ReferenceDrafter(reference, len(prompt), {3, 4, 20})):
+        runner = SlowRunner(target, 0.01)  # drafts pile up while the target verifies
+        policy = pipeline_policy(curve)
+        output, stats = run_dsi([runner], drafter, prompt, 40, 8, pipeline=True, policy=policy)
+        assert output == reference
+        assert stats.new_tokens == 40
+
+
+def test_the_self_tuning_pipeline_verifies_deep_on_a_flat_curve_and_nothing_on_a_steep_one() -> None:
+    target = tiny_qwen2(6)
+    prompt = prompt_for(6, 5)
+    reference, _ = run_decode(target, None, prompt, 40)
+    forwards = {}
+    for name, curve in (("flat", FLAT), ("steep", STEEP)):
+        drafter = ReferenceDrafter(reference, len(prompt), wrong=set())  # always right
+        runner, policy = RowCountingRunner(target, 0.03), pipeline_policy(curve)
+        output, stats = run_dsi([runner], drafter, prompt, 40, 8, pipeline=True, policy=policy)
+        assert output == reference
+        forwards[name] = stats.target_forwards
+        if name == "steep":  # not even a draft the target accepts would pay: plain decoding
+            assert set(runner.drafted_rows) == {0}
+        else:
+            assert max(runner.drafted_rows) == 8
+    # Steep: one token a forward, but for the drafts made during a forward, which its last row checks.
+    assert forwards["flat"] <= 40 // 3 < 40 // 2 <= forwards["steep"]
+
+
+def test_the_self_tuning_pipeline_stops_verifying_a_drafter_that_is_always_wrong() -> None:
+    target = tiny_qwen2(6)
+    prompt = prompt_for(6, 5)
+    reference, _ = run_decode(target, None, prompt, 60)
+    drafter = ReferenceDrafter(reference, len(prompt))  # always wrong
+    runner = RowCountingRunner(target, 0.01)
+    output, stats = run_dsi([runner], drafter, prompt, 60, 8, pipeline=True, policy=pipeline_policy(MODERATE))
+    assert output == reference and stats.accepted_tokens == 0
+    # A few drafts while it learns, then a probe now and then (the wait doubling after each miss).
+    assert sum(runner.drafted_rows) <= 12
+
+
+def test_a_policy_chooses_the_jobs_of_one_instance_only() -> None:
+    target = tiny_qwen2(1)
+    with pytest.raises(ValueError, match="one target instance"):
+        run_dsi([HFRunner(target)] * 2, PromptLookupDrafter(96), [1, 2, 3], 5, policy=pipeline_policy(FLAT))
+
+
 def test_prompt_lookup_drafter_matches_plain_decoding() -> None:
     target = tiny_qwen2(2)
     prompt = prompt_for(2, 8) * 3  # repetitive: lookup finds matches
@@ -276,10 +353,10 @@ def test_threads_end_when_the_consumer_stops_early(targets: int, pipeline: bool)
 
 
 def dsi_sampled_counts(
-    verifier: Verifier, sampling: SamplingConfig, samples: int, pipeline: bool = False
+    verifier: Verifier, sampling: SamplingConfig, samples: int, pipeline: str = ""
 ) -> torch.Tensor:
     """The first NEW_TOKENS tokens of `samples` generations (trigram target): DSI on 2 instances, or
-    pipelined on one."""
+    pipelined on one ("fixed": every draft up to the lookahead; "auto": what a policy selects)."""
     generator = torch.Generator().manual_seed(4321)
     counts = torch.zeros(VOCAB**NEW_TOKENS, dtype=torch.float64)
     instances = [LocalInstance(TrigramLM(seed=1, vocab_size=VOCAB)) for _ in range(1 if pipeline else 2)]
@@ -288,24 +365,24 @@ def dsi_sampled_counts(
         tokens = dsi_decode(
             instances, drafter, verifier, PROMPT, max_new_tokens=NEW_TOKENS + 1, lookahead=2,
             sampling=sampling, stop_token_ids=frozenset(), generator=generator, stats=DecodeStats(),
-            pipeline=pipeline,
+            pipeline=bool(pipeline), policy=pipeline_policy(MODERATE, 2) if pipeline == "auto" else None,
         )  # fmt: skip
         t1, t2, t3, _ = (t for chunk in tokens for t in chunk)
         counts[(t1 * VOCAB + t2) * VOCAB + t3] += 1
     return counts
 
 
-@pytest.mark.parametrize("pipeline", [False, True], ids=["dsi", "pipeline"])
+@pytest.mark.parametrize("pipeline", ["", "fixed", "auto"], ids=["dsi", "pipeline", "pipeline-auto"])
 @pytest.mark.parametrize("sampling", SAMPLING_CONFIGS, ids=["t1.0", "t1.3-topk4-topp0.95"])
 def test_sampling_through_dsi_matches_the_target_distribution(
-    sampling: SamplingConfig, pipeline: bool
+    sampling: SamplingConfig, pipeline: str
 ) -> None:
     counts = dsi_sampled_counts(make_verifier(sampling), sampling, 3_000, pipeline)
     assert p_value(counts, exact_distribution(trigram_target().next_logits, sampling)) > 1e-3
 
 
-@pytest.mark.parametrize("pipeline", [False, True], ids=["dsi", "pipeline"])
-def test_broken_sampling_verifier_fails_through_dsi(pipeline: bool) -> None:
+@pytest.mark.parametrize("pipeline", ["", "fixed", "auto"], ids=["dsi", "pipeline", "pipeline-auto"])
+def test_broken_sampling_verifier_fails_through_dsi(pipeline: str) -> None:
     sampling = SAMPLING_CONFIGS[0]
     counts = dsi_sampled_counts(broken("target_instead_of_residual", sampling), sampling, 3_000, pipeline)
     assert p_value(counts, exact_distribution(trigram_target().next_logits, sampling)) < 1e-6

@@ -17,10 +17,10 @@ from swarmspec.config import (
     EngineConfig,
     Gamma,
 )
-from swarmspec.engine import Engine
+from swarmspec.engine import DsiState, Engine
 from swarmspec.errors import InvalidRequestError
 from swarmspec.metrics import DecodeStats
-from swarmspec.policy import StepCosts
+from swarmspec.policy import CostModelPolicy, StepCosts
 from swarmspec.sampling import SamplingConfig
 
 from tiny_models import tiny_loaded
@@ -122,3 +122,16 @@ def test_a_request_that_does_not_fit_leaves_the_state_in_the_pool() -> None:
     with pytest.raises(InvalidRequestError, match="exceeds the target's context"):
         list(engine.token_chunks([5] * 500, 100, SAMPLINGS[0], 0, DecodeStats()))
     assert engine._idle == [state]
+
+
+@pytest.mark.parametrize("gamma", [3, AUTO])
+def test_the_pipeline_takes_its_length_from_gamma(gamma: Gamma) -> None:
+    """A fixed gamma: that many drafts a job; auto: a policy that charges the target's forwards alone
+    (drafting runs beside them), up to max_depth."""
+    (state,) = engine_for("pipeline", gamma=gamma)._idle
+    assert isinstance(state, DsiState)
+    if gamma == AUTO:
+        assert isinstance(state.policy, CostModelPolicy) and state.lookahead == EngineConfig().max_depth
+        assert state.policy.costs.draft_token_ms == (0.0,)
+    else:
+        assert state.policy is None and state.lookahead == 3

@@ -145,8 +145,10 @@ CONFIGS = [
     # DSI: target instances are contexts over the one loaded model, each catching up on its own.
     EngineConfig(target=TARGET, method="dsi", targets=2, lookahead=3),
     EngineConfig(target=TARGET, method="dsi", drafters=("prompt-lookup",), targets=3, lookahead=2),
-    # The pipeline: the 0.5B drafts on a thread of its own while the target verifies.
-    EngineConfig(target=TARGET, method="pipeline", lookahead=4),
+    # The pipeline: the 0.5B drafts on a thread of its own while the target verifies (gamma 4 a job, or
+    # self-tuning from the target's costs on its own core).
+    EngineConfig(target=TARGET, method="pipeline", gamma=4),
+    EngineConfig(target=TARGET, method="pipeline"),
 ]
 
 

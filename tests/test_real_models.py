@@ -122,7 +122,7 @@ def test_pipeline_equals_transformers_generate(
     """The int8 drafter on a thread of its own, drafting while the fp32 target verifies (one PyTorch
     intra-op thread each)."""
     drafter = f"int8:{DEFAULT_DRAFTER}"
-    config = EngineConfig(target=DEFAULT_TARGET, method="pipeline", drafters=(drafter,), lookahead=4)
+    config = EngineConfig(target=DEFAULT_TARGET, method="pipeline", drafters=(drafter,), gamma=4)
     engine = Engine.from_models(config, target, {drafter: load_model(drafter)})
     for prompt in PROMPTS:
         result = engine.generate(GenerationRequest(prompt, max_new_tokens=NEW_TOKENS))

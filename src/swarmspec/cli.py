@@ -286,7 +286,8 @@ def add_engine_flags(parser: argparse.ArgumentParser, several_targets: bool = Fa
         "--gamma",
         type=gamma_value,
         default=defaults.gamma,
-        help="tokens drafted per target forward, or auto: chosen each step from costs and acceptance",
+        help="tokens drafted per target forward (pipeline: per job), or auto: chosen each step from costs "
+        "and acceptance",
     )
     parser.add_argument(
         "--max-depth", type=int, default=defaults.max_depth, help="--gamma auto: the deepest draft"
@@ -318,7 +319,7 @@ def add_engine_flags(parser: argparse.ArgumentParser, several_targets: bool = Fa
     parser.add_argument("--drafter-threads", type=int, default=defaults.drafter_threads, help=help_threads)
     parser.add_argument("--targets", type=int, default=defaults.targets, help="dsi: target instances")
     parser.add_argument(
-        "--lookahead", type=int, default=defaults.lookahead, help="dsi, pipeline: drafted tokens per job"
+        "--lookahead", type=int, default=defaults.lookahead, help="dsi: drafted tokens per job"
     )
     parser.add_argument(
         "--workers", choices=WORKERS, default=defaults.workers, help="dsi: instances on threads or Ray actors"

@@ -89,7 +89,8 @@ class EngineConfig:
     # drafter, see tree_widths and tree_budget); "vote": a weighted vote of the drafters picks one
     # chain (Minions); "dsi": several target instances verify one drafter's drafts at once (DSI, see
     # targets and lookahead); "pipeline": one draft model drafts on a thread of its own while the target
-    # verifies what it drafted before, up to lookahead tokens a forward (Minions' pipeline).
+    # verifies what it drafted before, gamma tokens a forward (Minions' pipeline; auto: the policy picks
+    # each job's from the target's costs alone, drafting being overlapped).
     method: str = "chain"
     # Model specs (optionally prefixed "int8:" / "onednn:" / "llamacpp:", or "sorted:" for a sorted draft
     # of a PyTorch model) or model-free drafters (MODEL_FREE_DRAFTERS). Empty: the method's default, see
@@ -113,8 +114,8 @@ class EngineConfig:
     # 0: every core (dsi: the cores shared out between the instances and a draft model).
     target_threads: int = 0
     drafter_threads: int = 0
-    # dsi only: target instances verifying at once (one copy of the weights, a cache each); dsi and
-    # pipeline: the most drafted tokens one verification job takes.
+    # dsi only: target instances verifying at once (one copy of the weights, a cache each), and the
+    # most drafted tokens one verification job takes (the pipeline's is gamma).
     targets: int = 2
     lookahead: int = 3
     # dsi only: where the instances run: "threads" in this process (one copy of the weights), or "ray"

@@ -8,6 +8,7 @@ import os
 import secrets
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from swarmspec.drafters.base import Drafter
 from swarmspec.drafters.lookup import PromptLookupDrafter, SuffixDrafter, SuffixIndex
 from swarmspec.drafters.model import ModelDrafter
 from swarmspec.drafters.sorted import SortedDrafter
-from swarmspec.dsi.orchestrator import LocalInstance, TargetInstance, dsi_decode
+from swarmspec.dsi.orchestrator import LocalInstance, TargetInstance, dsi_decode, set_torch_threads
 from swarmspec.dsi.ray_workers import RayActor, RayDrafter, RayInstance, start_ray
 from swarmspec.errors import InvalidRequestError
 from swarmspec.metrics import DecodeStats
@@ -103,9 +104,10 @@ class DsiState:
 
     instances: list[TargetInstance]
     drafter: Drafter
-    lookahead: int
+    lookahead: int  # dsi: drafts per job; the pipeline: its gamma, or with gamma auto its max_depth
     pipeline: bool
     torch_threads: tuple[int, int]  # PyTorch's intra-op threads on each instance's thread, the drafter's
+    policy: SpeculationPolicy | None = None  # the pipeline with gamma auto: what each job verifies
 
     def run(self, prompt_ids: list[int], verifier: Verifier, **options: Any) -> Iterator[list[int]]:
         """The orchestrator (see `dsi.orchestrator.dsi_decode` for the options)."""
@@ -117,6 +119,7 @@ class DsiState:
             lookahead=self.lookahead,
             pipeline=self.pipeline,
             torch_threads=self.torch_threads,
+            policy=self.policy,
             **options,
         )
 
@@ -207,7 +210,14 @@ class Engine:
         def new_state() -> GenerationState:
             nonlocal step_costs
             if config.method in ORCHESTRATED_METHODS:
-                return new_dsi_state(config, target, draft_models, shared)
+                state = new_dsi_state(config, target, draft_models, shared)
+                if config.method == "pipeline" and config.gamma == AUTO:
+                    # Drafting runs on its own core, beside verification: only the target's time counts.
+                    if step_costs is None:
+                        step_costs = measure_pipeline_costs(config, state)
+                    costs = StepCosts(step_costs.verify_ms, (0.0,))
+                    state.policy = CostModelPolicy(costs, config.max_depth, shared.acceptance)
+                return state
             target_runner = warmed_up(
                 batched.slot() if batched else target.new_runner(config.target_threads or None)
             )
@@ -361,13 +371,16 @@ def new_dsi_state(
     model-free drafter stays here)."""
     target_threads, drafter_threads = dsi_threads(config)
     pipeline = config.method == "pipeline"
+    lookahead = config.lookahead
+    if pipeline:
+        lookahead = config.max_depth if config.gamma == AUTO else config.gamma
     if config.workers == "threads":
         instances: list[TargetInstance] = [
             LocalInstance(warmed_up(target.new_runner(target_threads)))
             for _ in range(target_instances(config))
         ]
         (drafter,) = build_drafters(config, target, draft_models, shared, drafter_threads)
-        return DsiState(instances, drafter, config.lookahead, pipeline, (target_threads, drafter_threads))
+        return DsiState(instances, drafter, lookahead, pipeline, (target_threads, drafter_threads))
     start_ray(config.ray_address)
     # On a Ray started here actors reserve no CPU: the threads above already share the cores out, and a
     # second concurrent generation's actors must not wait for the first's. A cluster places them.
@@ -382,7 +395,7 @@ def new_dsi_state(
     else:
         (drafter,) = build_drafters(config, target, draft_models, shared, drafter_threads)
     # Actors run their own threads; those here only wait for them.
-    return DsiState(instances, drafter, config.lookahead, pipeline, (0, 0))
+    return DsiState(instances, drafter, lookahead, pipeline, (0, 0))
 
 
 def shippable(model: LoadedModel) -> LoadedModel | str:
@@ -441,6 +454,20 @@ def measure_step_costs(
         key = profile_key(spec, config.drafter_threads)
         draft_token_ms.append(forward_costs(key, runner, ks=(1,), persist=is_loadable(spec))[1])
     return StepCosts(verify_ms, tuple(draft_token_ms), batch_verify_ms)
+
+
+def measure_pipeline_costs(config: EngineConfig, state: DsiState) -> StepCosts:
+    """The pipeline's target forward over k rows at its own share of the cores (stored profile, or
+    measured now on a thread with that many PyTorch threads, as the pipeline runs it); drafting is not
+    charged, it runs beside verification."""
+    (instance,) = state.instances
+    assert isinstance(instance, LocalInstance)  # the pipeline runs on threads
+    threads = state.torch_threads[0]
+    key = profile_key(config.target, threads)
+    with ThreadPoolExecutor(1, thread_name_prefix="swarmspec-profile") as pool:  # one thread for both
+        pool.submit(set_torch_threads, threads).result()
+        verify_ms = pool.submit(forward_costs, key, instance.runner, persist=is_loadable(config.target))
+        return StepCosts(verify_ms.result(), (0.0,))
 
 
 def sorted_exit_tally(drafters: Sequence[Drafter]) -> tuple[int, int]:

@@ -17,6 +17,11 @@ when no job in flight gives the next position it starts one on whatever is draft
 tokens (none: a plain decoding step, during which the drafter catches up). With one instance, drafting
 and verification then overlap. (Waiting for `lookahead` drafts instead, as DSI does, was measured too:
 with the fp32 0.5B drafter 0.81x of plain transformers decoding against 0.96x, docs/pipeline.md.)
+With a speculation policy (the pipeline's `--gamma auto`) each job verifies the part of the drafts the
+policy selects (`SpeculationPolicy.select` on the chain of drafts from the committed position, at most
+`lookahead`), and the policy is told every verdict: the drafter drafts ahead on its own core, and what is
+worth verifying is chosen from the target's cost curve and the running acceptance (none: a plain
+decoding step).
 
 The manager (the generator below, on the caller's thread) alone owns the sequence. When a job finishes
 it verifies, from the next position on, the drafted tokens the job's logits cover with the ordinary
@@ -48,6 +53,7 @@ from swarmspec.decode import check_fits, through_first_stop
 from swarmspec.drafters.base import Draft, Drafter
 from swarmspec.errors import SwarmspecError
 from swarmspec.metrics import DecodeStats
+from swarmspec.policy import SpeculationPolicy
 from swarmspec.runners.base import ModelRunner
 from swarmspec.sampling import SamplingConfig
 from swarmspec.speculate import common_prefix_len
@@ -235,15 +241,19 @@ def dsi_decode(
     stats: DecodeStats,
     pipeline: bool = False,
     torch_threads: tuple[int, int] = (0, 0),
+    policy: SpeculationPolicy | None = None,
 ) -> Iterator[list[int]]:
     """Yield the tokens each finished verification job commits, until a stop token or `max_new_tokens`.
 
     `instances`: where the target's verification jobs run (see the module docstring for the schedule and
     `pipeline`). `torch_threads`: PyTorch's intra-op threads on each instance's thread and on the
-    drafter's (0: as they are).
+    drafter's (0: as they are). `policy` (one instance only): how many drafts each job verifies, told
+    every verdict; None: as many as there are, up to `lookahead`.
     """
     if lookahead < 1 or not instances:
         raise ValueError(f"need lookahead >= 1 and a target instance, got {lookahead}, {len(instances)}")
+    if policy is not None and len(instances) > 1:
+        raise ValueError("a speculation policy chooses the jobs of one target instance, not several")
     check_fits(len(prompt_ids), max_new_tokens, instances[0].max_length)
     events: queue.Queue[_Verified | _Drafted] = queue.Queue()
     targets = [_InstanceThread(instance, events, torch_threads[0]) for instance in instances]
@@ -273,9 +283,18 @@ def dsi_decode(
                 return
             # A job verifies at most `lookahead` drafts beyond what the jobs in flight cover.
             end = min(len(state.sequence), furthest + lookahead)
+            if policy is not None:  # one instance, idle: nothing in flight, furthest is the committed end
+                end = furthest + len(policy.select(drafted_chain(end))) - 1
             job = Job(state.epoch, state.committed, state.sequence[:end], idle.pop())
             state.running[job.instance] = job
             targets[job.instance].inbox.put(job)
+
+    def drafted_chain(end: int) -> TokenTree:
+        """The last committed token, then the drafts up to `end`."""
+        first = state.committed
+        probs = torch.stack(state.draft_probs[: end - first]) if end > first and not sampling.greedy else None
+        drafts = torch.tensor(state.sequence[first:end], dtype=torch.int64)
+        return TokenTree.chain(state.sequence[first - 1], drafts, probs)
 
     def draft_room() -> int:
         return min(chunk, window - state.drafted, limit - 1 - len(state.sequence))
@@ -336,9 +355,10 @@ def dsi_decode(
         rows = event.logits[first - job.base :]  # [len(checked) + 1 - beyond, V]
         if beyond:  # a bonus row the verdict cannot use: it is read only if the draft beyond is accepted
             rows = torch.cat([rows, rows[-1:]])
-        probs = torch.stack(state.draft_probs[: len(checked)]) if checked and not sampling.greedy else None
-        tree = TokenTree.chain(state.sequence[first - 1], torch.tensor(checked, dtype=torch.int64), probs)
+        tree = drafted_chain(job.end + beyond)
         verdict = verifier(tree, rows, generator)
+        if policy is not None:
+            policy.observe(tree, verdict.path)
         verified = len(checked)
         if beyond and verdict.accepted_len == len(checked):
             # The last accepted draft is the target's token at the job's last row (counted as its own,
@@ -361,6 +381,8 @@ def dsi_decode(
 
     start = time.perf_counter()
     stats.prompt_tokens = len(prompt_ids)
+    if policy is not None:
+        policy.begin()
     for target in targets:
         target.start()
     drafter_thread.start()
@@ -396,3 +418,5 @@ def dsi_decode(
         drafter_thread.inbox.put(state.sequence[state.reported : state.committed])
         for thread in [*targets, drafter_thread]:
             thread.join()
+        if policy is not None:
+            policy.end()
