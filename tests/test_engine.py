@@ -17,10 +17,10 @@ from swarmspec.config import (
     EngineConfig,
     Gamma,
 )
-from swarmspec.engine import DsiState, Engine
+from swarmspec.engine import DsiState, Engine, PipelineChoice
 from swarmspec.errors import InvalidRequestError
 from swarmspec.metrics import DecodeStats
-from swarmspec.policy import CostModelPolicy, StepCosts
+from swarmspec.policy import AcceptanceStats, CostModelPolicy, StepCosts
 from swarmspec.sampling import SamplingConfig
 
 from tiny_models import tiny_loaded
@@ -127,11 +127,59 @@ def test_a_request_that_does_not_fit_leaves_the_state_in_the_pool() -> None:
 @pytest.mark.parametrize("gamma", [3, AUTO])
 def test_the_pipeline_takes_its_length_from_gamma(gamma: Gamma) -> None:
     """A fixed gamma: that many drafts a job; auto: a policy that charges the target's forwards alone
-    (drafting runs beside them), up to max_depth."""
+    (drafting runs beside them), up to max_depth, or the self-tuning chain taking turns."""
     (state,) = engine_for("pipeline", gamma=gamma)._idle
-    assert isinstance(state, DsiState)
     if gamma == AUTO:
-        assert isinstance(state.policy, CostModelPolicy) and state.lookahead == EngineConfig().max_depth
-        assert state.policy.costs.draft_token_ms == (0.0,)
+        assert isinstance(state, PipelineChoice) and isinstance(state.turns.policy, CostModelPolicy)
+        pipelined = state.pipelined
+        assert isinstance(pipelined.policy, CostModelPolicy)
+        assert pipelined.policy.costs.draft_token_ms == (0.0,)
+        assert pipelined.lookahead == EngineConfig().max_depth
     else:
-        assert state.policy is None and state.lookahead == 3
+        assert isinstance(state, DsiState) and state.policy is None and state.lookahead == 3
+
+
+# Taking turns with every core on a CPU: every verified row costs most of a forward.
+CPU_LIKE = StepCosts({1: 30.0, 2: 50.0, 32: 640.0}, (10.0,))
+# Each model on its own core: slower, on a CPU-like curve or a flat one (a GPU target, a CPU drafter).
+CPU_APART = StepCosts({1: 45.0, 2: 75.0, 32: 960.0}, (14.0,))
+FLAT_APART = StepCosts({1: 40.0, 2: 40.5, 32: 55.0}, (14.0,))
+
+
+@pytest.mark.parametrize(
+    ("apart", "pipelined"), [(FLAT_APART, True), (CPU_APART, False)], ids=["flat", "cpu"]
+)
+def test_the_self_tuning_pipeline_pipelines_where_the_costs_say_it_pays(
+    apart: StepCosts, pipelined: bool
+) -> None:
+    """Taking turns with every core costs `CPU_LIKE`; each model on its own core costs `apart`. The
+    drafter is the target's twin, so its acceptance stays high; with a useless one, see below."""
+    target, drafter = tiny_loaded("tiny-target", 1), tiny_loaded("tiny-twin", 1)
+    config = EngineConfig(target=target.spec, method="pipeline", drafters=(drafter.spec,))
+    engine = Engine.from_models(config, target, {drafter.spec: drafter}, CPU_LIKE, pipelined_costs=apart)
+    plain = engine_for("ar")
+    for seed in range(3):
+        prompt = torch.randint(2, 96, (12,), generator=torch.Generator().manual_seed(seed)).tolist()
+        stats = DecodeStats()
+        output = [t for c in engine.token_chunks(prompt, 30, SAMPLINGS[0], seed, stats) for t in c]
+        assert output == generate(plain, prompt, SAMPLINGS[0], seed)
+        assert stats.pipelined is pipelined and f"pipelined {'yes' if pipelined else 'no'}" in stats.summary()
+
+
+def test_the_self_tuning_pipeline_takes_turns_once_its_drafter_proves_useless() -> None:
+    """On the flat curve pipelining pays while the drafter is accepted (at first, the optimistic prior);
+    once the running acceptance says it is not, plain decoding with every core commits more."""
+    target, drafter = tiny_loaded("tiny-target", 1), tiny_loaded("tiny-drafter", 7, layers=1)
+    config = EngineConfig(target=target.spec, method="pipeline", drafters=(drafter.spec,))
+    engine = Engine.from_models(config, target, {drafter.spec: drafter}, CPU_LIKE, pipelined_costs=FLAT_APART)
+    (state,) = engine._idle
+    assert isinstance(state, PipelineChoice) and isinstance(state.turns.policy, CostModelPolicy)
+    assert state.pays()
+    useless = AcceptanceStats(2)
+    useless.record([(0, 1, False)] * 10)  # what the generations left behind: ten drafts rejected
+    state.turns.policy.prior.stats = useless
+    assert not state.pays()
+    stats = DecodeStats()
+    prompt = [5, 9, 14, 5, 9, 20, 33]
+    output = [t for c in engine.token_chunks(prompt, 30, SAMPLINGS[0], 0, stats) for t in c]
+    assert stats.pipelined is False and output == generate(engine_for("ar"), prompt, SAMPLINGS[0], 0)

@@ -8,7 +8,14 @@ import torch
 
 from swarmspec.drafters.base import Draft, Drafter
 from swarmspec.drafters.model import ModelDrafter
-from swarmspec.policy import AcceptancePrior, AcceptanceStats, CostModelPolicy, StepCosts
+from swarmspec.policy import (
+    AcceptancePrior,
+    AcceptanceStats,
+    CostModelPolicy,
+    StepCosts,
+    chain_rate,
+    pipelining_pays,
+)
 from swarmspec.runners.hf import HFRunner
 from swarmspec.speculate import ChainSpeculation, MergedTree
 from swarmspec.tree import TokenTree
@@ -157,3 +164,24 @@ def test_self_tuned_trees_of_mixed_drafters_equal_plain_decoding(seed: int) -> N
         costs = StepCosts({1: 30.0, 2: 45.0, 32: 500.0}, (1.0,) * len(speculation.drafters))
         output, _ = run_decode(target, speculation, prompt, 60, policy=CostModelPolicy(costs, 8))
         assert output == plain
+
+
+def test_chain_rates_taking_turns_and_overlapped_by_hand() -> None:
+    steep = StepCosts({1: 10.0, 2: 20.0, 8: 80.0}, (5.0,))
+    # Depth 0: 1/10; depth 1: 1.5 / (5 + 20) taking turns, 1.5 / max(20, 5) overlapped; depth 2: less.
+    assert chain_rate(steep, 0.5, 2, overlapped=False) == pytest.approx(0.1)
+    assert chain_rate(steep, 0.5, 2, overlapped=True) == pytest.approx(0.1)
+    flat = StepCosts({1: 10.0, 8: 10.0}, (5.0,))
+    # Depth 2 at rate 0.8 commits 1 + 0.8 + 0.64 = 2.44: in 10 + 10 ms taking turns, max(10, 10) overlapped.
+    assert chain_rate(flat, 0.8, 4, overlapped=False) == pytest.approx(2.44 / 20)
+    assert chain_rate(flat, 0.8, 4, overlapped=True) == pytest.approx(2.44 / 10)
+
+
+def test_pipelining_pays_on_a_flat_curve_not_on_a_steep_one_nor_for_a_useless_drafter() -> None:
+    turns = StepCosts({1: 10.0, 2: 20.0, 8: 80.0}, (5.0,))  # every core: each row costs a forward
+    # Each model on its own core: the target half as fast again, the drafter a bit slower.
+    steep_apart = StepCosts({1: 15.0, 2: 30.0, 8: 120.0}, (6.0,))
+    flat_apart = StepCosts({1: 15.0, 8: 15.0}, (6.0,))
+    assert not pipelining_pays(turns, steep_apart, 0.8, 8)  # 1/15 (plain, one core) < 1/10 (plain)
+    assert pipelining_pays(turns, flat_apart, 0.8, 8)  # 2.95 / max(15, 18) = 0.16 > 0.1
+    assert not pipelining_pays(turns, flat_apart, 0.1, 8)  # 1.1 / 15 < 1/10

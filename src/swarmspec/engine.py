@@ -9,9 +9,9 @@ import secrets
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from jinja2 import TemplateError
@@ -44,6 +44,7 @@ from swarmspec.policy import (
     FixedDepth,
     SpeculationPolicy,
     StepCosts,
+    pipelining_pays,
 )
 from swarmspec.profile import batch_forward_costs, forward_costs, profile_key
 from swarmspec.runners.base import ModelRunner
@@ -63,6 +64,7 @@ from swarmspec.speculate import (
 from swarmspec.verify import Verifier, make_verifier
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,36 @@ class DsiState:
                     logger.warning("could not stop a Ray actor", exc_info=True)
 
 
-GenerationState = SequenceState | DsiState
+@dataclass
+class PipelineChoice:
+    """The pipeline with gamma auto: each generation runs pipelined (`pipelined`, drafter and target on
+    their shares of the cores) or taking turns (`turns`, the self-tuning chain with every core),
+    whichever `pays` says commits more tokens per second now (`policy.pipelining_pays`, from both
+    layouts' measured costs and the drafter's running acceptance)."""
+
+    turns: SequenceState
+    pipelined: DsiState
+    pays: Callable[[], bool]
+
+    def run(self, prompt_ids: list[int], verifier: Verifier, **options: Any) -> Iterator[list[int]]:
+        pipelined = self.pays()
+        options["stats"].pipelined = pipelined
+        return (self.pipelined if pipelined else self.turns).run(prompt_ids, verifier, **options)
+
+    @property
+    def drafters(self) -> Sequence[Drafter]:
+        return [*self.turns.drafters, *self.pipelined.drafters]
+
+    @property
+    def healthy(self) -> bool:
+        return self.pipelined.healthy
+
+    def close(self) -> None:
+        self.turns.close()
+        self.pipelined.close()
+
+
+GenerationState = SequenceState | DsiState | PipelineChoice
 
 
 @dataclass
@@ -192,13 +223,15 @@ class Engine:
         target: LoadedModel,
         draft_models: Mapping[str, LoadedModel],
         costs: StepCosts | None = None,
+        pipelined_costs: StepCosts | None = None,
     ) -> Engine:
         """An engine over models already loaded: several methods can share one copy of the weights.
 
         With `gamma` auto the policy needs the forward costs: `costs` if given, else this machine's stored
-        profile of each model, else measured with the first generation's runners (and stored)."""
+        profile of each model, else measured with the first generation's runners (and stored); the
+        pipeline's also `pipelined_costs`, each model's on its share of the cores."""
         shared = SharedLearning()
-        step_costs = costs
+        step_costs, pipeline_costs = costs, pipelined_costs
         # Continuous batching: every generation's target runner is a slot of one batched target.
         batched = (
             target.new_batched_target(config.max_batch, config.target_threads or None)
@@ -208,16 +241,14 @@ class Engine:
         peers = BatchPeers(lambda: batched.size) if batched else None
 
         def new_state() -> GenerationState:
-            nonlocal step_costs
+            if config.method == "pipeline" and config.gamma == AUTO:
+                return new_pipeline_choice()
             if config.method in ORCHESTRATED_METHODS:
-                state = new_dsi_state(config, target, draft_models, shared)
-                if config.method == "pipeline" and config.gamma == AUTO:
-                    # Drafting runs on its own core, beside verification: only the target's time counts.
-                    if step_costs is None:
-                        step_costs = measure_pipeline_costs(config, state)
-                    costs = StepCosts(step_costs.verify_ms, (0.0,))
-                    state.policy = CostModelPolicy(costs, config.max_depth, shared.acceptance)
-                return state
+                return new_dsi_state(config, target, draft_models, shared)
+            return new_sequence_state(config)
+
+        def new_sequence_state(config: EngineConfig) -> SequenceState:
+            nonlocal step_costs
             target_runner = warmed_up(
                 batched.slot() if batched else target.new_runner(config.target_threads or None)
             )
@@ -237,6 +268,25 @@ class Engine:
                     cost_shares=[drafter.cost_share for drafter in speculation.drafters],
                 )
             return SequenceState(target_runner, speculation, policy)
+
+        def new_pipeline_choice() -> PipelineChoice:
+            """The self-tuning pipeline: pipelined, or taking turns as the self-tuning chain."""
+            nonlocal pipeline_costs
+            turns = new_sequence_state(replace(config, method="chain"))
+            pipelined = new_dsi_state(config, target, draft_models, shared)
+            if pipeline_costs is None:
+                pipeline_costs = measure_pipeline_costs(config, pipelined)
+            # Drafting runs on its own core, beside verification: a job is priced at the target's time.
+            job_costs = StepCosts(pipeline_costs.verify_ms, (0.0,))
+            pipelined.policy = CostModelPolicy(job_costs, config.max_depth, shared.acceptance)
+            assert isinstance(turns.policy, CostModelPolicy) and pipeline_costs is not None
+            turn_costs, costs_apart = turns.policy.costs, pipeline_costs
+
+            def pays() -> bool:
+                rate = shared.acceptance.stats_for(2).overall_rate([0, 1])  # the drafter, either state
+                return pipelining_pays(turn_costs, costs_apart, rate, config.max_depth)
+
+            return PipelineChoice(turns, pipelined, pays)
 
         engine = cls(new_state, target.tokenizer, target.stop_token_ids, batched)
         engine._idle.append(new_state())  # the first request does not pay for paging the weights in
@@ -457,17 +507,39 @@ def measure_step_costs(
 
 
 def measure_pipeline_costs(config: EngineConfig, state: DsiState) -> StepCosts:
-    """The pipeline's target forward over k rows at its own share of the cores (stored profile, or
-    measured now on a thread with that many PyTorch threads, as the pipeline runs it); drafting is not
-    charged, it runs beside verification."""
+    """The pipeline's costs: the target's forward over k rows and the drafter's per token, each on its
+    own share of the cores (stored profiles, or measured now on a thread with that many PyTorch
+    threads, as the pipeline runs them)."""
     (instance,) = state.instances
     assert isinstance(instance, LocalInstance)  # the pipeline runs on threads
-    threads = state.torch_threads[0]
-    key = profile_key(config.target, threads)
+    (spec,) = config.drafters
+    drafter = costed_runner(state.drafter)
+    assert drafter is not None  # the pipeline runs a draft model
+    target_threads, drafter_threads = state.torch_threads
+    verify_ms = on_threads(
+        target_threads,
+        forward_costs,
+        profile_key(config.target, target_threads),
+        instance.runner,
+        persist=is_loadable(config.target),
+    )
+    draft_ms = on_threads(
+        drafter_threads,
+        forward_costs,
+        profile_key(spec, drafter_threads),
+        drafter,
+        ks=(1,),
+        persist=is_loadable(spec),
+    )
+    return StepCosts(verify_ms, (draft_ms[1],))
+
+
+def on_threads(threads: int, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`function` called on a thread of its own with `threads` PyTorch intra-op threads (0: as they are),
+    as the pipeline's workers run."""
     with ThreadPoolExecutor(1, thread_name_prefix="swarmspec-profile") as pool:  # one thread for both
         pool.submit(set_torch_threads, threads).result()
-        verify_ms = pool.submit(forward_costs, key, instance.runner, persist=is_loadable(config.target))
-        return StepCosts(verify_ms.result(), (0.0,))
+        return pool.submit(function, *args, **kwargs).result()
 
 
 def sorted_exit_tally(drafters: Sequence[Drafter]) -> tuple[int, int]:

@@ -100,6 +100,8 @@ class DecodeStats:
     # Sorted drafts: tokens drafted and the layers they ran (see Totals.mean_exit_depth).
     exit_tokens: int = 0
     exit_layers: int = 0
+    # The self-tuning pipeline: whether this generation ran pipelined or taking turns (None: no choice).
+    pipelined: bool | None = None
 
     def record_step(
         self, drafted: int, committed: int, accepted_by: Sequence[int] = (), depth: int | None = None
@@ -187,6 +189,7 @@ class DecodeStats:
             f"new tokens {self.new_tokens} | wall {self.wall_s:.2f} s | {self.tokens_per_s:.2f} tokens/s | "
             f"target forwards {self.target_forwards} | mean accepted tokens per forward "
             f"{self.mean_accepted_tokens:.2f} | acceptance rate {rate}"
+            + ("" if self.pipelined is None else f" | pipelined {'yes' if self.pipelined else 'no'}")
         )
 
     def to_dict(self) -> dict[str, float | int | None]:
@@ -207,6 +210,7 @@ class DecodeStats:
             "mean_draft_depth": _rounded(totals.mean_draft_depth),
             "mean_draft_size": _rounded(totals.mean_draft_size),
             "mean_exit_depth": _rounded(totals.mean_exit_depth),
+            "pipelined": self.pipelined,
         }
 
 

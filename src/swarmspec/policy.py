@@ -166,10 +166,16 @@ class AcceptanceStats:
 
     def rate(self, source: int, depth: int) -> float:
         accepted, offered = self.accepted[source], self.offered[source]
-        # Optimistic about a source with little data (prior mean 0.9, worth 2 observations): it gets
-        # verified and so measured; one with data soon stands on its own.
-        overall = (sum(accepted.values()) + 1.8) / (sum(offered.values()) + 2)
+        overall = self.overall_rate([source])
         return (accepted.get(depth, 0.0) + self.shrink * overall) / (offered.get(depth, 0.0) + self.shrink)
+
+    def overall_rate(self, sources: Sequence[int]) -> float:
+        """The acceptance of `sources` together over all depths. Optimistic about a source with little
+        data (prior mean 0.9, worth 2 observations): it gets verified and so measured; one with data
+        soon stands on its own."""
+        accepted = sum(sum(self.accepted[s].values()) for s in sources)
+        offered = sum(sum(self.offered[s].values()) for s in sources)
+        return (accepted + 1.8) / (offered + 2)
 
     def record(self, outcomes: Sequence[tuple[int, int, bool]]) -> None:
         """One step's verified nodes whose parent was accepted: (source, depth, accepted)."""
@@ -181,6 +187,36 @@ class AcceptanceStats:
             self.offered[source][depth] = self.offered[source].get(depth, 0.0) + 1
             if accepted:
                 self.accepted[source][depth] = self.accepted[source].get(depth, 0.0) + 1
+
+
+def expected_committed(rate: float, depth: int) -> float:
+    """Expected tokens one step commits with a chain of `depth` drafts each accepted at `rate` (given
+    the ones before it): the target's own token plus every accepted prefix."""
+    return sum(rate**i for i in range(depth + 1))
+
+
+def chain_rate(costs: StepCosts, rate: float, max_depth: int, overlapped: bool) -> float:
+    """Committed tokens per millisecond of one drafter's chain at its best depth (0: plain decoding).
+
+    Taking turns a step drafts `depth` tokens, then the target verifies them. Overlapped (the
+    pipeline) the drafter drafts the next step's tokens while the target verifies, each on its own
+    cores, so a step takes the longer of the two. (After a rejection the pipeline's next step has no
+    drafts ready: this is the pipeline at its best.)"""
+    (draft_ms,) = costs.draft_token_ms
+    best = 0.0
+    for depth in range(max_depth + 1):
+        verify, draft = costs.verify(depth + 1), depth * draft_ms
+        step_ms = max(verify, draft) if overlapped else verify + draft
+        best = max(best, expected_committed(rate, depth) / step_ms)
+    return best
+
+
+def pipelining_pays(turns: StepCosts, pipelined: StepCosts, rate: float, max_depth: int) -> bool:
+    """Whether drafting beside verification (`pipelined`: each model's costs on its share of the cores)
+    commits more tokens per second than taking turns (`turns`: each with every core), for a drafter
+    whose tokens are accepted at `rate`. On a CPU whose every verified row costs most of a forward
+    the target's lost cores weigh more than the hidden drafting; on a flat curve they do not."""
+    return chain_rate(pipelined, rate, max_depth, True) > chain_rate(turns, rate, max_depth, False)
 
 
 class AcceptancePrior:

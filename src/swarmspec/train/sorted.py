@@ -312,6 +312,7 @@ def train_exits(
         for epoch in range(done, epochs):
             order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed + epoch))
             total, start = 0.0, time.perf_counter()
+            shown = start
             for first in range(0, len(order), batch_rows):
                 rows = order[first : first + batch_rows]
                 loss = torch.stack([loss.mean() for loss in exit_losses(exits, model, features, rows)]).sum()
@@ -319,6 +320,13 @@ def train_exits(
                 loss.backward()
                 optimizer.step()
                 total += loss.item() * len(rows)
+                if time.perf_counter() - shown >= 30:  # an epoch takes minutes on a CPU
+                    shown = time.perf_counter()
+                    done_rows = first + len(rows)
+                    progress(
+                        f"  epoch {epoch + 1}/{epochs}: {done_rows}/{len(order)} positions, "
+                        f"loss {total / done_rows:.3f} so far ({shown - start:.0f} s)"
+                    )
             epoch_losses.append(total / len(order))
             elapsed = time.perf_counter() - start
             progress(
