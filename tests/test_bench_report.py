@@ -124,6 +124,27 @@ def test_exit_depth_column_only_where_a_sorted_draft_ran() -> None:
     assert "| 4.00 (4.00) | n/a | **NO** |" in text  # the chain: no sorted draft
 
 
+def test_pipelined_column_only_where_the_pipeline_chose() -> None:
+    assert "runs pipelined" not in markdown_tables(
+        summarize(RECORDS, "hf-generate", greedy=True), "hf-generate"
+    )
+    # The self-tuning pipeline ran q1 twice, pipelined once; q2 taking turns both times: 1 run in 4.
+    runs = [
+        replace(r, contender="pipeline", pipelined=r.question_id == "q1" and r.repeat == 0)
+        for r in RECORDS
+        if r.contender == "chain"
+    ]
+    rows = rows_by_key(summarize([*RECORDS, *runs], "hf-generate", greedy=True))
+    assert (
+        rows["pipeline", "overall"].pipelined_share == 0.25
+        and rows["pipeline", "code"].pipelined_share == 0.5
+    )
+    assert rows["chain", "overall"].pipelined_share is None
+    text = markdown_tables(list(rows.values()), "hf-generate")
+    assert "| draft depth (size) when drafting | runs pipelined | identical to hf-generate |" in text
+    assert "| 4.00 (4.00) | 50% | yes |" in text and "| 4.00 (4.00) | n/a | yes |" in text
+
+
 def test_drafter_shares_sum_per_family_and_overall() -> None:
     tree_runs = [
         replace(record("tree", "q1", "code", 1.0, TEN), accepted_by_drafter={"m": 6, "prompt-lookup": 0}),

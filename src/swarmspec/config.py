@@ -89,8 +89,8 @@ class EngineConfig:
     # drafter, see tree_widths and tree_budget); "vote": a weighted vote of the drafters picks one
     # chain (Minions); "dsi": several target instances verify one drafter's drafts at once (DSI, see
     # targets and lookahead); "pipeline": one draft model drafts on a thread of its own while the target
-    # verifies what it drafted before, gamma tokens a forward (Minions' pipeline; auto: the policy picks
-    # each job's from the target's costs alone, drafting being overlapped).
+    # verifies what it drafted before, gamma tokens a forward (Minions' pipeline; auto: per generation
+    # pipelined or taking turns as chain, whichever the measured costs say pays, and each job's drafts).
     method: str = "chain"
     # Model specs (optionally prefixed "int8:" / "onednn:" / "llamacpp:", or "sorted:" for a sorted draft
     # of a PyTorch model) or model-free drafters (MODEL_FREE_DRAFTERS). Empty: the method's default, see

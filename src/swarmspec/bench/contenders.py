@@ -54,6 +54,7 @@ class Outcome:
     accepted_by_drafter: dict[str, int] = field(default_factory=dict)
     exit_tokens: int = 0  # sorted drafts: tokens drafted, and the layers they ran
     exit_layers: int = 0
+    pipelined: bool | None = None  # the self-tuning pipeline: whether it ran pipelined (else took turns)
 
     @classmethod
     def of_chains(
@@ -114,6 +115,7 @@ class SwarmspecMethod(Contender):
             stats.accepted_by(self.drafters),
             totals.exit_tokens,
             totals.exit_layers,
+            stats.pipelined,
         )
 
 

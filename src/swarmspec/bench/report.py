@@ -22,7 +22,9 @@ HOW_TO_READ = (
     "decoding: 1.00). Drafted tokens / target forward: tokens (tree nodes) verified per forward beside "
     "the target's own, what the accepted ones cost. Acceptance rate: accepted / drafted tokens. Forwards "
     "without drafts: plain decoding steps (the prefill counts as one). Draft depth (size) when drafting: "
-    "over the forwards that verified drafted tokens, the mean depth of the verified tree and its nodes."
+    "over the forwards that verified drafted tokens, the mean depth of the verified tree and its nodes. "
+    "Runs pipelined (the self-tuning pipeline): the share of its runs it chose to pipeline rather than "
+    "take turns."
 )
 
 
@@ -45,6 +47,7 @@ class RunRecord:
     accepted_by_drafter: dict[str, int] = field(default_factory=dict)
     exit_tokens: int = 0  # sorted drafts: tokens drafted, and the layers they ran
     exit_layers: int = 0
+    pipelined: bool | None = None  # the self-tuning pipeline: whether it ran pipelined (else took turns)
 
     @property
     def new_tokens(self) -> int:
@@ -82,6 +85,8 @@ class Row:
     mean_draft_depth: float | None  # verified depth over the forwards that drafted; None: none did
     mean_draft_size: float | None  # verified drafted tokens over the forwards that drafted
     mean_exit_depth: float | None  # sorted drafts: layers run per drafted token; None: no sorted draft
+    # The self-tuning pipeline: the share of its runs that ran pipelined; None: no such choice.
+    pipelined_share: float | None
     identical: bool | None  # every output token-identical to the reference's; None when sampling
 
 
@@ -118,6 +123,7 @@ def summarize(records: Sequence[RunRecord], reference: str | None, greedy: bool)
             Totals(),
         )
         counts = sum((r.totals() for r in runs), Totals())
+        chosen = [r.pipelined for r in runs if r.pipelined is not None]
         identical = None
         if greedy and reference_ids:
             identical = all(r.token_ids == reference_ids.get(r.question_id) for r in runs)
@@ -136,6 +142,7 @@ def summarize(records: Sequence[RunRecord], reference: str | None, greedy: bool)
             mean_draft_depth=counts.mean_draft_depth,
             mean_draft_size=counts.mean_draft_size,
             mean_exit_depth=counts.mean_exit_depth,
+            pipelined_share=sum(chosen) / len(chosen) if chosen else None,
             identical=identical,
         )
 
@@ -157,13 +164,15 @@ def markdown_tables(rows: Sequence[Row], reference: str | None) -> str:
     """The overall table, then speedup by task family, then every figure per family."""
     ref = reference or "none"
     yes_no = {True: "yes", False: "**NO**", None: "n/a"}
-    exits = any(r.mean_exit_depth is not None for r in rows)  # a column only where a sorted draft ran
-    exit_column = " exit depth (layers) |" if exits else ""
+    # Columns only where they apply: a sorted draft ran, the pipeline chose whether to pipeline.
+    exits = any(r.mean_exit_depth is not None for r in rows)
+    chose = any(r.pipelined_share is not None for r in rows)
+    extra_columns = (" exit depth (layers) |" if exits else "") + (" runs pipelined |" if chose else "")
     header = (
         f"| contender | tokens/s | speedup vs {ref} | mean accepted tokens / target forward "
         f"| drafted tokens / target forward | acceptance rate | forwards without drafts "
-        f"| draft depth (size) when drafting |{exit_column} identical to {ref} |"
-        "\n|---|---|---|---|---|---|---|---|" + ("---|" if exits else "") + "---|"
+        f"| draft depth (size) when drafting |{extra_columns} identical to {ref} |"
+        "\n|---|---|---|---|---|---|---|---|" + "---|" * (exits + chose) + "---|"
     )
 
     def line(r: Row, first: str) -> str:
@@ -174,6 +183,11 @@ def markdown_tables(rows: Sequence[Row], reference: str | None) -> str:
             f"| {r.plain_share * 100:.0f}% "
             f"| {_fmt(r.mean_draft_depth, '.2f')} ({_fmt(r.mean_draft_size, '.2f')}) "
             + (f"| {_fmt(r.mean_exit_depth, '.1f')} " if exits else "")
+            + (
+                f"| {_fmt(None if r.pipelined_share is None else r.pipelined_share * 100, '.0f', '%')} "
+                if chose
+                else ""
+            )
             + f"| {yes_no[r.identical]} |"
         )
 
