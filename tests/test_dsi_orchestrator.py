@@ -352,6 +352,12 @@ def test_threads_end_when_the_consumer_stops_early(targets: int, pipeline: bool)
     assert dsi_threads() == []
 
 
+class PacedTrigramLM(TrigramLM):
+    def forward(self, input_ids, num_logits, tree_mask=None):
+        time.sleep(0.001)
+        return super().forward(input_ids, num_logits, tree_mask)
+
+
 def dsi_sampled_counts(
     verifier: Verifier, sampling: SamplingConfig, samples: int, pipeline: str = ""
 ) -> torch.Tensor:
@@ -359,7 +365,10 @@ def dsi_sampled_counts(
     pipelined on one ("fixed": every draft up to the lookahead; "auto": what a policy selects)."""
     generator = torch.Generator().manual_seed(4321)
     counts = torch.zeros(VOCAB**NEW_TOKENS, dtype=torch.float64)
-    instances = [LocalInstance(TrigramLM(seed=1, vocab_size=VOCAB)) for _ in range(1 if pipeline else 2)]
+    if pipeline:  # a forward takes a millisecond, so that the drafter, on its own thread, has drafts ready
+        instances = [LocalInstance(PacedTrigramLM(seed=1, vocab_size=VOCAB))]
+    else:
+        instances = [LocalInstance(TrigramLM(seed=1, vocab_size=VOCAB)) for _ in range(2)]
     drafter = ModelDrafter(TrigramLM(seed=2, vocab_size=VOCAB))
     for _ in range(samples):
         tokens = dsi_decode(
