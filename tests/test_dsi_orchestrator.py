@@ -353,10 +353,8 @@ def dsi_sampled_counts(
     pipelined on one ("fixed": every draft up to the lookahead; "auto": what a policy selects)."""
     generator = torch.Generator().manual_seed(4321)
     counts = torch.zeros(VOCAB**NEW_TOKENS, dtype=torch.float64)
-    if pipeline:  # a forward takes a millisecond, so that the drafter, on its own thread, has drafts ready
-        instances = [LocalInstance(PacedTrigramLM(seed=1, vocab_size=VOCAB))]
-    else:
-        instances = [LocalInstance(TrigramLM(seed=1, vocab_size=VOCAB)) for _ in range(2)]
+    # A forward takes a millisecond, so that the drafter, on its own thread, has drafts ready to verify.
+    instances = [LocalInstance(PacedTrigramLM(seed=1, vocab_size=VOCAB)) for _ in range(1 if pipeline else 2)]
     drafter = ModelDrafter(TrigramLM(seed=2, vocab_size=VOCAB))
     for _ in range(samples):
         tokens = dsi_decode(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 
 import pytest
 import torch
@@ -34,6 +35,16 @@ def local_ray():
     start_ray()
     yield
     ray.shutdown()
+
+
+def kill_and_wait(actor) -> None:
+    """Kill an actor and wait until it is dead: `ray.kill` only asks, and calls made meanwhile may still
+    be served."""
+    ray.kill(actor)
+    with pytest.raises(ray.exceptions.RayActorError):
+        for _ in range(300):
+            ray.get(actor.__ray_ready__.remote(), timeout=30)
+            time.sleep(0.1)
 
 
 def run(instances, drafter, prompt, max_new_tokens: int, stats: DecodeStats | None = None) -> list[int]:
@@ -100,7 +111,7 @@ def test_after_an_actor_dies_the_engine_serves_with_new_actors() -> None:
     prompt = prompt_for(3, 9)
     expected = [t for c in plain.token_chunks(prompt, 20, SamplingConfig(), 0, DecodeStats()) for t in c]
     (state,) = engine._idle  # the warmed-up state the next generation takes
-    ray.kill(state.instances[0].actor)
+    kill_and_wait(state.instances[0].actor)
     with pytest.raises(SwarmspecError, match="Ray target actor died"):
         list(engine.token_chunks(prompt, 20, SamplingConfig(), 0, DecodeStats()))
     assert engine._idle == []  # not put back
@@ -114,7 +125,7 @@ def test_a_dead_drafter_actor_is_replaced_on_the_next_request() -> None:
     config = EngineConfig(target=target.spec, method="dsi", drafters=(drafter.spec,), workers="ray")
     engine = Engine.from_models(config, target, {drafter.spec: drafter})
     (state,) = engine._idle
-    ray.kill(state.drafter.actor)
+    kill_and_wait(state.drafter.actor)
     prompt = prompt_for(4, 9)
     first = [t for c in engine.token_chunks(prompt, 16, SamplingConfig(), 0, DecodeStats()) for t in c]
     assert engine._idle == []  # plain decoding finished the request; the state was not reused
