@@ -17,7 +17,7 @@ run: install
 	$(BIN)/swarmspec generate "$(PROMPT)" --method $(METHOD)
 
 test: install lint
-	$(BIN)/python -m pytest -v -rs
+	$(BIN)/python -m pytest -v -rs --durations=30
 
 lint: install
 	$(BIN)/ruff check src tests
