@@ -283,7 +283,8 @@ def test_batched_rows_are_bit_identical_to_each_sequence_alone(target: LoadedMod
 
 def test_concurrent_requests_batched_equal_plain_decoding(target: LoadedModel) -> None:
     """Requests decoded concurrently through one batched llama.cpp target (plain decoding and prompt
-    lookup chains, fixed and self-tuning) each give the tokens of plain llama.cpp decoding alone."""
+    lookup chains, fixed and self-tuning, and the methods mixed in one batch) each give the tokens of
+    plain llama.cpp decoding alone."""
     plain = Engine.from_models(EngineConfig(target=TARGET, method="ar"), target, {})
     configs = [
         EngineConfig(target=TARGET, method="ar", max_batch=3),
@@ -300,3 +301,11 @@ def test_concurrent_requests_batched_equal_plain_decoding(target: LoadedModel) -
             results = list(pool.map(engine.generate, requests))
         assert [r.token_ids for r in results] == expected, config
         assert engine.batched.steps - steps_before < sum(len(t) for t in expected)  # forwards shared
+    # Methods mixed in one batch: plain decoding and a fixed chain share every batched forward.
+    shared = target.new_batched_target(3)
+    ar, chain = (Engine.from_models(config, target, {}, batched=shared) for config in configs[:2])
+    engines = [ar, chain, ar]
+    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+        results = list(pool.map(lambda e, r: e.generate(r), engines, requests))
+    assert [r.token_ids for r in results] == expected
+    assert 0 < shared.steps < sum(len(t) for t in expected)

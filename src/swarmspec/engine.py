@@ -224,20 +224,22 @@ class Engine:
         draft_models: Mapping[str, LoadedModel],
         costs: StepCosts | None = None,
         pipelined_costs: StepCosts | None = None,
+        batched: BatchedTarget | None = None,
     ) -> Engine:
         """An engine over models already loaded: several methods can share one copy of the weights.
 
         With `gamma` auto the policy needs the forward costs: `costs` if given, else this machine's stored
         profile of each model, else measured with the first generation's runners (and stored); the
-        pipeline's also `pipelined_costs`, each model's on its share of the cores."""
+        pipeline's also `pipelined_costs`, each model's on its share of the cores. With continuous
+        batching (`max_batch` above 1) every generation's target runner is a slot of one batched target:
+        `batched` if given (shared with other engines over the same target: their sequences then share
+        every batched forward), else one of this engine's own."""
         shared = SharedLearning()
         step_costs, pipeline_costs = costs, pipelined_costs
-        # Continuous batching: every generation's target runner is a slot of one batched target.
-        batched = (
-            target.new_batched_target(config.max_batch, config.target_threads or None)
-            if config.max_batch > 1
-            else None
-        )
+        if config.max_batch == 1:
+            batched = None
+        elif batched is None:
+            batched = target.new_batched_target(config.max_batch, config.target_threads or None)
         peers = BatchPeers(lambda: batched.size) if batched else None
 
         def new_state() -> GenerationState:

@@ -206,9 +206,12 @@ def batch_forward_costs(
 ) -> dict[int, dict[int, float]]:
     """Milliseconds of a batched forward, batch size -> {k rows per sequence -> ms}, for the batch sizes
     of `BATCH_SIZES` below `max_batch` and `max_batch` itself: this device's stored profile of
-    `model` when it has them, else measured now (and stored with the single-sequence costs)."""
+    `model` when it has them, else measured now (and stored with the single-sequence costs). What was
+    measured on `batched` is kept with it: engines sharing a batch measure it once, while it is empty."""
     device = device_name()
     batches = [b for b in BATCH_SIZES if b < max_batch] + [max_batch]
+    if set(batches) <= set(batched.measured_ms):  # another engine sharing this batch measured them
+        return {b: batched.measured_ms[b] for b in batches}
     stored = CostProfile.load(model, device) if persist else None
     if stored is not None and set(batches) <= set(stored.batch_latency_ms):
         return {b: stored.batch_latency_ms[b] for b in batches}
@@ -220,6 +223,7 @@ def batch_forward_costs(
         )
     label = model if persist else ""
     latency = measure_batch_latency(batched, batches, BATCH_KS, context_len, repeats, label)
+    batched.measured_ms.update(latency)
     if persist:
         base = stored or CostProfile(model, device, context_len, repeats, {})
         merged = {**base.batch_latency_ms, **latency}

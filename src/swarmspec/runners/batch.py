@@ -67,6 +67,8 @@ class BatchedTarget(ABC):
         self.rows: list[BatchSlot] = []  # the sequences in the batch, in cache row order
         self.posts: dict[BatchSlot, Forward] = {}
         self.steps = 0  # batched forwards run so far
+        # Batch size -> {k rows per sequence -> ms} measured on this batch (`profile.batch_forward_costs`).
+        self.measured_ms: dict[int, dict[int, float]] = {}
         self._lock = threading.Condition()
 
     def slot(self) -> BatchSlot:

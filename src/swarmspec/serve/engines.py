@@ -11,6 +11,7 @@ from swarmspec.config import EngineConfig, GenerationRequest, default_drafters, 
 from swarmspec.decode import check_fits
 from swarmspec.engine import Engine, encode_request
 from swarmspec.models.loading import LoadedModel, check_spec, load_model
+from swarmspec.runners.batch import BatchedTarget
 
 
 class DraftModels:
@@ -33,7 +34,8 @@ class MethodEngines:
     """Engines over one target, one per method (a request may choose its method). The configured
     drafters serve every method (chain takes the first); without drafters each method gets its default.
     Models are loaded once, when the first engine needing them is built; draft models may be shared
-    with other targets' engines (`DraftModels`)."""
+    with other targets' engines (`DraftModels`). With continuous batching the engines share one batched
+    target: a batch mixes methods."""
 
     def __init__(
         self,
@@ -50,6 +52,9 @@ class MethodEngines:
             draft_models if isinstance(draft_models, DraftModels) else DraftModels(draft_models)
         )
         self.engines: dict[str, Engine] = {}
+        # Continuous batching: one batched target for every method, so that requests of different
+        # methods share each batched forward (and the batch-aware policy sees the whole batch).
+        self.batched: BatchedTarget | None = None
         self._lock = threading.Lock()
 
     def config_for(self, method: str) -> EngineConfig:
@@ -78,5 +83,9 @@ class MethodEngines:
             if method not in self.engines:
                 config = self.config_for(method)  # validates
                 drafts = {spec: self.draft_models[spec] for spec in config.model_drafters}
-                self.engines[method] = Engine.from_models(config, self.target, drafts)
+                if config.max_batch > 1 and self.batched is None:
+                    self.batched = self.target.new_batched_target(
+                        config.max_batch, config.target_threads or None
+                    )
+                self.engines[method] = Engine.from_models(config, self.target, drafts, batched=self.batched)
             return self.engines[method]
