@@ -83,9 +83,7 @@ class MethodEngines:
             if method not in self.engines:
                 config = self.config_for(method)  # validates
                 drafts = {spec: self.draft_models[spec] for spec in config.model_drafters}
-                if config.max_batch > 1 and self.batched is None:
-                    self.batched = self.target.new_batched_target(
-                        config.max_batch, config.target_threads or None
-                    )
-                self.engines[method] = Engine.from_models(config, self.target, drafts, batched=self.batched)
+                engine = Engine.from_models(config, self.target, drafts, batched=self.batched)
+                self.batched = engine.batched  # the first engine's batch serves the others
+                self.engines[method] = engine
             return self.engines[method]
