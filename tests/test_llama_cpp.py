@@ -18,13 +18,14 @@ from swarmspec.config import AUTO, LLAMA_CPP_PREFIX, EngineConfig, GenerationReq
 from swarmspec.decode import decode
 from swarmspec.drafters.model import ModelDrafter
 from swarmspec.engine import Engine
-from swarmspec.errors import ModelIntegrityError, ModelNotFoundError
+from swarmspec.errors import InvalidRequestError, ModelIntegrityError, ModelNotFoundError
 from swarmspec.metrics import DecodeStats
+from swarmspec.models.gguf_exit import write_exit_gguf
 from swarmspec.models.loading import LoadedModel, load_model
 from swarmspec.models.registry import DEFAULT_DRAFTER, DEFAULT_TARGET
 from swarmspec.policy import FixedDepth
 from swarmspec.runners.batch import Forward
-from swarmspec.runners.llama_cpp import EXACT_ROWS, LlamaCppRunner
+from swarmspec.runners.llama_cpp import EXACT_ROWS, LlamaCppModel, LlamaCppRunner
 from swarmspec.sampling import SamplingConfig, logits_to_probs
 from swarmspec.speculate import ChainSpeculation
 from swarmspec.tree import TokenTree
@@ -184,6 +185,54 @@ def test_bad_gguf_files_give_clear_errors(tmp_path: Path, drafter: LoadedModel) 
         truncated.write_bytes(source.read(5_000_000))  # the header and tensor table, not the data
     with pytest.raises(ModelIntegrityError, match=r"could not load .* \(truncated or corrupt GGUF\?\)"):
         load_model(f"{LLAMA_CPP_PREFIX}{truncated}")
+
+
+EXIT_DRAFTER = f"{LLAMA_CPP_PREFIX}exit6:{DEFAULT_DRAFTER}"
+
+
+def test_exit_after_every_layer_is_the_model_itself(tmp_path: Path, drafter: LoadedModel) -> None:
+    """An exit GGUF (models.gguf_exit) after all of the model's layers, with its own norm, computes the
+    model's logits bit for bit: the copy keeps every tensor and setting."""
+    path = tmp_path / "exit24.gguf"
+    write_exit_gguf(drafter.gguf_path, 24, path)
+    context = context_ids(3, 20)
+    exit_runner = LlamaCppModel(path).new_runner()
+    assert torch.equal(exit_runner.forward(context, 20), drafter.new_runner().forward(context, 20))
+
+
+def test_shallow_exit_is_the_truncated_model_with_its_norm(tmp_path: Path, drafter: LoadedModel) -> None:
+    """`llamacpp:exit6:<model>` runs the model's first 6 layers, its norm and its head: its logits are
+    PyTorch's for the same truncated model up to llama.cpp's quantized arithmetic (nearer than with one
+    layer more or fewer); an exit written with its norm doubled gives exactly doubled logits."""
+    exit_model = load_model(EXIT_DRAFTER)
+    hf = load_model(DEFAULT_DRAFTER).hf_model
+    ids = torch.tensor(drafter.tokenizer(PROMPTS[0]).input_ids)
+    logits = exit_model.new_runner().forward(ids, len(ids))
+    with torch.no_grad():
+        hidden = hf(ids[None], output_hidden_states=True).hidden_states
+        distances = [float((hf.lm_head(hf.model.norm(hidden[d][0])) - logits).abs().max()) for d in (5, 6, 7)]
+    assert distances[1] < 1.0 and distances[1] < min(distances[0], distances[2]) / 4, distances
+    doubled = tmp_path / "exit6-doubled.gguf"
+    write_exit_gguf(drafter.gguf_path, 6, doubled, norm=2 * hf.model.norm.weight)
+    assert torch.equal(LlamaCppModel(doubled).new_runner().forward(ids, len(ids)), 2 * logits)
+
+
+def test_chain_drafted_by_an_exit_equals_plain_decoding(target: LoadedModel) -> None:
+    exit_model = load_model(EXIT_DRAFTER)
+    plain = Engine.from_models(EngineConfig(target=TARGET, method="ar"), target, {})
+    config = EngineConfig(target=TARGET, method="chain", drafters=(EXIT_DRAFTER,), gamma=3)
+    chain = Engine.from_models(config, target, {EXIT_DRAFTER: exit_model})
+    for prompt in PROMPTS[:2]:
+        request = GenerationRequest(prompt, max_new_tokens=32)
+        result = chain.generate(request)
+        assert result.token_ids == plain.generate(request).token_ids
+        assert result.stats.drafted_tokens > 0
+
+
+@pytest.mark.parametrize("depth", [0, 25])
+def test_exit_beyond_the_model_is_refused(depth: int) -> None:
+    with pytest.raises(InvalidRequestError, match=f"has 24 layers: there is no exit after {depth}"):
+        load_model(f"{LLAMA_CPP_PREFIX}exit{depth}:{DEFAULT_DRAFTER}")
 
 
 SAMPLED_TOKENS = 3  # the first from the prefill, then one step that drafts 2 (it drafts <= remaining - 1)

@@ -317,7 +317,7 @@ def test_one_server_serves_several_targets_over_one_sorted_draft(
     draft = tiny_loaded("tiny-drafter", 7, layers=3)
     sorted_draft = LoadedModel("sorted:tiny-drafter", draft.model, draft.tokenizer)
     tuned = {"target-a": {"1": 0.2}, "target-b": {"1": 0.9}}
-    SortedExits(draft.model, (1, 3)).save(trained_exits_path(draft.model, (1, 3)), {"thresholds": tuned})
+    SortedExits(draft.model, (1, 3)).save(trained_exits_path(draft.model, (1, 3), 0), {"thresholds": tuned})
     draft_models = DraftModels({sorted_draft.spec: sorted_draft})
     targets = {"a": tiny_loaded("target-a", 1), "b": tiny_loaded("target-b", 2)}
     served = {

@@ -212,7 +212,7 @@ def test_one_sorted_draft_serves_several_targets_with_their_own_thresholds(
     draft = tiny_loaded("tiny-drafter", 7, layers=3)
     sorted_model = LoadedModel("sorted:tiny-drafter", draft.model, draft.tokenizer)
     tuned = {"target-a": {"1": 0.2}, "target-b": {"1": 0.9}}
-    SortedExits(draft.model, (1, 3)).save(trained_exits_path(draft.model, (1, 3)), {"thresholds": tuned})
+    SortedExits(draft.model, (1, 3)).save(trained_exits_path(draft.model, (1, 3), 0), {"thresholds": tuned})
     for name, seed, threshold in [("target-a", 1, 0.2), ("target-b", 2, 0.9)]:
         target = tiny_loaded(name, seed)
         config = EngineConfig(

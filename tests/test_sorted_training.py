@@ -11,7 +11,7 @@ import torch
 
 from swarmspec.cli import main
 from swarmspec.errors import InvalidRequestError
-from swarmspec.models.sorted import SortedExits, sorted_exits, trained_exits_path
+from swarmspec.models.sorted import SortedExits, sorted_exits, trained_exit_norm, trained_exits_path
 from swarmspec.train.sorted import (
     Answer,
     evaluate,
@@ -88,12 +88,32 @@ def test_saved_exits_are_what_sorted_drafters_load(tmp_path: Path, monkeypatch: 
     exits, _ = trained(epochs=1)
     model = tiny_qwen2(9, layers=4)
     assert not sorted_exits(model, EXITS).trained_on  # nothing stored yet: untrained exits
-    exits.save(trained_exits_path(model, EXITS), {"targets": ["tiny"]})
+    exits.save(trained_exits_path(model, EXITS, exits.rank), {"targets": ["tiny"]})
     loaded = sorted_exits(model, EXITS)
     assert loaded.trained_on == {"targets": ["tiny"]} and loaded.rank == 4
     hidden = torch.randn(3, model.config.hidden_size)
     with torch.no_grad():
         torch.testing.assert_close(loaded.logits(model, 0, hidden), exits.logits(model, 0, hidden))
+
+
+def test_drafters_load_the_highest_rank_and_llama_cpp_the_norm_of_rank_0(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exits trained at the same depths with and without adapters are stored side by side: `sorted:`
+    drafters take the adapters, llama.cpp's exit GGUFs (norm only) the rank-0 norm."""
+    monkeypatch.setenv("SWARMSPEC_CACHE", str(tmp_path))
+    model = tiny_qwen2(9, layers=4)
+    checkpoint = str(model.config.name_or_path)
+    with_adapters = trained(epochs=1)[0]
+    norms_only = SortedExits(model, EXITS, rank=0)
+    with torch.no_grad():
+        norms_only.norms[1].weight.mul_(3.0)
+    with_adapters.save(trained_exits_path(model, EXITS, 4), {"targets": ["adapters"]})
+    assert trained_exit_norm(checkpoint, 2) is None  # rank 4 only: no exit llama.cpp can run
+    norms_only.save(trained_exits_path(model, EXITS, 0), {"targets": ["norms"]})
+    assert sorted_exits(model, (2,)).trained_on == {"targets": ["adapters"]}
+    torch.testing.assert_close(trained_exit_norm(checkpoint, 2), norms_only.norms[1].weight)
+    assert trained_exit_norm(checkpoint, 3) is None  # no exit stored at 3 layers
 
 
 def test_train_sorted_command_end_to_end(
@@ -136,7 +156,7 @@ def test_train_sorted_command_end_to_end(
     assert "Tuned exit thresholds" in out and f"- {checkpoint}: exit 2: " in out
     assert "-token head |" in out
     stored = Path(out.strip().splitlines()[-1].removeprefix("exits: "))
-    assert stored.is_file() and stored.name == "exits-2-4.pt"
+    assert stored.is_file() and stored.name == "exits-2-4-rank4.pt"
     assert main([*args, *flags, "--learning-rate", "0"]) == 2
     assert "learning rate must be > 0" in capsys.readouterr().err
 
@@ -177,7 +197,7 @@ def test_tuned_thresholds_are_stored_per_target_and_used_by_exit_subsets(
     model = tiny_qwen2(9, layers=4)
     tuned = tune_thresholds(exits, model, exit_features(model, EXITS, answers()))
     assert set(tuned) == {"tiny"} and set(tuned["tiny"]) == {"1", "2"}
-    exits.save(trained_exits_path(model, EXITS), {"thresholds": tuned})
+    exits.save(trained_exits_path(model, EXITS, exits.rank), {"thresholds": tuned})
     loaded = sorted_exits(model, EXITS)
     assert loaded.tuned_thresholds("tiny") == (tuned["tiny"]["1"], tuned["tiny"]["2"])
     assert loaded.tuned_thresholds("llamacpp:other") is None

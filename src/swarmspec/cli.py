@@ -453,11 +453,12 @@ def run_models(args: argparse.Namespace) -> int:
 
 
 def run_fetch(args: argparse.Namespace) -> int:
-    from swarmspec.models.registry import fetch, fetch_gguf
+    from swarmspec.models.loading import llama_cpp_file
+    from swarmspec.models.registry import fetch
 
     for name in args.names:  # llama.cpp needs the verified GGUF only; PyTorch the converted checkpoint
         path = (
-            fetch_gguf(name.removeprefix(LLAMA_CPP_PREFIX))
+            llama_cpp_file(name.removeprefix(LLAMA_CPP_PREFIX))
             if name.startswith(LLAMA_CPP_PREFIX)
             else fetch(name)
         )

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from swarmspec.errors import InvalidRequestError
-from swarmspec.models.registry import DEFAULT_DRAFTER, DEFAULT_TARGET
+from swarmspec.models.registry import DEFAULT_DRAFTER, DEFAULT_TARGET, split_exit
 from swarmspec.sampling import SamplingConfig
 from swarmspec.tree import FixedWidths, NodeBudget, TreeShape
 
@@ -405,7 +405,8 @@ class BenchConfig:
     def assistant(self) -> str:
         """hf-assisted's assistant model: the first model among the drafters, else the default drafter."""
         first = next((d for d in self.drafters if d not in MODEL_FREE_DRAFTERS), DEFAULT_DRAFTER)
-        return first.removeprefix(LLAMA_CPP_PREFIX).removeprefix(SORTED_PREFIX)  # transformers runs it
+        # transformers runs it: the whole model, for a sorted draft or one of its exits
+        return split_exit(first.removeprefix(LLAMA_CPP_PREFIX).removeprefix(SORTED_PREFIX))[1]
 
     @property
     def model_drafters(self) -> tuple[str, ...]:

@@ -33,6 +33,7 @@ from swarmspec.models.loading import (
     check_same_vocabulary,
     check_spec,
     load_model,
+    model_name,
     split_spec,
 )
 from swarmspec.models.registry import REGISTRY
@@ -467,7 +468,7 @@ def drafter_in_actor(model: LoadedModel | str, threads: int) -> Drafter:
 
 def is_loadable(spec: str) -> bool:
     """A model users load again by name (registered, or a path), not one built in memory."""
-    name = split_spec(spec)[1]
+    name = model_name(spec)
     return name in REGISTRY or Path(name).expanduser().exists()
 
 

@@ -11,7 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from swarmspec.errors import ModelNotFoundError, SwarmspecError
-from swarmspec.models.registry import gguf_file, gguf_tokenizer, resolve_model
+from swarmspec.models.gguf_exit import exit_gguf
+from swarmspec.models.registry import gguf_file, gguf_tokenizer, resolve_model, split_exit
 from swarmspec.runners.base import ModelRunner
 from swarmspec.runners.batch import BatchedTarget, TorchBatchedTarget
 from swarmspec.runners.hf import HFRunner
@@ -103,9 +104,22 @@ def check_spec(spec: str) -> None:
     """Fail on a bad model name before anything is loaded (fetching what the spec needs on the way)."""
     variant, name = split_spec(spec)
     if variant == LLAMA_CPP:
-        gguf_file(name)
+        llama_cpp_file(name)
     else:
         resolve_model(name)
+
+
+def llama_cpp_file(name: str) -> Path:
+    """The GGUF file a llama.cpp spec's name runs: a registered model's or a path's, or for
+    "exit<N>:<model>" the model's sorted-draft exit after N layers (models.gguf_exit)."""
+    depth, model_name = split_exit(name)
+    source = gguf_file(model_name)
+    return source if depth is None else exit_gguf(model_name, source, depth)
+
+
+def model_name(spec: str) -> str:
+    """The model a spec loads, without backend, variant or exit prefixes: what users load by name."""
+    return split_exit(split_spec(spec)[1])[1]
 
 
 def load_model(spec: str) -> LoadedModel:
@@ -113,8 +127,9 @@ def load_model(spec: str) -> LoadedModel:
     a `llamacpp:` spec loads the GGUF on llama.cpp."""
     variant, name = split_spec(spec)
     if variant == LLAMA_CPP:
-        path = gguf_file(name)
-        return LoadedModel(spec, LlamaCppModel(path), gguf_tokenizer(path))
+        # An exit's GGUF holds its model's tokenizer: read (and cached) from the model's own file.
+        tokenizer = gguf_tokenizer(gguf_file(split_exit(name)[1]))
+        return LoadedModel(spec, LlamaCppModel(llama_cpp_file(name)), tokenizer)
     source = resolve_model(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)

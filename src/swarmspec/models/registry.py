@@ -82,6 +82,10 @@ class GGUFPart:
         return path
 
 
+# A llama.cpp model name may start with this and a layer count: "exit12:<model>" (split_exit).
+EXIT_PREFIX = "exit"
+
+
 @dataclass(frozen=True)
 class RegisteredModel:
     name: str
@@ -183,7 +187,7 @@ def _log(message: str) -> None:
     print(f"swarmspec: {message}", file=sys.stderr, flush=True)
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(_HASH_CHUNK):
@@ -326,7 +330,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, source_sha256: str | None = Non
     Does nothing if out_dir already holds a finished conversion of this file; anything else at
     out_dir (an interrupted run, another source) is replaced. Pass the file's sha256 when known.
     """
-    source_sha256 = source_sha256 or _sha256_file(gguf_path)
+    source_sha256 = source_sha256 or sha256_file(gguf_path)
     if checkpoint_checksum(out_dir) != source_sha256:
         _convert(gguf_path, out_dir, source_sha256)
 
@@ -410,6 +414,21 @@ def gguf_tokenizer(gguf_path: Path):
     return tokenizer
 
 
+def split_exit(name: str) -> tuple[int | None, str]:
+    """A llama.cpp model name "exit12:qwen2.5-coder-0.5b-instruct" is the model's sorted-draft exit after
+    12 layers (models.gguf_exit): -> (12, 'qwen2.5-coder-0.5b-instruct'); other names -> (None, name)."""
+    head, sep, rest = name.partition(":")
+    digits = head.removeprefix(EXIT_PREFIX)
+    if sep and head.startswith(EXIT_PREFIX) and digits.isdigit():
+        return int(digits), rest
+    return None, name
+
+
+def gguf_checkpoint_dir(source_sha256: str) -> Path:
+    """Where a GGUF file given by path is converted to a transformers checkpoint (keyed by its checksum)."""
+    return cache_root() / "models" / f"gguf-{source_sha256[:12]}"
+
+
 def resolve_model(name_or_path: str) -> str:
     """What `from_pretrained` should load for a registered name, checkpoint directory, GGUF file or hub id."""
     if name_or_path in REGISTRY:
@@ -418,8 +437,8 @@ def resolve_model(name_or_path: str) -> str:
     if path.is_dir() and (path / "config.json").is_file():
         return str(path)
     if path.is_file() and path.suffix.lower() == ".gguf":
-        source_sha256 = _sha256_file(path)
-        out_dir = cache_root() / "models" / f"gguf-{source_sha256[:12]}"
+        source_sha256 = sha256_file(path)
+        out_dir = gguf_checkpoint_dir(source_sha256)
         convert_gguf(path, out_dir, source_sha256)
         return str(out_dir)
     if path.exists():

@@ -136,25 +136,51 @@ def save_atomically(state: dict[str, Any], path: Path) -> None:
     partial.replace(path)
 
 
-def trained_exits_path(model: PreTrainedModel, depths: Sequence[int]) -> Path:
-    """Where `swarmspec train-sorted` stores a model's trained exits: keyed by the model's checksum (the
-    source GGUF's, for a registered or converted model; else its path's) and the exit depths."""
-    source = str(model.config.name_or_path)
-    checksum = checkpoint_checksum(Path(source)) or hashlib.sha256(source.encode()).hexdigest()
-    name = f"{Path(source).name or 'model'}-{checksum[:12]}"
-    return cache_root() / "sorted" / name / f"exits-{'-'.join(map(str, depths))}.pt"
+def exits_dir(checkpoint: str) -> Path:
+    """Where `swarmspec train-sorted` stores a checkpoint's trained exits: keyed by its checksum (the
+    source GGUF's, for a registered or converted model; else its path's)."""
+    checksum = checkpoint_checksum(Path(checkpoint)) or hashlib.sha256(checkpoint.encode()).hexdigest()
+    return cache_root() / "sorted" / f"{Path(checkpoint).name or 'model'}-{checksum[:12]}"
+
+
+def trained_exits_path(model: PreTrainedModel, depths: Sequence[int], rank: int) -> Path:
+    """Where `swarmspec train-sorted` stores a model's exits trained at these depths with adapters of
+    this rank."""
+    return exits_dir(str(model.config.name_or_path)) / f"exits-{'-'.join(map(str, depths))}-rank{rank}.pt"
+
+
+def stored_exits(checkpoint: str, depths: Sequence[int]) -> list[tuple[Path, int]]:
+    """The stored trained exits of a checkpoint that include all these depths, with their adapters' rank,
+    highest rank first (adapters draft better; llama.cpp runs rank 0 only)."""
+    found = []
+    for path in sorted(exits_dir(checkpoint).glob("exits-*.pt")):
+        parts = path.stem.removeprefix("exits-").split("-")
+        stored = {int(part) for part in parts if part.isdigit()}
+        ranks = [int(part[4:]) for part in parts if part.startswith("rank") and part[4:].isdigit()]
+        if set(depths) <= stored:
+            # Files written before the rank was part of the name hold it inside.
+            rank = ranks[-1] if ranks else int(torch.load(path, weights_only=True).get("rank", 0))
+            found.append((path, rank))
+    return sorted(found, key=lambda item: -item[1])
 
 
 def sorted_exits(model: PreTrainedModel, depths: Sequence[int]) -> SortedExits:
     """The model's exits at these depths, trained if `swarmspec train-sorted` stored exits at all of them
-    (alone or among others: trained at 6, 12, 18 and 24 layers gives a trained exit 12 alone), else
-    untrained."""
-    exact = trained_exits_path(model, depths)
-    for path in [exact, *sorted(exact.parent.glob("exits-*.pt"))]:
-        stored = tuple(int(d) for d in path.stem.removeprefix("exits-").split("-") if d.isdigit())
-        if path.is_file() and set(depths) <= set(stored):
-            return SortedExits.load(model, path).subset(model, depths)
+    (alone or among others: trained at 6, 12, 18 and 24 layers gives a trained exit 12 alone; with
+    adapters of the highest rank trained), else untrained."""
+    for path, _ in stored_exits(str(model.config.name_or_path), depths):
+        return SortedExits.load(model, path).subset(model, depths)
     return SortedExits(model, depths)
+
+
+def trained_exit_norm(checkpoint: str, depth: int) -> torch.Tensor | None:
+    """The norm weight of the checkpoint's exit after `depth` layers, if exits without adapters (rank
+    0) were trained there: an exit that llama.cpp's graph holds (models.gguf_exit)."""
+    for path, rank in stored_exits(checkpoint, (depth,)):
+        if rank == 0:
+            saved = torch.load(path, weights_only=True)
+            return saved["state"][f"norms.{list(saved['depths']).index(depth)}.weight"]
+    return None
 
 
 def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:

@@ -407,7 +407,7 @@ def train_sorted(config: TrainSortedConfig, progress: Progress = log) -> Trainin
     exits = SortedExits(model, config.exits, config.rank, config.seed)
     exits.head_order = token_frequency_order([a for a in answers if a.question_id in train_ids])
     before = evaluate(exits, model, held)
-    path = trained_exits_path(model, config.exits)
+    path = trained_exits_path(model, config.exits, config.rank)
     settings = {**asdict(config), "prompts": config.prompts or "built-in"}
     run_key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     checkpoint = path.with_name(f"{path.stem}-run-{run_key}.ckpt")
