@@ -236,7 +236,7 @@ def test_exit_beyond_the_model_is_refused(depth: int) -> None:
 
 
 SAMPLED_TOKENS = 3  # the first from the prefill, then one step that drafts 2 (it drafts <= remaining - 1)
-SAMPLES = 800
+SAMPLES = 500
 
 
 def sampled_counts(
@@ -275,17 +275,27 @@ def exact_probabilities(
     return probs
 
 
+@pytest.fixture(scope="module")
+def exit18(tmp_path_factory: pytest.TempPathFactory, drafter: LoadedModel) -> LoadedModel:
+    """The 0.5B's untrained exit after 18 of its 24 layers (a drafter that is right about half the time)."""
+    path = tmp_path_factory.mktemp("exit") / "exit18.gguf"
+    write_exit_gguf(drafter.gguf_path, 18, path)
+    return LoadedModel("exit18", LlamaCppModel(path), drafter.tokenizer)
+
+
 @pytest.mark.parametrize("rule", ["correct", "swapped_roles"])
 def test_sampling_through_llama_cpp_is_the_targets_distribution(
-    rule: str, target: LoadedModel, drafter: LoadedModel
+    rule: str, drafter: LoadedModel, exit18: LoadedModel
 ) -> None:
-    """Speculative sampling on llama.cpp (1.5B target, 0.5B drafter) draws the 1.5B's own distribution
-    of three tokens (chi-squared); a verifier with target and draft distributions swapped fails."""
+    """Speculative sampling on llama.cpp (the 0.5B as target, drafted by its 18-layer exit: the same
+    runner as any target, at a fraction of the 1.5B's cost per sample) draws the target's own
+    distribution of three tokens (chi-squared); a verifier with target and draft distributions swapped
+    fails."""
     sampling = SamplingConfig(temperature=1.0, top_k=3)
-    prompt = target.tokenizer("def fibonacci(n):").input_ids
+    prompt = drafter.tokenizer("def fibonacci(n):").input_ids
     verifier = make_verifier(sampling) if rule == "correct" else broken(rule, sampling)
-    counts = sampled_counts(target, drafter, verifier, sampling, prompt)
-    exact = exact_probabilities(target, sampling, prompt)
+    counts = sampled_counts(drafter, exit18, verifier, sampling, prompt)
+    exact = exact_probabilities(drafter, sampling, prompt)
     cells = sorted(set(exact) | set(counts))
     p = p_value(
         torch.tensor([float(counts.get(c, 0)) for c in cells], dtype=torch.float64),
@@ -312,7 +322,9 @@ def test_batched_rows_are_bit_identical_to_each_sequence_alone(target: LoadedMod
     batched = target.new_batched_target(max_batch=3)
     slots = [batched.slot() for _ in contexts]
     for slot, context in zip(slots, contexts, strict=True):
-        batched.run({slot: Forward(context, 1, None)})
+        prompt = Forward(context, 1, None)
+        while prompt.logits is None:  # the 600-token prompt joins in two steps
+            batched.run({slot: prompt})
     done = [0, 0, 0]
     for chunk in [(1, 2, 3), (4, 1, 2), (2, 3, 1), (2, 3, 3)]:
         forwards = {
@@ -328,6 +340,53 @@ def test_batched_rows_are_bit_identical_to_each_sequence_alone(target: LoadedMod
     for slot in slots:
         slot.end()
     assert sorted(batched.free_seqs) == [0, 1, 2]
+
+
+def test_long_prompt_joins_a_part_per_step_while_the_batch_decodes(drafter: LoadedModel) -> None:
+    """Chunked prefill: a 1,100-token prompt joins a running batch one 512-token `llama_decode` per
+    step while a running sequence decodes a token in each of those steps; both sequences' logits equal
+    their own decoding alone, bit for bit (the prompt's calls are the ones plain decoding makes)."""
+    short, long = context_ids(4, 40), context_ids(5, 1100)
+    runner = drafter.new_runner()
+    short_rows = [runner.forward(short, 1)[0]]
+    fed = [int(short_rows[-1].argmax())]
+    for _ in range(4):
+        short_rows.append(runner.forward(torch.tensor(fed[-1:]), 1)[0])
+        fed.append(int(short_rows[-1].argmax()))
+    long_alone = drafter.new_runner().forward(long, 1)
+    batched = drafter.new_batched_target(max_batch=2)
+    short_slot, long_slot = batched.slot(), batched.slot()
+    batched.run({short_slot: (joined := Forward(short, 1, None))})
+    assert torch.equal(joined.logits[0], short_rows[0])
+    prompt, parts = Forward(long, 1, None), 0
+    while prompt.logits is None:
+        step = Forward(torch.tensor([fed[parts]]), 1, None)
+        batched.run({short_slot: step, long_slot: prompt})
+        parts += 1
+        assert torch.equal(step.logits[0], short_rows[parts])  # the running sequence went on
+    assert parts == 3 and torch.equal(prompt.logits, long_alone)
+    assert batched.cached_len(long_slot) == 1100 and batched.cached_len(short_slot) == 40 + parts
+    for slot in (short_slot, long_slot):
+        slot.end()
+    assert sorted(batched.free_seqs) == [0, 1]
+
+
+def test_concurrent_requests_with_a_long_prompt_equal_plain_decoding(drafter: LoadedModel) -> None:
+    """Threads through the step barrier: a request whose prompt joins in parts and a short one, decoded
+    concurrently in one batch (the 0.5B as target), each give plain decoding's tokens."""
+    long_prompt = " ".join([PROMPTS[1]] * 30)  # about 700 tokens: two prompt calls
+    assert len(drafter.tokenizer(long_prompt).input_ids) > 512
+    plain = Engine.from_models(EngineConfig(target=DRAFTER, method="ar"), drafter, {})
+    requests = [
+        GenerationRequest(long_prompt, max_new_tokens=12),
+        GenerationRequest(PROMPTS[0], max_new_tokens=24),
+    ]
+    expected = [plain.generate(request).token_ids for request in requests]
+    config = EngineConfig(target=DRAFTER, method="chain", drafters=("prompt-lookup",), gamma=3, max_batch=2)
+    engine = Engine.from_models(config, drafter, {})
+    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+        results = list(pool.map(engine.generate, requests))
+    assert [r.token_ids for r in results] == expected
 
 
 def test_concurrent_requests_batched_equal_plain_decoding(target: LoadedModel) -> None:

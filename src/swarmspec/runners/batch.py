@@ -4,7 +4,8 @@ A `BatchedTarget` holds one `transformers` model and one batched KV cache; each 
 `BatchSlot`, a `ModelRunner` like any other, so the decode loop does not know it is batched. A slot's
 `forward` posts its rows and blocks; when every running sequence has posted (a step boundary), the
 last to arrive runs them all in one forward and hands each its logits. New sequences join at such a
-boundary (their prompt is prefilled alone, then their cache becomes a row of the batch), finished ones
+boundary (their prompt is prefilled alone, then their cache becomes a row of the batch; on llama.cpp a
+long prompt is prefilled a part per step, so that the running sequences go on meanwhile), finished ones
 leave (`end`), so the batch changes every step: continuous batching. A sequence that does not post
 within `wait_s` (its drafter is slow) is not waited for: the others run without it, and it joins the
 next step.
@@ -69,6 +70,7 @@ class BatchedTarget(ABC):
         self.steps = 0  # batched forwards run so far
         # Batch size -> {k rows per sequence -> ms} measured on this batch (`profile.batch_forward_costs`).
         self.measured_ms: dict[int, dict[int, float]] = {}
+        self._steps_run = 0  # steps led by `_forward` (whatever they ran), for the waiting posts
         self._lock = threading.Condition()
 
     def slot(self) -> BatchSlot:
@@ -84,12 +86,14 @@ class BatchedTarget(ABC):
         """Post `slot`'s rows and return their logits once a step has run them."""
         with self._lock:
             self.posts[slot] = post
-            deadline = time.monotonic() + self.wait_s
+            deadline, steps_seen = time.monotonic() + self.wait_s, self._steps_run
             while not post.done.is_set():
+                if self._steps_run != steps_seen:  # a step ran but this prompt has parts left:
+                    deadline, steps_seen = time.monotonic() + self.wait_s, self._steps_run  # wait anew
                 waiting = [s for s in self.rows if s not in self.posts]
                 if not waiting or time.monotonic() >= deadline:
                     self._run_step()  # the last to arrive (or the first tired of waiting) leads
-                    break
+                    continue
                 self._lock.wait(timeout=max(deadline - time.monotonic(), 0.0))
         if post.error is not None:
             raise post.error
@@ -99,26 +103,33 @@ class BatchedTarget(ABC):
     def _run_step(self) -> None:
         """Run every posted forward (under the lock) and wake their threads."""
         posts, self.posts = self.posts, {}
+        self._steps_run += 1
         try:
             self.run(posts)
         except Exception as err:  # every waiting sequence fails with it; the batch stays usable
             for post in posts.values():
                 post.error = err
         finally:
-            for post in posts.values():
-                post.done.set()
+            for slot, post in posts.items():
+                if post.logits is None and post.error is None:  # a prompt partly prefilled
+                    self.posts[slot] = post  # goes on in the next step
+                else:
+                    post.done.set()
             self._lock.notify_all()
 
     def run(self, posts: dict[BatchSlot, Forward]) -> None:
         """Run the given forwards now (no other thread may use the batch meanwhile): each slot not in
-        the batch yet prefills its rows alone and joins; the others' rows go through one forward."""
+        the batch yet prefills its prompt alone and joins, or prefills a part of it if the backend takes
+        long prompts a part per step (its logits stay None: run it again); the others' rows go through
+        one forward."""
         for slot, post in posts.items():
             if slot not in self.rows:
                 if post.tree_mask is not None:
                     raise ValueError("a sequence's first forward (its prompt) must be a chain")
                 post.logits = self._join(slot, post)
-                self.rows.append(slot)
-        batched = {slot: post for slot, post in posts.items() if post.logits is None}
+                if post.logits is not None:
+                    self.rows.append(slot)
+        batched = {slot: post for slot, post in posts.items() if slot in self.rows and post.logits is None}
         if batched:
             self._step(batched)
             self.steps += 1
@@ -143,8 +154,9 @@ class BatchedTarget(ABC):
         """The sequence's cached tokens (0 before it joins)."""
 
     @abstractmethod
-    def _join(self, slot: BatchSlot, post: Forward) -> torch.Tensor:
-        """Prefill a new sequence's prompt alone; its cache becomes the batch's last row."""
+    def _join(self, slot: BatchSlot, post: Forward) -> torch.Tensor | None:
+        """Prefill a new sequence's prompt alone; its cache becomes the batch's last row. A backend may
+        prefill a long prompt a part per call (between other sequences' steps): None until the last."""
 
     @abstractmethod
     def _step(self, posts: dict[BatchSlot, Forward]) -> None:

@@ -39,7 +39,7 @@ import collections
 import ctypes
 import itertools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -433,13 +433,24 @@ class LlamaCppRunner(ModelRunner):
         self.committed, self.in_cache, self.tree, self.tree_cells = [], 0, [], []
 
 
+@dataclass
+class _Joining:
+    """A sequence whose prompt is prefilled a `llama_decode` call per step."""
+
+    seq: int
+    prefilled: int = 0  # prompt tokens in its cache
+    logits: list[np.ndarray] = field(default_factory=list)  # the rows asked for, so far
+
+
 class LlamaCppBatchedTarget(BatchedTarget):
     """Continuous batching on llama.cpp: one context whose cache has a stream of its own per sequence
     (`kv_unified` off, a sequence id per request), so every sequence's tokens sit in the cells at their
     positions, as in plain decoding. A step decodes every sequence's rows in `llama_decode` calls of at
     most `EXACT_ROWS` rows, rows of several sequences sharing a call: each row goes through the same
-    kernels as a single token, so its logits are bit-identical to the sequence decoded alone. Sequences
-    verify chains only (a tree's branches need cells removed between decode calls)."""
+    kernels as a single token, so its logits are bit-identical to the sequence decoded alone. A joining
+    sequence's prompt takes one call of `PROMPT_BATCH` tokens per step, the calls plain decoding makes
+    (chunked prefill: a long prompt does not stall the batch for all of its length). Sequences verify
+    chains only (a tree's branches need cells removed between decode calls)."""
 
     def __init__(
         self, model: LlamaCppModel, max_batch: int, context: int, threads: int | None = None
@@ -456,6 +467,7 @@ class LlamaCppBatchedTarget(BatchedTarget):
         self.free_seqs = list(range(max_batch))
         self.seqs: dict[BatchSlot, int] = {}  # each joined sequence's id
         self.lengths: dict[BatchSlot, int] = {}  # and its cached tokens (cells 0..length-1 of its stream)
+        self.joining: dict[BatchSlot, _Joining] = {}  # sequences whose prompt is partly prefilled
 
     def __del__(self) -> None:
         if getattr(self, "ctx", None):
@@ -466,24 +478,34 @@ class LlamaCppBatchedTarget(BatchedTarget):
     def cached_len(self, slot: BatchSlot) -> int:
         return self.lengths.get(slot, 0)
 
-    def _join(self, slot: BatchSlot, post: Forward) -> torch.Tensor:
-        if not self.free_seqs:
-            raise SwarmspecError(f"all {len(self.seqs)} sequences of the batch are in use")
+    def _join(self, slot: BatchSlot, post: Forward) -> torch.Tensor | None:
+        """One `llama_decode` call of the prompt per step, as plain decoding processes it (so its cache
+        is the same), while the running sequences go on between the calls; the logits with the last."""
         tokens = post.input_ids.tolist()
-        if len(tokens) > self.max_length:
-            raise ValueError(f"sequence would exceed the context of {self.max_length} positions")
-        seq = self.free_seqs.pop(0)
-        self._api.llama_memory_seq_rm(self.memory, seq, -1, -1)
+        joining = self.joining.get(slot)
+        if joining is None:  # the prompt's first part
+            if not self.free_seqs:
+                raise SwarmspecError(f"all {len(self.seqs)} sequences of the batch are in use")
+            if len(tokens) > self.max_length:
+                raise ValueError(f"sequence would exceed the context of {self.max_length} positions")
+            joining = self.joining[slot] = _Joining(self.free_seqs.pop(0))
+            self._api.llama_memory_seq_rm(self.memory, joining.seq, -1, -1)
+        end = min(joining.prefilled + PROMPT_BATCH, len(tokens))
         first_logit = len(tokens) - post.num_logits
-        entries = [(token, position, seq, position >= first_logit) for position, token in enumerate(tokens)]
+        entries = [(tokens[p], p, joining.seq, p >= first_logit) for p in range(joining.prefilled, end)]
         try:
-            logits = self._decode(entries, PROMPT_BATCH)
+            joining.logits.append(self._decode(entries, PROMPT_BATCH))
         except Exception:
-            self._api.llama_memory_seq_rm(self.memory, seq, -1, -1)
-            self.free_seqs.insert(0, seq)
+            del self.joining[slot]
+            self._api.llama_memory_seq_rm(self.memory, joining.seq, -1, -1)
+            self.free_seqs.insert(0, joining.seq)
             raise
-        self.seqs[slot], self.lengths[slot] = seq, len(tokens)
-        return torch.from_numpy(logits)
+        joining.prefilled = end
+        if end < len(tokens):
+            return None
+        del self.joining[slot]
+        self.seqs[slot], self.lengths[slot] = joining.seq, len(tokens)
+        return torch.from_numpy(np.concatenate(joining.logits))
 
     def _step(self, posts: dict[BatchSlot, Forward]) -> None:
         entries: list[tuple[int, int, int, bool]] = []
