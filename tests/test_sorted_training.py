@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from swarmspec.cli import main
-from swarmspec.errors import InvalidRequestError
+from swarmspec.errors import InvalidRequestError, SwarmspecError
 from swarmspec.models.sorted import SortedExits, sorted_exits, trained_exit_norm, trained_exits_path
 from swarmspec.train.sorted import (
     Answer,
@@ -114,6 +114,24 @@ def test_drafters_load_the_highest_rank_and_llama_cpp_the_norm_of_rank_0(
     assert sorted_exits(model, (2,)).trained_on == {"targets": ["adapters"]}
     torch.testing.assert_close(trained_exit_norm(checkpoint, 2), norms_only.norms[1].weight)
     assert trained_exit_norm(checkpoint, 3) is None  # no exit stored at 3 layers
+
+
+@pytest.mark.parametrize("name", ["exits-1-2-4-rank4.pt", "exits-1-2-4.pt"])
+def test_a_corrupt_stored_exits_file_gives_a_clear_error(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Corrupt or foreign files where trained exits are stored (named with their rank, or as before
+    the rank was part of the name) say which file to delete."""
+    monkeypatch.setenv("SWARMSPEC_CACHE", str(tmp_path))
+    model = tiny_qwen2(9, layers=4)
+    path = trained_exits_path(model, EXITS, 4).with_name(name)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a torch file")
+    with pytest.raises(SwarmspecError, match=f"cannot load trained sorted exits from {path}: .*delete it"):
+        sorted_exits(model, (2,))
+    torch.save({"something": "else"}, path)
+    with pytest.raises(SwarmspecError, match="lacks the exits' depths, rank or weights"):
+        sorted_exits(model, (2,))
 
 
 def test_train_sorted_command_end_to_end(

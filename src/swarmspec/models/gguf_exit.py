@@ -35,7 +35,8 @@ def exit_gguf(name: str, source: Path, depth: int) -> Path:
     checkpoint = registered.cache_dir() if registered else gguf_checkpoint_dir(source_sha256)
     norm = trained_exit_norm(str(checkpoint), depth)
     norm_key = hashlib.sha256(norm.numpy().tobytes()).hexdigest()[:12] if norm is not None else "untrained"
-    path = cache_root() / "exits" / f"{source.stem}-{source_sha256[:12]}-exit{depth}-{norm_key}.gguf"
+    stem = source.stem if source_sha256[:12] in source.stem else f"{source.stem}-{source_sha256[:12]}"
+    path = cache_root() / "exits" / f"{stem}-exit{depth}-{norm_key}.gguf"
     if not path.is_file():
         kind = "trained" if norm is not None else "untrained (no exit trained with --rank 0 there)"
         print(f"swarmspec: writing the {kind} exit after {depth} layers of {source.name}", file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -96,15 +97,13 @@ class SortedExits(torch.nn.Module):
 
     @classmethod
     def load(cls, model: PreTrainedModel, path: Path) -> SortedExits:
+        saved = read_exits_file(path)
         try:
-            saved = torch.load(path, weights_only=True)
             exits = cls(model, saved["depths"], saved["rank"])
             exits.load_state_dict(saved["state"])
             exits.trained_on, exits.head_order = saved["trained_on"], saved["head_order"]
         except (OSError, RuntimeError, KeyError, TypeError, ValueError) as err:
-            raise SwarmspecError(
-                f"cannot load trained sorted exits from {path}: {err}; delete it and retrain"
-            ) from None
+            raise unreadable_exits(path, err) from None
         return exits
 
     def subset(self, model: PreTrainedModel, depths: Sequence[int]) -> SortedExits:
@@ -159,28 +158,43 @@ def stored_exits(checkpoint: str, depths: Sequence[int]) -> list[tuple[Path, int
         ranks = [int(part[4:]) for part in parts if part.startswith("rank") and part[4:].isdigit()]
         if set(depths) <= stored:
             # Files written before the rank was part of the name hold it inside.
-            rank = ranks[-1] if ranks else int(torch.load(path, weights_only=True).get("rank", 0))
+            rank = ranks[-1] if ranks else int(read_exits_file(path)["rank"])
             found.append((path, rank))
     return sorted(found, key=lambda item: -item[1])
+
+
+def read_exits_file(path: Path) -> dict[str, Any]:
+    """What `SortedExits.save` stored, or a clear error for a file that is not that."""
+    try:
+        saved = torch.load(path, weights_only=True)
+        if not isinstance(saved, dict) or not {"depths", "rank", "state"} <= saved.keys():
+            raise ValueError("it lacks the exits' depths, rank or weights")
+    except (OSError, RuntimeError, ValueError, TypeError, EOFError, pickle.UnpicklingError) as err:
+        raise unreadable_exits(path, err) from None
+    return saved
+
+
+def unreadable_exits(path: Path, err: BaseException) -> SwarmspecError:
+    reason = (str(err).splitlines() or [type(err).__name__])[0]  # torch's unpickling errors run on
+    return SwarmspecError(f"cannot load trained sorted exits from {path}: {reason}; delete it and retrain")
 
 
 def sorted_exits(model: PreTrainedModel, depths: Sequence[int]) -> SortedExits:
     """The model's exits at these depths, trained if `swarmspec train-sorted` stored exits at all of them
     (alone or among others: trained at 6, 12, 18 and 24 layers gives a trained exit 12 alone; with
     adapters of the highest rank trained), else untrained."""
-    for path, _ in stored_exits(str(model.config.name_or_path), depths):
-        return SortedExits.load(model, path).subset(model, depths)
-    return SortedExits(model, depths)
+    found = stored_exits(str(model.config.name_or_path), depths)
+    return SortedExits.load(model, found[0][0]).subset(model, depths) if found else SortedExits(model, depths)
 
 
 def trained_exit_norm(checkpoint: str, depth: int) -> torch.Tensor | None:
     """The norm weight of the checkpoint's exit after `depth` layers, if exits without adapters (rank
     0) were trained there: an exit that llama.cpp's graph holds (models.gguf_exit)."""
-    for path, rank in stored_exits(checkpoint, (depth,)):
-        if rank == 0:
-            saved = torch.load(path, weights_only=True)
-            return saved["state"][f"norms.{list(saved['depths']).index(depth)}.weight"]
-    return None
+    norms_only = [path for path, rank in stored_exits(checkpoint, (depth,)) if rank == 0]
+    if not norms_only:
+        return None
+    saved = read_exits_file(norms_only[0])
+    return saved["state"][f"norms.{list(saved['depths']).index(depth)}.weight"]
 
 
 def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
