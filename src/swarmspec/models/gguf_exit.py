@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -39,26 +40,50 @@ def exit_gguf(name: str, source: Path, depth: int) -> Path:
     path = cache_root() / "exits" / f"{stem}-exit{depth}-{norm_key}.gguf"
     if not path.is_file():
         kind = "trained" if norm is not None else "untrained (no exit trained with --rank 0 there)"
-        print(f"swarmspec: writing the {kind} exit after {depth} layers of {source.name}", file=sys.stderr)
-        write_exit_gguf(source, depth, path, norm)
+        note = f"swarmspec: writing the {kind} exit after {depth} layers of {source.name}"
+        write_exit_gguf(source, depth, path, norm, on_start=lambda: print(note, file=sys.stderr, flush=True))
     return path
 
 
-def write_exit_gguf(source: Path, depth: int, out: Path, norm: torch.Tensor | None = None) -> None:
+def write_exit_gguf(
+    source: Path,
+    depth: int,
+    out: Path,
+    norm: torch.Tensor | None = None,
+    on_start: Callable[[], None] | None = None,
+) -> None:
     """Write `source`'s first `depth` layers, `norm` (default: its own) as the output norm and its LM
-    head to `out`, atomically; every other key and tensor is copied as stored."""
+    head to `out`, atomically; every other key and tensor is copied as stored. `on_start` runs once
+    the depth is known to fit, before the writing."""
     try:
         reader = gguf.GGUFReader(source)
     except (OSError, ValueError) as err:
         raise ModelIntegrityError(f"cannot read {source} as GGUF: {err}") from None
-    arch = str(reader.fields[gguf.Keys.General.ARCHITECTURE].contents())
-    block_count = gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch)
-    layers = int(reader.fields[block_count].contents())
+    arch_field = reader.fields.get(gguf.Keys.General.ARCHITECTURE)
+    arch = str(arch_field.contents()) if arch_field else "?"
+    layers_field = reader.fields.get(gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch))
+    if layers_field is None:
+        raise ModelIntegrityError(f"{source} names no architecture or layer count: not a model's GGUF")
+    layers = int(layers_field.contents())
     if not 1 <= depth <= layers:
         raise InvalidRequestError(f"{source.name} has {layers} layers: there is no exit after {depth}")
+    if on_start is not None:
+        on_start()
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_suffix(".partial")
-    writer = gguf.GGUFWriter(partial, arch, endianess=reader.endianess)
+    try:
+        _write(reader, arch, depth, layers, norm, partial)
+        partial.replace(out)
+    finally:
+        partial.unlink(missing_ok=True)  # what a failed write left
+
+
+def _write(
+    reader: gguf.GGUFReader, arch: str, depth: int, layers: int, norm: torch.Tensor | None, out: Path
+) -> None:
+    """`write_exit_gguf`'s writing, to `out`."""
+    writer = gguf.GGUFWriter(out, arch, endianess=reader.endianess)
+    block_count = gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch)
     for field in reader.fields.values():
         if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
             continue  # the writer writes these itself
@@ -79,12 +104,11 @@ def write_exit_gguf(source: Path, depth: int, out: Path, norm: torch.Tensor | No
             if tuple(norm.shape) != tuple(data.shape):
                 raise InvalidRequestError(f"exit norm of shape {tuple(norm.shape)}, not {tuple(data.shape)}")
             data = norm.detach().to(torch.float32).numpy().astype(data.dtype)
-        tensors.append((tensor, np.ascontiguousarray(data)))
+        tensors.append(np.ascontiguousarray(data))
         writer.add_tensor_info(tensor.name, data.shape, data.dtype, data.nbytes, tensor.tensor_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for _, data in tensors:
+    for data in tensors:
         writer.write_tensor_data(data, tensor_endianess=reader.endianess)
     writer.close()
-    partial.replace(out)
