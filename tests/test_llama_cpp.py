@@ -201,13 +201,15 @@ def test_exit_after_every_layer_is_the_model_itself(tmp_path: Path, drafter: Loa
 
 
 def test_shallow_exit_is_the_truncated_model_with_its_norm(tmp_path: Path, drafter: LoadedModel) -> None:
-    """`llamacpp:exit6:<model>` runs the model's first 6 layers, its norm and its head: its logits are
-    PyTorch's for the same truncated model up to llama.cpp's quantized arithmetic (nearer than with one
-    layer more or fewer); an exit written with its norm doubled gives exactly doubled logits."""
-    exit_model = load_model(EXIT_DRAFTER)
+    """The untrained exit after 6 layers runs the model's first 6 layers, its final norm and its head:
+    its logits are PyTorch's for the same truncated model up to llama.cpp's quantized arithmetic
+    (nearer than with one layer more or fewer); an exit written with its norm doubled gives exactly
+    doubled logits."""
+    untrained = tmp_path / "exit6.gguf"  # not `llamacpp:exit6:`, which takes trained norms if stored
+    write_exit_gguf(drafter.gguf_path, 6, untrained)
     hf = load_model(DEFAULT_DRAFTER).hf_model
     ids = torch.tensor(drafter.tokenizer(PROMPTS[0]).input_ids)
-    logits = exit_model.new_runner().forward(ids, len(ids))
+    logits = LlamaCppModel(untrained).new_runner().forward(ids, len(ids))
     with torch.no_grad():
         hidden = hf(ids[None], output_hidden_states=True).hidden_states
         distances = [float((hf.lm_head(hf.model.norm(hidden[d][0])) - logits).abs().max()) for d in (5, 6, 7)]

@@ -127,9 +127,9 @@ def load_model(spec: str) -> LoadedModel:
     a `llamacpp:` spec loads the GGUF on llama.cpp."""
     variant, name = split_spec(spec)
     if variant == LLAMA_CPP:
+        model = LlamaCppModel(llama_cpp_file(name))  # a file that is not GGUF fails here, clearly
         # An exit's GGUF holds its model's tokenizer: read (and cached) from the model's own file.
-        tokenizer = gguf_tokenizer(gguf_file(split_exit(name)[1]))
-        return LoadedModel(spec, LlamaCppModel(llama_cpp_file(name)), tokenizer)
+        return LoadedModel(spec, model, gguf_tokenizer(gguf_file(split_exit(name)[1])))
     source = resolve_model(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
