@@ -1,10 +1,12 @@
-"""Chunked prefill on llama.cpp, measured: a short request decodes while a long prompt joins the batch.
+"""Chunked prefill, measured: a short request decodes while a long prompt joins the batch.
 
 Reports, per round and mode, the longest pause between two tokens of the running request and the
-long request's time to first token: `chunked` (the default: one 512-token `llama_decode` of the prompt
-per step) against `whole` (the prompt prefilled in one go, as before chunking). Modes interleave.
+long request's time to first token: `chunked` (the default: on llama.cpp one 512-token `llama_decode`
+of the prompt per step, on PyTorch `--prefill-chunk` tokens per step) against `whole` (the prompt
+prefilled in one go, as before chunking). Modes interleave.
 
     python scripts/chunked_prefill.py --long-tokens 2500 --rounds 2
+    python scripts/chunked_prefill.py --target onednn:qwen2.5-coder-0.5b-instruct --long-tokens 2000
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ from swarmspec.engine import Engine
 from swarmspec.metrics import DecodeStats
 from swarmspec.models.loading import load_model
 from swarmspec.models.registry import DEFAULT_TARGET
-from swarmspec.runners.llama_cpp import LlamaCppBatchedTarget
+from swarmspec.runners.batch import PREFILL_CHUNK, BatchedTarget, TorchBatchedTarget
 from swarmspec.sampling import SamplingConfig
 
 
-def whole_join(batched: LlamaCppBatchedTarget):
+def whole_join(batched: BatchedTarget):
     """The batched target's join as before chunking: every part of the prompt in one go."""
     chunked = batched._join
 
@@ -72,9 +74,12 @@ def main() -> None:
     parser.add_argument("--target", default=LLAMA_CPP_PREFIX + DEFAULT_TARGET)
     parser.add_argument("--long-tokens", type=int, default=2500)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK, help="PyTorch targets only")
     args = parser.parse_args()
     target = load_model(args.target)
     batched = target.new_batched_target(max_batch=2)
+    if isinstance(batched, TorchBatchedTarget):
+        batched.prefill_chunk = args.prefill_chunk
     config = EngineConfig(target=args.target, method="ar", max_batch=2)
     engine = Engine.from_models(config, target, {}, batched=batched)
     chunked_join = batched._join

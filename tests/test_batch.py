@@ -16,7 +16,7 @@ from swarmspec.drafters.lookup import PromptLookupDrafter
 from swarmspec.drafters.model import ModelDrafter
 from swarmspec.errors import InvalidRequestError
 from swarmspec.policy import BatchPeers, CostModelPolicy, StepCosts
-from swarmspec.runners.batch import BatchSlot, TorchBatchedTarget
+from swarmspec.runners.batch import PREFILL_CHUNK, BatchSlot, Forward, TorchBatchedTarget
 from swarmspec.runners.hf import HFRunner
 from swarmspec.speculate import MergedTree, NoSpeculation, Speculation
 
@@ -62,12 +62,13 @@ def concurrently(jobs: list[Callable[[], list[int]]]) -> list[list[int]]:
 @pytest.mark.parametrize("seed", range(4))
 def test_batched_sequences_equal_each_alone(seed: int) -> None:
     """Chains, trees and plain decoding of different gammas and lengths, batched, give each sequence's
-    tokens alone; sequences join and leave while others run."""
+    tokens alone; sequences join and leave while others run (with odd seeds, their prompts a few tokens
+    per step)."""
     batch = prompts(10, seed)
     kinds = ["chain", "tree", "ar"]
     plans = [(p, kinds[i % 3], 1 + (i + seed) % 4, 8 + 5 * (i % 4)) for i, p in enumerate(batch)]
     alone = [run_decode(TARGET, speculation(kind), p, new, gamma=gamma)[0] for p, kind, gamma, new in plans]
-    batched = TorchBatchedTarget(TARGET)
+    batched = TorchBatchedTarget(TARGET, prefill_chunk=7 if seed % 2 else PREFILL_CHUNK)
     together = concurrently(
         [
             lambda p=p, kind=kind, gamma=gamma, new=new: run_decode(
@@ -79,6 +80,52 @@ def test_batched_sequences_equal_each_alone(seed: int) -> None:
     assert together == alone
     assert batched.steps < sum(len(t) for t in alone) / 2  # forwards were shared
     assert not batched.rows and batched.cache is None  # everyone left
+
+
+def test_long_prompt_joins_a_part_per_step_while_the_batch_decodes() -> None:
+    """Chunked prefill: a 30-token prompt joins in parts of 8 while a running sequence decodes a token
+    in each of those steps; both get the logits they get alone, the prompt's rows asked for across two
+    parts included."""
+    short, long = (
+        prompts(1, 21)[0][:6],
+        torch.randint(2, VOCAB, (30,), generator=torch.Generator().manual_seed(4)),
+    )
+    runner = HFRunner(TARGET)
+    short_rows = [runner.forward(torch.tensor(short), 1)[0]]
+    for _ in range(4):
+        short_rows.append(runner.forward(short_rows[-1].argmax()[None], 1)[0])
+    long_alone = HFRunner(TARGET).forward(long, 10)
+    batched = TorchBatchedTarget(TARGET, prefill_chunk=8)
+    short_slot, long_slot = batched.slot(), batched.slot()
+    batched.run({short_slot: (joined := Forward(torch.tensor(short), 1, None))})
+    assert torch.allclose(joined.logits[0], short_rows[0], atol=1e-5)
+    prompt, parts = Forward(long, 10, None), 0
+    while prompt.logits is None:
+        step = Forward(short_rows[parts].argmax()[None], 1, None)
+        batched.run({short_slot: step, long_slot: prompt})
+        parts += 1
+        assert torch.allclose(step.logits[0], short_rows[parts], atol=1e-5)  # the running one went on
+        assert batched.cached_len(long_slot) == (30 if prompt.logits is not None else 0)
+    assert parts == 4 and torch.allclose(prompt.logits, long_alone, atol=1e-5)
+    assert not batched.joining
+
+
+def test_a_prompt_abandoned_while_joining_leaves_nothing_behind() -> None:
+    """A sequence that leaves (or resets) with its prompt partly prefilled drops that part: the slot's
+    next prompt starts afresh."""
+    batched = TorchBatchedTarget(TARGET, prefill_chunk=4)
+    slot = batched.slot()
+    first, second = prompts(2, 9)
+    batched.run({slot: (partial := Forward(torch.tensor(first + first), 1, None))})
+    assert partial.logits is None and slot in batched.joining
+    slot.reset()
+    assert not batched.joining and batched.size == 0
+    assert run_decode(TARGET, None, second, 8, runner=slot)[0] == run_decode(TARGET, None, second, 8)[0]
+
+
+def test_prefill_chunk_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="prefill_chunk must be at least 1"):
+        TorchBatchedTarget(TARGET, prefill_chunk=0)
 
 
 def test_rejected_drafts_are_compacted_away() -> None:

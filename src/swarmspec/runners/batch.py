@@ -4,9 +4,9 @@ A `BatchedTarget` holds one `transformers` model and one batched KV cache; each 
 `BatchSlot`, a `ModelRunner` like any other, so the decode loop does not know it is batched. A slot's
 `forward` posts its rows and blocks; when every running sequence has posted (a step boundary), the
 last to arrive runs them all in one forward and hands each its logits. New sequences join at such a
-boundary (their prompt is prefilled alone, then their cache becomes a row of the batch; on llama.cpp a
-long prompt is prefilled a part per step, so that the running sequences go on meanwhile), finished ones
-leave (`end`), so the batch changes every step: continuous batching. A sequence that does not post
+boundary (their prompt is prefilled alone, then their cache becomes a row of the batch; a long prompt
+is prefilled a part per step, so that the running sequences go on meanwhile: chunked prefill), finished
+ones leave (`end`), so the batch changes every step: continuous batching. A sequence that does not post
 within `wait_s` (its drafter is slow) is not waited for: the others run without it, and it joins the
 next step.
 
@@ -42,6 +42,8 @@ from swarmspec.tree import position_ids
 WAIT_S = 1.0
 # Compact the cache when its physical length exceeds twice the longest sequence plus this many slots.
 COMPACT_SLACK = 64
+# Prompt tokens a joining sequence prefills per step on PyTorch (chunked prefill).
+PREFILL_CHUNK = 256
 
 
 @dataclass
@@ -140,6 +142,8 @@ class BatchedTarget(ABC):
             if slot in self.rows:
                 self._drop(slot)
                 self.rows.remove(slot)
+            else:  # a prompt partly prefilled when a step failed, or none
+                self._abandon_join(slot)
             self._lock.notify_all()  # whoever waited for it to post stops waiting
 
     def _edit(self, slot: BatchSlot, keep_len: int, keep_positions: list[int]) -> None:
@@ -163,6 +167,10 @@ class BatchedTarget(ABC):
         """One forward over the posted rows of sequences in the batch (the others are padded)."""
 
     @abstractmethod
+    def _abandon_join(self, slot: BatchSlot) -> None:
+        """Forget the sequence's partly prefilled prompt, if it has one."""
+
+    @abstractmethod
     def _drop(self, slot: BatchSlot) -> None:
         """Remove a sequence's cache from the batch."""
 
@@ -171,16 +179,32 @@ class BatchedTarget(ABC):
         """Keep the sequence's first keep_len cached tokens and then those at keep_positions."""
 
 
-class TorchBatchedTarget(BatchedTarget):
-    """One PyTorch causal LM and its batched cache (see the module docstring)."""
+@dataclass
+class _Prefill:
+    """A sequence whose prompt is prefilled `prefill_chunk` tokens per step, in a cache of its own."""
 
-    def __init__(self, model: PreTrainedModel, wait_s: float = WAIT_S) -> None:
+    cache: DynamicCache
+    prefilled: int = 0  # prompt tokens in its cache
+    logits: list[torch.Tensor] = field(default_factory=list)  # the rows asked for, so far
+
+
+class TorchBatchedTarget(BatchedTarget):
+    """One PyTorch causal LM and its batched cache (see the module docstring). A joining prompt is
+    prefilled `prefill_chunk` tokens per step, in a forward of its own between the batch's steps."""
+
+    def __init__(
+        self, model: PreTrainedModel, wait_s: float = WAIT_S, prefill_chunk: int = PREFILL_CHUNK
+    ) -> None:
         if any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=model.config).layers):
             raise SwarmspecError("continuous batching does not support sliding-window attention layers")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
         super().__init__(model.config.vocab_size, model.config.max_position_embeddings, wait_s)
         self.model = model.eval()
+        self.prefill_chunk = prefill_chunk
         self.cache: DynamicCache | None = None  # row b: self.rows[b]'s keys and values
         self.slots: dict[BatchSlot, list[int]] = {}  # position i of a sequence: slot slots[i] of its row
+        self.joining: dict[BatchSlot, _Prefill] = {}  # sequences whose prompt is partly prefilled
 
     @property
     def physical_len(self) -> int:
@@ -195,12 +219,30 @@ class TorchBatchedTarget(BatchedTarget):
         super().run(posts)
         self._compact_if_sparse()
 
-    def _join(self, slot: BatchSlot, post: Forward) -> torch.Tensor:
-        prefill = DynamicCache(config=self.model.config)
-        out = self.model(
-            input_ids=post.input_ids[None], cache=prefill, use_cache=True, logits_to_keep=post.num_logits
-        )
+    def _join(self, slot: BatchSlot, post: Forward) -> torch.Tensor | None:
+        """Prefill the next `prefill_chunk` prompt tokens into the sequence's own cache; after the last,
+        that cache becomes the batch's last row."""
+        joining = self.joining.setdefault(slot, _Prefill(DynamicCache(config=self.model.config)))
         length = post.input_ids.shape[0]
+        start, end = joining.prefilled, min(joining.prefilled + self.prefill_chunk, length)
+        wanted = end - max(length - post.num_logits, start)  # rows of this part whose logits are asked
+        try:
+            out = self.model(
+                input_ids=post.input_ids[None, start:end],
+                cache=joining.cache,
+                use_cache=True,
+                logits_to_keep=max(wanted, 1),  # 0 would keep them all
+            )
+        except Exception:
+            self._abandon_join(slot)
+            raise
+        if wanted > 0:
+            joining.logits.append(out.logits[0, -wanted:].float())
+        joining.prefilled = end
+        if end < length:
+            return None
+        del self.joining[slot]
+        prefill = joining.cache
         if self.cache is None:
             self.cache = prefill
         else:
@@ -210,7 +252,7 @@ class TorchBatchedTarget(BatchedTarget):
                     old, new = getattr(batch_layer, name), getattr(new_layer, name)
                     setattr(batch_layer, name, torch.cat([_pad_slots(old, grown), _pad_slots(new, grown)]))
         self.slots[slot] = list(range(length))
-        return out.logits[0].float()
+        return torch.cat(joining.logits)
 
     def _step(self, posts: dict[BatchSlot, Forward]) -> None:
         assert self.cache is not None
@@ -268,6 +310,9 @@ class TorchBatchedTarget(BatchedTarget):
                 setattr(layer, name, new)
         for slot in self.rows:
             self.slots[slot] = list(range(len(self.slots[slot])))
+
+    def _abandon_join(self, slot: BatchSlot) -> None:
+        self.joining.pop(slot, None)
 
     def _drop(self, slot: BatchSlot) -> None:
         b = self.rows.index(slot)

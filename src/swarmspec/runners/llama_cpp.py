@@ -496,9 +496,7 @@ class LlamaCppBatchedTarget(BatchedTarget):
         try:
             joining.logits.append(self._decode(entries, PROMPT_BATCH))
         except Exception:
-            del self.joining[slot]
-            self._api.llama_memory_seq_rm(self.memory, joining.seq, -1, -1)
-            self.free_seqs.insert(0, joining.seq)
+            self._abandon_join(slot)
             raise
         joining.prefilled = end
         if end < len(tokens):
@@ -549,6 +547,12 @@ class LlamaCppBatchedTarget(BatchedTarget):
                 pointer = self._api.llama_get_logits(self.ctx)
                 rows.append(np.ctypeslib.as_array(pointer, shape=(wanted, self.vocab_size)).copy())
         return np.concatenate(rows) if rows else np.empty((0, self.vocab_size), dtype=np.float32)
+
+    def _abandon_join(self, slot: BatchSlot) -> None:
+        joining = self.joining.pop(slot, None)
+        if joining is not None:
+            self._api.llama_memory_seq_rm(self.memory, joining.seq, -1, -1)
+            self.free_seqs.insert(0, joining.seq)
 
     def _drop(self, slot: BatchSlot) -> None:
         seq = self.seqs.pop(slot)
