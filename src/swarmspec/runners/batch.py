@@ -222,7 +222,9 @@ class TorchBatchedTarget(BatchedTarget):
     def _join(self, slot: BatchSlot, post: Forward) -> torch.Tensor | None:
         """Prefill the next `prefill_chunk` prompt tokens into the sequence's own cache; after the last,
         that cache becomes the batch's last row."""
-        joining = self.joining.setdefault(slot, _Prefill(DynamicCache(config=self.model.config)))
+        joining = self.joining.get(slot)
+        if joining is None:  # the prompt's first part
+            joining = self.joining[slot] = _Prefill(DynamicCache(config=self.model.config))
         length = post.input_ids.shape[0]
         start, end = joining.prefilled, min(joining.prefilled + self.prefill_chunk, length)
         wanted = end - max(length - post.num_logits, start)  # rows of this part whose logits are asked
