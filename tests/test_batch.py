@@ -285,7 +285,7 @@ def test_policies_in_a_batch_draft_and_verify_the_batchs_rows() -> None:
     for policy in policies:  # learn nearly sure drafts
         for _ in range(40):
             policy.draft_depths(8)
-            policy.observe(TokenTree.chain(0, torch.arange(1, 5)), [1, 2, 3, 4])
+            policy.observe(TokenTree.chain(0, torch.arange(1, 5)), [1, 2, 3, 4], 5)
 
     def verified(policy: CostModelPolicy) -> int:
         depth = policy.draft_depths(8)[0]

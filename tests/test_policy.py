@@ -116,6 +116,60 @@ def test_select_depends_on_structure_and_proposers_only() -> None:
     assert kept[0].parents == kept[1].parents == (-1, 0)
 
 
+def test_unverified_nodes_below_the_accepted_path_are_counted_greedy_only() -> None:
+    """A free drafter's nodes left unverified right below the last accepted node count as accepted iff
+    they are the target's own next token (what verifying them would have shown); nodes deeper, trees
+    from sampling and trees not from this step's `select` count nothing."""
+    policy = policy_with(STEEP, 0.0, 0.5)  # 0.5 < the second row's cost: nothing is verified
+    source = policy._source(0)
+
+    def counts(depth: int) -> tuple[float, float]:
+        return policy.stats.accepted[source].get(depth, 0.0), policy.stats.offered[source].get(depth, 0.0)
+
+    chain = TokenTree.chain(5, torch.tensor([7, 8, 9]))
+    before = counts(1)
+    kept = policy.select(chain)
+    assert len(kept) == 1
+    policy.observe(kept, [], 7)  # the target's token is the draft's first: it would have been accepted
+    assert counts(1) == pytest.approx((0.95 * before[0] + 1, 0.95 * before[1] + 1))
+    assert policy._streak[0] == 1 and policy._source(0) != source  # a copy in progress, seen for free
+    policy = policy_with(STEEP, 0.0, 0.5)
+    source = policy._source(0)
+    before = counts(1), counts(2)
+    policy.observe(policy.select(chain), [], 6)  # it would have been rejected
+    assert counts(1) == pytest.approx((0.95 * before[0][0], 0.95 * before[0][1] + 1))
+    assert counts(2) == pytest.approx((0.95 * before[1][0], 0.95 * before[1][1]))  # deeper: unknown
+    sampled = TokenTree(chain.tokens, chain.parents, torch.full((4, 10), 0.1))
+    for tree, observed in ((sampled, policy.select(sampled)), (chain, TokenTree.chain(5, torch.tensor([])))):
+        if tree is chain:
+            policy.select(chain)
+        before = counts(1)
+        policy.observe(observed, [], 7)
+        assert counts(1) == before  # sampling, or a tree this step's select did not make
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_free_drafter_turning_right_is_verified_at_once_without_probes(seed: int) -> None:
+    """Greedy: a model-free drafter wrong for the first 40 tokens and then right (a summary reaching a
+    quoted passage) is never probed while wrong, and is verified within a few steps of turning right."""
+    target = tiny_qwen2(seed)
+    prompt = torch.randint(96, (8,), generator=torch.Generator().manual_seed(seed)).tolist()
+    plain, _ = run_decode(target, None, prompt, 120)
+    right = ModelDrafter(HFRunner(target))
+    wrong = OffByOne(right, 96)
+
+    class TurnsRight(Drafter):
+        def propose(self, context, max_tokens, sampling, generator) -> Draft:
+            late = len(context) >= len(prompt) + 40
+            return (right if late else wrong).propose(context, max_tokens, sampling, generator)
+
+    policy = CostModelPolicy(StepCosts(STEEP, (0.0,)), max_depth=16)
+    output, stats = run_decode(target, TurnsRight(), prompt, 120, policy=policy)
+    assert output == plain
+    assert stats.drafted_tokens - stats.accepted_tokens <= 3  # only the optimistic prior's first tries
+    assert stats.accepted_tokens >= 60  # most of the last 80 tokens came from verified drafts
+
+
 class OffByOne(Drafter):
     """Always wrong: the target's own greedy tokens, each shifted by one."""
 

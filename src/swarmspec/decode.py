@@ -81,7 +81,7 @@ def decode(
             )
             proposers = [] if tree.proposers is None else [tree.proposers[node] for node in verdict.path]
             stats.record_step(len(tree) - 1, len(new_tokens), accepted_by=proposers, depth=tree.depth)
-            policy.observe(tree, verdict.path)
+            policy.observe(tree, verdict.path, verdict.next_token)
             speculation.observe(tree, verdict.path, new_tokens)
     finally:
         target.end()

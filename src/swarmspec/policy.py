@@ -18,6 +18,11 @@ drafters cost nothing: they propose as far as their match goes (up to `max_depth
 only the part worth verifying. When no draft pays for itself the tree is the root alone: plain
 decoding through the same loop.
 
+What the target was not asked still teaches (greedy): a proposed node left unverified right below the
+last accepted node would have been accepted exactly if it is the target's own next token. So a
+model-free drafter's acceptance, and whether it is inside a copy, stay current while it is not
+verified, and it needs no probes; a draft model not run is probed now and then instead.
+
 With continuous batching (b sequences verified in one forward, each padded to the most rows one of
 them verifies) the batch chooses one row count R per step (the fifth seed's rule, with each sequence's
 own acceptance instead of one average): the R that maximizes
@@ -57,8 +62,9 @@ class SpeculationPolicy(ABC):
         """The part of the proposed tree the target verifies (its root always)."""
         return tree
 
-    def observe(self, tree: TokenTree, path: list[int]) -> None:  # noqa: B027
-        """The target verified `tree` and accepted the nodes `path` (a root-to-node path)."""
+    def observe(self, tree: TokenTree, path: list[int], next_token: int) -> None:  # noqa: B027
+        """The target verified `tree`, accepted the nodes `path` (a root-to-node path) and added
+        `next_token` of its own after them."""
 
 
 @dataclass
@@ -311,6 +317,8 @@ class CostModelPolicy(SpeculationPolicy):
         self._probe_interval = [self.probe_every] * self.drafters
         self._probing: set[int] = set()
         self._draft_ms = 0.0
+        # The last proposed tree, the nodes of it kept and the tree they made (`select`), for `observe`.
+        self._proposal: tuple[TokenTree, list[int], TokenTree] | None = None
 
     def end(self) -> None:
         self.prior.stats = self.stats.copy()
@@ -386,10 +394,9 @@ class CostModelPolicy(SpeculationPolicy):
         """P(node accepted) estimated for every node (the root: 1). Siblings are exclusive outcomes: where
         their estimates add up to more than 1 they are scaled down to 1."""
         proposers = tree.proposers or (-1, *[0] * (len(tree) - 1))
-        depth = [0] * len(tree)
+        depth = tree_depths(tree)
         given_parent = [1.0] * len(tree)
         for node in range(1, len(tree)):
-            depth[node] = depth[tree.parents[node]] + 1
             given_parent[node] = self.stats.rate(self._source(proposers[node]), depth[node])
         children: dict[int, list[int]] = {}
         for node in range(1, len(tree)):
@@ -416,7 +423,7 @@ class CostModelPolicy(SpeculationPolicy):
         # the earlier node, and parents come first), so every prefix of the ranking is a tree.
         ranked = sorted(range(1, len(tree)), key=lambda n: (-values[n], n))
         if self._rows is not None:  # in a batch: the rows the batch chose
-            return tree.keep(sorted([0, *ranked[: self._rows - 1]]))
+            return self._keep(tree, ranked[: self._rows - 1])
         best_count, best_rate = 0, 1 / (self._draft_ms + self._verify(1))
         expected = 1.0
         for count, node in enumerate(ranked, start=1):
@@ -433,29 +440,67 @@ class CostModelPolicy(SpeculationPolicy):
             # top node's drafter counts an idle step and may be due for a probe.
             paid = [n for n in ranked if proposers[n] in self._probing and tree.parents[n] == 0]
             top = proposers[ranked[0]]
+            # A free drafter's greedy acceptance is measured unverified (`_unverified_outcomes`): no probes.
+            shadowed = tree.draft_probs is None and self._draft_token_ms(top) == 0
             if paid:
                 kept = paid[:1]
-            elif self._probe_due(top, self._draft_token_ms(top)):
+            elif not shadowed and self._probe_due(top, self._draft_token_ms(top)):
                 kept = ranked[:1]
-        return tree.keep(sorted([0, *kept]))
+        return self._keep(tree, kept)
 
-    def observe(self, tree: TokenTree, path: list[int]) -> None:
+    def _keep(self, tree: TokenTree, nodes: list[int]) -> TokenTree:
+        kept_nodes = sorted([0, *nodes])
+        kept = tree.keep(kept_nodes)
+        self._proposal = (tree, kept_nodes, kept)
+        return kept
+
+    def observe(self, tree: TokenTree, path: list[int], next_token: int) -> None:
         accepted = {0, *path}
         proposers = tree.proposers or (-1, *[0] * (len(tree) - 1))
-        depth = [0] * len(tree)
-        outcomes = []
-        for node in range(1, len(tree)):
-            depth[node] = depth[tree.parents[node]] + 1
-            if tree.parents[node] in accepted:
-                outcomes.append((proposers[node], depth[node], node in accepted))
+        depth = tree_depths(tree)
+        verified_outcomes = [
+            (proposers[node], depth[node], node in accepted)
+            for node in range(1, len(tree))
+            if tree.parents[node] in accepted
+        ]
+        outcomes = verified_outcomes + self._unverified_outcomes(tree, path, next_token)
         self.stats.record([(self._source(d), depth, ok) for d, depth, ok in outcomes])
         for drafter in {d for d, _, _ in outcomes}:
             self._streak[drafter] = int(all(ok for d, _, ok in outcomes if d == drafter))
         for drafter in self._probing:
-            verified = [ok for d, _, ok in outcomes if d == drafter]
+            verified = [ok for d, _, ok in verified_outcomes if d == drafter]
             if not verified:  # its probe did not make it into the tree (another drafter's node did)
                 continue
             interval = self.probe_every if any(verified) else 2 * self._probe_interval[drafter]
             self._probe_interval[drafter] = min(interval, self.max_probe_every)
             self._probe_wait[drafter] = self._probe_interval[drafter]
         self._probing.clear()
+
+    def _unverified_outcomes(
+        self, tree: TokenTree, path: list[int], next_token: int
+    ) -> list[tuple[int, int, bool]]:
+        """Greedy: the proposed nodes `select` left out right below the last accepted node, and whether
+        each is the target's own next token, i.e. whether verifying it would have accepted it. Known for
+        free, so a drafter the policy does not verify (a model-free drafter below its break-even) keeps
+        its acceptance, and its copy-in-progress state, current without paying for probes."""
+        proposal, self._proposal = self._proposal, None
+        if proposal is None or proposal[2] is not tree or tree.draft_probs is not None:
+            return []  # not this step's tree (the pipeline's jobs), or sampling (a residual draw)
+        proposed, kept_nodes, _ = proposal
+        last = kept_nodes[path[-1]] if path else 0  # the deepest accepted node, in the proposed tree
+        verified = set(kept_nodes)
+        proposers = proposed.proposers or (-1, *[0] * (len(proposed) - 1))
+        depth = tree_depths(proposed)[last] + 1
+        return [
+            (proposers[node], depth, int(proposed.tokens[node]) == next_token)
+            for node in range(1, len(proposed))
+            if proposed.parents[node] == last and node not in verified
+        ]
+
+
+def tree_depths(tree: TokenTree) -> list[int]:
+    """Every node's depth (the root: 0); parents come before their children."""
+    depth = [0] * len(tree)
+    for node in range(1, len(tree)):
+        depth[node] = depth[tree.parents[node]] + 1
+    return depth

@@ -358,7 +358,7 @@ def dsi_decode(
         tree = drafted_chain(job.end + beyond)
         verdict = verifier(tree, rows, generator)
         if policy is not None:
-            policy.observe(tree, verdict.path)
+            policy.observe(tree, verdict.path, verdict.next_token)
         verified = len(checked)
         if beyond and verdict.accepted_len == len(checked):
             # The last accepted draft is the target's token at the job's last row (counted as its own,
