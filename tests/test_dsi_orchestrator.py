@@ -134,11 +134,7 @@ def test_scripted_drafters_match_plain_decoding(targets: int, pipeline: bool, wr
     if wrong is None:  # always wrong: one token per job, as plain decoding
         assert stats.accepted_tokens == 0
     elif not wrong:  # always right
-        assert stats.accepted_tokens == stats.drafted_tokens
-        # Only one instance taking turns waits for its drafts; otherwise an idle instance runs a
-        # plain-decoding job meanwhile, as many as the threads' timing makes (a loaded CPU: more).
-        if targets == 1 and not pipeline:
-            assert stats.target_forwards < 40 // 2
+        assert stats.acceptance_rate == 1.0 and stats.target_forwards < 40 // 2
 
 
 class BusyRunner(SlowRunner):
