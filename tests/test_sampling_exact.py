@@ -153,7 +153,7 @@ def test_sorted_drafting_samples_the_target_distribution(broken_rule: str | None
 
     def next_logits(sequence: list[int]) -> torch.Tensor:
         with torch.no_grad():
-            return target_model(torch.tensor([sequence])).logits[0, -1]
+            return target_model(torch.tensor([sequence], device=target_model.device)).logits[0, -1].cpu()
 
     p = p_value(counts, exact_distribution(next_logits, sampling))
     assert p > 1e-3 if broken_rule is None else p < 1e-6

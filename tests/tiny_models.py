@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -19,6 +21,9 @@ from swarmspec.verify import Verifier, make_verifier
 
 VOCAB = 96
 EOS = 1
+# Where the tiny models run: "cpu" (CI), or e.g. "cuda" to run the same tests on a GPU (the runners take
+# and return CPU tensors wherever the model is, so only tests that call a model directly need to know).
+TEST_DEVICE = torch.device(os.environ.get("SWARMSPEC_TEST_DEVICE", "cpu"))
 
 
 def tiny_qwen2(seed: int, vocab_size: int = 96, layers: int = 2, init_std: float = 0.3) -> Qwen2ForCausalLM:
@@ -41,7 +46,7 @@ def tiny_qwen2(seed: int, vocab_size: int = 96, layers: int = 2, init_std: float
     with torch.random.fork_rng():  # no global RNG state leaks out of model construction
         torch.manual_seed(seed)
         model = Qwen2ForCausalLM(config)
-    return model.eval()
+    return model.to(TEST_DEVICE).eval()
 
 
 def run_decode(

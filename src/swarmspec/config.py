@@ -448,7 +448,7 @@ class TrainSortedConfig:
 
     def __post_init__(self) -> None:
         SortedDraft(self.exits)  # validates the exits
-        if self.drafter.partition(":")[0] in ("llamacpp", "int8", "onednn", "sorted"):
+        if self.drafter.partition(":")[0] in ("llamacpp", "int8", "onednn", "sorted", "cuda"):
             raise InvalidRequestError(f"train a PyTorch model's exits: give its name, not {self.drafter!r}")
         if not self.targets:
             raise InvalidRequestError("give at least one --target whose answers to learn")

@@ -152,7 +152,7 @@ class HFBaseline(Contender):
 
         config = hf_generation_config(sampling, max_new_tokens, self.eos_token_ids, self.pad_token_id)
         config.prompt_lookup_num_tokens = self.prompt_lookup_tokens
-        input_ids = torch.tensor([prompt_ids])
+        input_ids = torch.tensor([prompt_ids], device=self.model.device)
         hook = self.model.register_forward_pre_hook(count, with_kwargs=True)
         try:
             torch.manual_seed(seed)  # transformers samples from the global RNG
@@ -164,10 +164,11 @@ class HFBaseline(Contender):
                     generation_config=config,
                     assistant_model=self.assistant,
                 )
+            tokens = output[0, len(prompt_ids) :].tolist()  # on a GPU: waits for the last kernel
             wall_s = time.perf_counter() - start
         finally:
             hook.remove()
-        return Outcome.of_chains(output[0, len(prompt_ids) :].tolist(), wall_s, len(prompt_ids), fed_tokens)
+        return Outcome.of_chains(tokens, wall_s, len(prompt_ids), fed_tokens)
 
 
 class LlamaCppBaseline(Contender):

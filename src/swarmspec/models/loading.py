@@ -21,9 +21,11 @@ from swarmspec.runners.llama_cpp import LlamaCppBatchedTarget, LlamaCppModel
 # Prefixes a model spec may carry. "int8" changes the weights (for drafters: losslessness never depends
 # on the drafter); "onednn" keeps the exact fp32 weights and only changes the matmul kernel; "llamacpp"
 # runs the GGUF file itself (quantized weights as stored) on llama.cpp instead of PyTorch; "sorted" loads
-# the exact weights for a drafter that drafts with the model's early exits (drafters.sorted).
-VARIANTS = ("int8", "onednn", "llamacpp", "sorted")
+# the exact weights for a drafter that drafts with the model's early exits (drafters.sorted); "cuda" puts
+# the exact fp32 weights on the GPU (runners take and return CPU tensors, so the rest does not change).
+VARIANTS = ("int8", "onednn", "llamacpp", "sorted", "cuda")
 SORTED = "sorted"
+CUDA = "cuda"
 LLAMA_CPP = "llamacpp"
 # The llama.cpp backend's context (KV cache) size when the model allows that many positions.
 LLAMA_CPP_CONTEXT = 4096
@@ -123,9 +125,14 @@ def model_name(spec: str) -> str:
 
 
 def load_model(spec: str) -> LoadedModel:
-    """Load a model in float32, exactly as stored; an `int8:` or `onednn:` spec then converts its linears;
-    a `llamacpp:` spec loads the GGUF on llama.cpp."""
+    """Load a model in float32, exactly as stored; an `int8:` or `onednn:` spec then converts its linears,
+    a `cuda:` spec moves it to the GPU; a `llamacpp:` spec loads the GGUF on llama.cpp."""
     variant, name = split_spec(spec)
+    if variant == CUDA and not torch.cuda.is_available():
+        raise SwarmspecError(
+            f"{spec}: the cuda: variant needs a GPU that PyTorch can use, and torch.cuda.is_available() "
+            f"is False here (torch {torch.__version__}); drop the prefix to run on the CPU"
+        )
     if variant == LLAMA_CPP:
         model = LlamaCppModel(llama_cpp_file(name))  # a file that is not GGUF fails here, clearly
         # An exit's GGUF holds its model's tokenizer: read (and cached) from the model's own file.
@@ -145,6 +152,10 @@ def load_model(spec: str) -> LoadedModel:
         # several tokens at once: oneDNN does that for about the cost of one (eager MKL: 2.6x for two),
         # so only there do early exits save time. The LM head stays: draft heads take its rows.
         pack_linears_onednn(model, keep=("lm_head",))
+    elif variant == CUDA:
+        # fp32 as on the CPU: with TF32 off (PyTorch's default for matmuls) a k-row verification forward
+        # differs from k one-row forwards only in the last bits, as eager fp32 does on the CPU.
+        model = model.to("cuda")
     return LoadedModel(spec, model.eval(), tokenizer)
 
 

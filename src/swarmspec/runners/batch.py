@@ -36,6 +36,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from swarmspec.errors import SwarmspecError
 from swarmspec.runners.base import ModelRunner
+from swarmspec.runners.hf import additive_mask
 from swarmspec.tree import position_ids
 
 # A sequence that has not posted its rows this long after the first one did is not waited for.
@@ -230,7 +231,7 @@ class TorchBatchedTarget(BatchedTarget):
         wanted = end - max(length - post.num_logits, start)  # rows of this part whose logits are asked
         try:
             out = self.model(
-                input_ids=post.input_ids[None, start:end],
+                input_ids=post.input_ids[None, start:end].to(self.model.device),
                 cache=joining.cache,
                 use_cache=True,
                 logits_to_keep=max(wanted, 1),  # 0 would keep them all
@@ -239,7 +240,7 @@ class TorchBatchedTarget(BatchedTarget):
             self._abandon_join(slot)
             raise
         if wanted > 0:
-            joining.logits.append(out.logits[0, -wanted:].float())
+            joining.logits.append(out.logits[0, -wanted:].float().cpu())
         joining.prefilled = end
         if end < length:
             return None
@@ -282,21 +283,20 @@ class TorchBatchedTarget(BatchedTarget):
             allowed[b, :k, physical : physical + k] = own
         if int(positions.max()) >= self.max_length:
             raise ValueError(f"sequence would exceed the model's {self.max_length} positions")
-        dtype = self.model.dtype if self.model.dtype.is_floating_point else torch.float32
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+        device = self.model.device
         out = self.model(
-            input_ids=input_ids,
+            input_ids=input_ids.to(device),
             cache=self.cache,
             use_cache=True,
-            attention_mask=mask[:, None],
-            position_ids=positions,
+            attention_mask=additive_mask(allowed, self.model)[:, None],
+            position_ids=positions.to(device),
         )
         for b, slot in enumerate(self.rows):
             post = posts.get(slot)
             if post is None:
                 continue
             k = post.input_ids.shape[0]
-            post.logits = out.logits[b, k - post.num_logits : k].float()
+            post.logits = out.logits[b, k - post.num_logits : k].float().cpu()
             self.slots[slot].extend(range(physical, physical + k))
 
     def _compact_if_sparse(self) -> None:
@@ -323,7 +323,7 @@ class TorchBatchedTarget(BatchedTarget):
         if len(self.rows) == 1:
             self.cache = None
             return
-        keep = torch.tensor([i for i in range(len(self.rows)) if i != b])
+        keep = torch.tensor([i for i in range(len(self.rows)) if i != b], device=self.model.device)
         for layer in self.cache.layers:
             layer.keys = layer.keys.index_select(0, keep)
             layer.values = layer.values.index_select(0, keep)

@@ -1,4 +1,10 @@
-"""The PyTorch runner: any `transformers` causal LM, run eagerly with a `DynamicCache` (CPU or GPU)."""
+"""The PyTorch runner: any `transformers` causal LM, run eagerly with a `DynamicCache` (CPU or GPU).
+
+Wherever the model runs, a runner takes token ids and returns logits on the CPU: the speculation layer
+(drafters, trees, verification, sampling with its CPU generators) never sees a device. On a GPU that
+costs one copy of the rows asked for per forward (num_logits x V floats), which the forward's own
+synchronization would pay for anyway.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ class HFRunner(ModelRunner):
 
     def __init__(self, model: PreTrainedModel) -> None:
         self.model = model.eval()
+        self.device = model.device
         self.vocab_size = model.config.vocab_size
         self.max_length = model.config.max_position_embeddings
         self.cache = DynamicCache(config=model.config)
@@ -33,22 +40,23 @@ class HFRunner(ModelRunner):
             # Cache slots, counted here, hold every node; positions only go as deep as the tree.
             root_position = cached_len + k - tree_mask.shape[1]
             allowed = torch.cat([torch.ones(k, root_position, dtype=torch.bool), tree_mask], dim=1)
-            dtype = self.model.dtype if self.model.dtype.is_floating_point else torch.float32
-            mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
             positions = position_ids(tree_mask, root_position)
             last_position = int(positions.max())
-            tree_inputs = {"attention_mask": mask[None, None], "position_ids": positions[None]}
+            tree_inputs = {
+                "attention_mask": additive_mask(allowed, self.model)[None, None],
+                "position_ids": positions[None].to(self.device),
+            }
         if last_position >= self.max_length:
             raise ValueError(f"sequence would exceed the model's {self.max_length} positions")
         out = self.model(
-            input_ids=input_ids.unsqueeze(0),
+            input_ids=input_ids.unsqueeze(0).to(self.device),
             cache=self.cache,
             use_cache=True,
             # The LM head is the largest matmul for one row; skip it for rows nobody reads (prefill).
             logits_to_keep=num_logits,
             **tree_inputs,
         )
-        return out.logits[0].float()
+        return out.logits[0].float().cpu()
 
     @torch.inference_mode()  # the cache holds inference tensors
     def compact(self, keep_len: int, keep_positions: list[int]) -> None:
@@ -71,3 +79,11 @@ class HFRunner(ModelRunner):
 
     def reset(self) -> None:
         self.cache = DynamicCache(config=self.model.config)
+
+
+def additive_mask(allowed: torch.Tensor, model: PreTrainedModel) -> torch.Tensor:
+    """A boolean "row i sees column j" mask as the additive float mask `model` takes, on its device:
+    0 where allowed, the dtype's minimum elsewhere."""
+    dtype = model.dtype if model.dtype.is_floating_point else torch.float32
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=model.device)
+    return mask.masked_fill_(~allowed.to(model.device), torch.finfo(dtype).min)

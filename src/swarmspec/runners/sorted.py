@@ -17,6 +17,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from swarmspec.models.loading import PackedLinear
 from swarmspec.models.sorted import SortedExits, decoder_layers
+from swarmspec.runners.hf import additive_mask
 
 
 def weights_in(module: torch.nn.Module) -> int:
@@ -96,8 +97,7 @@ class SortedRunner:
         positions = torch.arange(start, start + n)[None]
         # Token i (at start + i) sees every cached token and the new ones up to itself.
         allowed = torch.ones(n, start + n, dtype=torch.bool).tril(diagonal=start)
-        dtype = hidden.dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+        mask = additive_mask(allowed, self.model)
         states = hidden[None]
         rotary = self.model.model.rotary_emb(states, positions)
         for layer in self.segments[s]:
