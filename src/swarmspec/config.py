@@ -82,7 +82,7 @@ DEFAULT_KV_BUDGET = 65_536
 @dataclass(frozen=True)
 class EngineConfig:
     # Registered name, local checkpoint dir, .gguf file or hub id of the model whose output we promise;
-    # prefixed "llamacpp:" (a registered name or .gguf file) it runs on llama.cpp.
+    # prefixed "llamacpp:" (a registered name or .gguf file) it runs on llama.cpp, "cuda:" on the GPU.
     target: str = LLAMA_CPP_PREFIX + DEFAULT_TARGET
     # "ar": plain autoregressive decoding (the baseline); "chain": one drafter proposes gamma tokens;
     # "tree": every drafter's proposal merged into one token tree (or a tree grown from the first model
@@ -92,9 +92,9 @@ class EngineConfig:
     # verifies what it drafted before, gamma tokens a forward (Minions' pipeline; auto: per generation
     # pipelined or taking turns as chain, whichever the measured costs say pays, and each job's drafts).
     method: str = "chain"
-    # Model specs (optionally prefixed "int8:" / "onednn:" / "llamacpp:", or "sorted:" for a sorted draft
-    # of a PyTorch model) or model-free drafters (MODEL_FREE_DRAFTERS). Empty: the method's default, see
-    # `default_drafters`.
+    # Model specs (optionally prefixed "int8:" / "onednn:" / "cuda:" / "llamacpp:", or "sorted:" for a
+    # sorted draft of a PyTorch model) or model-free drafters (MODEL_FREE_DRAFTERS). Empty: the method's
+    # default, see `default_drafters`.
     drafters: tuple[str, ...] = ()
     # How "sorted:" drafters draft.
     sorted_draft: SortedDraft = field(default_factory=SortedDraft)
