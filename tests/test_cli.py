@@ -79,6 +79,8 @@ from swarmspec.cli import main
         (["generate", "hi", "--method", "pipeline", "--workers", "ray"], "pipeline runs on threads"),
         (["serve", "--method", "pipeline", "--max-batch", "4"], "continuous batching"),
         (["serve", "--model-name", "a", "--model-name", "b"], "2 --model-name for 1 --target"),
+        (["serve", "--max-batch", "4", "--prefill-chunk", "64"], "512-token calls plain decoding makes"),
+        (["serve", "--target", "x", "--prefill-chunk", "0"], "--prefill-chunk takes a token count >= 1"),
         (["serve", "--target", "x", "--target", "x"], "each served model needs its own name, got ['x', 'x']"),
         (["simulate", "--target", "x"], "a trace needs both --target and --drafter"),
         (["simulate", "--acceptances", "0.5,1.5"], "acceptance rates must be in [0, 1]"),

@@ -22,6 +22,7 @@ from swarmspec.config import ChatMessage, EngineConfig, GenerationRequest, Sorte
 from swarmspec.drafters.sorted import SortedDrafter
 from swarmspec.models.loading import LoadedModel
 from swarmspec.models.sorted import SortedExits, trained_exits_path
+from swarmspec.runners.batch import TorchBatchedTarget
 from swarmspec.serve.app import Job, Server
 from swarmspec.serve.engines import DraftModels, MethodEngines
 
@@ -211,8 +212,11 @@ def test_full_queue_answers_503_at_once(server: tuple[Server, str]) -> None:
 
 @pytest.fixture(scope="module")
 def batched_server(engines: MethodEngines) -> Iterator[tuple[Server, str]]:
-    """Continuous batching: up to 8 requests decode together, within a budget of 400 cache tokens."""
-    config = replace(engines.config, method="chain", drafters=engines.config.drafters[:1], max_batch=8)
+    """Continuous batching: up to 8 requests decode together, within a budget of 400 cache tokens; their
+    prompts join the batch 4 tokens per step."""
+    config = replace(
+        engines.config, method="chain", drafters=engines.config.drafters[:1], max_batch=8, prefill_chunk=4
+    )
     batched = MethodEngines(config, engines.target, engines.draft_models)
     state = Server({MODEL: batched}, "chain", max_queue=64, default_max_tokens=12, kv_budget=400)
     with serving(state) as url:
@@ -254,7 +258,7 @@ def test_concurrent_requests_each_equal_the_request_served_alone(
     methods = {request["method"] for request in requests}
     engines_used = [state.models[MODEL](method) for method in methods]  # built (and costs measured) first
     (batch,) = {engine.batched for engine in engines_used}  # every method decodes in one batch
-    assert batch is not None
+    assert isinstance(batch, TorchBatchedTarget) and batch.prefill_chunk == 4  # the server's flag
     steps_before = batch.steps
     with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
         answers = list(pool.map(ask, requests))

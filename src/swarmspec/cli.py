@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="continuous batching: up to N requests decode together (1: one at a time)",
     )
     serve.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=defaults.prefill_chunk,
+        help="continuous batching on PyTorch: a new prompt's tokens prefilled per step (default: 256)",
+    )
+    serve.add_argument(
         "--kv-budget",
         type=int,
         default=DEFAULT_KV_BUDGET,
@@ -498,7 +504,12 @@ def serve_configs(args: argparse.Namespace) -> list[EngineConfig]:
     targets = args.target or [EngineConfig().target]
     flags = engine_flags(args)
     return [
-        EngineConfig(method=args.method, max_batch=args.max_batch, **{**flags, "target": target})
+        EngineConfig(
+            method=args.method,
+            max_batch=args.max_batch,
+            prefill_chunk=args.prefill_chunk,
+            **{**flags, "target": target},
+        )
         for target in targets
     ]
 

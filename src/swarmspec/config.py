@@ -125,6 +125,10 @@ class EngineConfig:
     # Continuous batching (not dsi; on llama.cpp not tree): up to this many concurrent generations
     # verify their drafts in one target forward, a step at a time (see runners.batch); 1: each alone.
     max_batch: int = 1
+    # Continuous batching on PyTorch: a joining prompt is prefilled this many tokens per step, the
+    # running sequences decoding between the parts (None: runners.batch.PREFILL_CHUNK). llama.cpp
+    # prefills in the 512-token calls plain decoding makes, which exactness fixes.
+    prefill_chunk: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -140,6 +144,13 @@ class EngineConfig:
             )
         if self.max_batch < 1:
             raise InvalidRequestError(f"--max-batch must be >= 1, got {self.max_batch}")
+        if self.prefill_chunk is not None and (
+            self.prefill_chunk < 1 or self.target.startswith(LLAMA_CPP_PREFIX)
+        ):
+            raise InvalidRequestError(
+                f"--prefill-chunk takes a token count >= 1 on a PyTorch target, not {self.prefill_chunk} on "
+                f"{self.target} (llama.cpp prefills in the 512-token calls plain decoding makes)"
+            )
         if self.max_batch > 1 and (
             self.method in ORCHESTRATED_METHODS
             or (self.method == "tree" and self.target.startswith(LLAMA_CPP_PREFIX))

@@ -240,7 +240,9 @@ class Engine:
         if config.max_batch == 1:
             batched = None
         elif batched is None:
-            batched = target.new_batched_target(config.max_batch, config.target_threads or None)
+            batched = target.new_batched_target(
+                config.max_batch, config.target_threads or None, config.prefill_chunk
+            )
         peers = BatchPeers(lambda: batched.size) if batched else None
 
         def new_state() -> GenerationState:

@@ -14,7 +14,7 @@ from swarmspec.errors import ModelNotFoundError, SwarmspecError
 from swarmspec.models.gguf_exit import exit_gguf
 from swarmspec.models.registry import gguf_file, gguf_tokenizer, resolve_model, split_exit
 from swarmspec.runners.base import ModelRunner
-from swarmspec.runners.batch import BatchedTarget, TorchBatchedTarget
+from swarmspec.runners.batch import PREFILL_CHUNK, BatchedTarget, TorchBatchedTarget
 from swarmspec.runners.hf import HFRunner
 from swarmspec.runners.llama_cpp import LlamaCppBatchedTarget, LlamaCppModel
 
@@ -72,12 +72,17 @@ class LoadedModel:
             return self.model.new_runner(self.max_length, threads)
         return HFRunner(self.model)
 
-    def new_batched_target(self, max_batch: int, threads: int | None = None) -> BatchedTarget:
+    def new_batched_target(
+        self, max_batch: int, threads: int | None = None, prefill_chunk: int | None = None
+    ) -> BatchedTarget:
         """Continuous batching: one batched cache over these weights for up to `max_batch` sequences'
-        forwards (`threads`: llama.cpp's; PyTorch shares torch's intra-op pool)."""
+        forwards (`threads`: llama.cpp's; PyTorch shares torch's intra-op pool; `prefill_chunk`:
+        PyTorch's prompt tokens per step, default `PREFILL_CHUNK`)."""
         if isinstance(self.model, LlamaCppModel):
+            if prefill_chunk is not None:
+                raise SwarmspecError("llama.cpp prefills in the 512-token calls plain decoding makes")
             return LlamaCppBatchedTarget(self.model, max_batch, self.max_length, threads)
-        return TorchBatchedTarget(self.model)
+        return TorchBatchedTarget(self.model, prefill_chunk=prefill_chunk or PREFILL_CHUNK)
 
     @property
     def gguf_path(self) -> Path:
