@@ -86,6 +86,26 @@ def test_drafter_that_cannot_pay_is_never_run_not_even_to_probe() -> None:
     assert all(policy.draft_depths(16) == [0] for _ in range(200))
 
 
+def test_draft_model_drafts_only_what_a_free_drafter_does_not_cover() -> None:
+    # A 1 ms draft model accepted at 0.8 beside a free drafter (prompt lookup) accepted at 0.95.
+    def model_and_lookup(lookup_rate: float) -> CostModelPolicy:
+        prior = AcceptancePrior()
+        prior.stats = trained_stats([0.8, 0.8, lookup_rate, lookup_rate])  # each drafter, both states
+        return CostModelPolicy(StepCosts(FLAT, (1.0, 0.0)), max_depth=16, prior=prior)
+
+    policy = model_and_lookup(0.95)
+    assert policy.early_depths(40) == {1: 16}  # the free drafter proposes first, as far as max_depth
+    # Inside a copy (16 tokens proposed, 0.95^j > 0.8^j at every depth) the model's chain adds
+    # nothing to the step but its drafting time: it stays idle, and is not probed either.
+    assert all(policy.draft_depths(16, {1: 16}) == [0, 16] for _ in range(50))
+    # No match: the model drafts as it would alone (6-10 deep on the flat curve, see above).
+    assert 6 <= policy.draft_depths(16, {1: 0})[0] <= 10
+    # A match that runs out after 2 tokens: the model drafts beyond it.
+    assert policy.draft_depths(16, {1: 2})[0] >= 6
+    # A free drafter accepted at 0.3 covers little: the model drafts as it would alone.
+    assert 6 <= model_and_lookup(0.3).draft_depths(16, {1: 16})[0] <= 10
+
+
 def test_a_drafter_costing_a_share_of_its_profile_is_priced_at_that_share() -> None:
     # A sorted draft whose tokens stop at shallow exits: a tenth of the profiled 18.5 ms, so one token
     # at 0.95 pays (1.95 / (1.85 + 53) = 0.0356 > 1/30), which at the whole 18.5 ms it never does.

@@ -39,10 +39,13 @@ from __future__ import annotations
 import bisect
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from swarmspec.tree import TokenTree
+
+NO_EARLY: Mapping[int, int] = MappingProxyType({})  # no drafter proposed before `draft_depths`
 
 
 class SpeculationPolicy(ABC):
@@ -54,9 +57,15 @@ class SpeculationPolicy(ABC):
     def end(self) -> None:  # noqa: B027
         """The generation is finished or abandoned."""
 
+    def early_depths(self, limit: int) -> dict[int, int]:
+        """The drafters that propose before `draft_depths` (model-free ones, which cost nothing) and how
+        deep, none beyond `limit`: the depths of the others can then weigh what those proposed."""
+        return {}
+
     @abstractmethod
-    def draft_depths(self, limit: int) -> list[int]:
-        """How many tokens deep each drafter may propose this step, none beyond `limit`."""
+    def draft_depths(self, limit: int, early: Mapping[int, int] = NO_EARLY) -> list[int]:
+        """How many tokens deep each drafter may propose this step, none beyond `limit`; `early` maps
+        each drafter of `early_depths` to the length of the chain it proposed already."""
 
     def select(self, tree: TokenTree) -> TokenTree:
         """The part of the proposed tree the target verifies (its root always)."""
@@ -74,7 +83,7 @@ class FixedDepth(SpeculationPolicy):
     gamma: int
     drafters: int
 
-    def draft_depths(self, limit: int) -> list[int]:
+    def draft_depths(self, limit: int, early: Mapping[int, int] = NO_EARLY) -> list[int]:
         return [min(self.gamma, limit)] * self.drafters
 
 
@@ -325,7 +334,11 @@ class CostModelPolicy(SpeculationPolicy):
         if self.peers is not None:
             self.peers.leave(self)
 
-    def draft_depths(self, limit: int) -> list[int]:
+    def early_depths(self, limit: int) -> dict[int, int]:
+        depth = min(limit, self.max_depth)
+        return {i: depth for i, cost in enumerate(self.costs.draft_token_ms) if cost == 0}
+
+    def draft_depths(self, limit: int, early: Mapping[int, int] = NO_EARLY) -> list[int]:
         limit = min(limit, self.max_depth)
         self._rows = None
         if self.peers is not None:
@@ -336,7 +349,8 @@ class CostModelPolicy(SpeculationPolicy):
                 depths = [min(limit, self._rows - 1)] * self.drafters
                 self._draft_ms = sum(d * c for d, c in zip(depths, draft_ms, strict=True))
                 return depths
-        depths = [self._depth(i, limit) for i in range(self.drafters)]
+        covered = self._early_reach(early, limit)
+        depths = [self._depth(i, limit, covered) for i in range(self.drafters)]
         self._draft_ms = sum(d * self._draft_token_ms(i) for i, d in enumerate(depths))
         return depths
 
@@ -344,21 +358,50 @@ class CostModelPolicy(SpeculationPolicy):
         share = self.cost_shares[drafter]() if self.cost_shares else 1.0
         return self.costs.draft_token_ms[drafter] * share
 
-    def _depth(self, drafter: int, limit: int) -> int:
+    def _early_reach(self, early: Mapping[int, int], limit: int) -> list[float]:
+        """P(some early chain is accepted through depth j), j = 1, 2, ...: the best of their running
+        acceptance products along each chain as far as it goes."""
+        reach = [0.0] * min(max(early.values(), default=0), limit)
+        for drafter, length in early.items():
+            along = 1.0
+            for depth in range(1, min(length, limit) + 1):
+                along *= self.stats.rate(self._source(drafter), depth)
+                reach[depth - 1] = max(reach[depth - 1], along)
+        return reach
+
+    def _depth(self, drafter: int, limit: int, covered: Sequence[float]) -> int:
         cost = self._draft_token_ms(drafter)
         if cost == 0 or limit == 0:
             return limit  # free: propose all the match has, `select` keeps what is worth verifying
-        best, best_rate = 0, 1 / self._verify(1)
-        reach = 1.0  # P(the whole chain so far is accepted)
+        alone = self._best_depth(drafter, limit, cost, ())
+        if alone == 0:
+            return 1 if self._probe_due(drafter, cost) else 0
+        # What the early (model-free) chains propose, the draft model need not: it drafts only as far as
+        # its own tokens add to theirs (a copy in progress leaves it idle), so it is not probed either.
+        return self._best_depth(drafter, limit, cost, covered) if covered else alone
+
+    def _best_depth(self, drafter: int, limit: int, cost: float, covered: Sequence[float]) -> int:
+        """The depth of `drafter`'s chain that maximizes the step's rate beside the early chains, whose
+        depth-j node is accepted with probability covered[j - 1]. Where both reach depth j the chains
+        are taken to agree when either is right, so the step commits the likelier of the two there;
+        with no early chains this is the drafter's chain alone against plain decoding."""
+        early_rows, best_rate = 0, 1 / self._verify(1)  # the early chains verified as far as pays
         expected = 1.0
-        for depth in range(1, limit + 1):
-            reach *= self.stats.rate(self._source(drafter), depth)
+        for depth, reach in enumerate(covered, start=1):
             expected += reach
-            rate = expected / (depth * cost + self._verify(depth + 1))
+            if expected / self._verify(depth + 1) > best_rate:
+                early_rows, best_rate = depth, expected / self._verify(depth + 1)
+        best, own = 0, [1.0]  # own[j]: P(the drafter's chain is accepted through depth j)
+        for depth in range(1, limit + 1):
+            own.append(own[-1] * self.stats.rate(self._source(drafter), depth))
+            rows = max(depth, early_rows)
+            expected = 1 + sum(
+                max(own[j] if j <= depth else 0.0, covered[j - 1] if j <= len(covered) else 0.0)
+                for j in range(1, rows + 1)
+            )
+            rate = expected / (depth * cost + self._verify(rows + 1))
             if rate > best_rate:
                 best, best_rate = depth, rate
-        if best == 0 and self._probe_due(drafter, cost):
-            return 1
         return best
 
     def _probe_due(self, drafter: int, cost: float) -> bool:
