@@ -1,11 +1,12 @@
 """How much to speculate each step, chosen from measured costs and the running acceptance.
 
-Each step the decode loop asks the policy how deep every drafter may propose (`draft_depths`), then
-which of the proposed nodes the target verifies (`select`), and after the target forward tells it what
-was accepted (`observe`). Dropping nodes never changes what is output: the verifier decides, always. In
-sampling mode whether a node is kept depends only on the nodes ranked above it (their depths and
-proposers), never on its own drawn token or on anything decided after it was drawn, so every kept node
-is still a draw from the distribution stored with it.
+Each step the model-free drafters propose first (`early_depths`: they cost nothing), then the decode
+loop asks the policy how deep every drafter may propose (`draft_depths`, seeing how far the early
+chains reach), then which of the proposed nodes the target verifies (`select`), and after the target
+forward tells it what was accepted (`observe`). Dropping nodes never changes what is output: the
+verifier decides, always. In sampling mode whether a node is kept depends only on the nodes ranked
+above it (their depths and proposers), never on its own drawn token or on anything decided after it was
+drawn, so every kept node is still a draw from the distribution stored with it.
 
 `CostModelPolicy` maximizes expected committed tokens per second of the step,
 
@@ -15,8 +16,10 @@ where 1 is the target's own token, P(node accepted) is the product along the nod
 proposer's running acceptance rate at that depth (given its parent was accepted), t(k) is the target's
 measured forward over k rows and drafting time is the draft models' measured per-token cost. Model-free
 drafters cost nothing: they propose as far as their match goes (up to `max_depth`) and the policy keeps
-only the part worth verifying. When no draft pays for itself the tree is the root alone: plain
-decoding through the same loop.
+only the part worth verifying. A draft model is priced by what it adds to their chains: at each depth
+the step commits the likelier of its token and theirs, so inside a copy (prompt lookup quoting a
+passage, accepted more often than the model) it stays idle, and where the copy breaks off it drafts.
+When no draft pays for itself the tree is the root alone: plain decoding through the same loop.
 
 What the target was not asked still teaches (greedy): a proposed node left unverified right below the
 last accepted node would have been accepted exactly if it is the target's own next token. So a
