@@ -27,7 +27,6 @@ from swarmspec.speculate import (
     MergedTree,
     Speculation,
     VoteSpeculation,
-    credit_early,
     grow_tree,
     merge_drafts,
     weighted_vote,
@@ -113,24 +112,6 @@ def test_merge_dedupes_shared_prefixes_when_greedy() -> None:
     assert separate.tokens.tolist() == [0, 1, 2, 3, 1, 2, 4, 5]
     assert separate.parents == (-1, 0, 1, 2, 0, 4, 5, 0)
     assert separate.proposers == (-1, 0, 0, 0, 1, 1, 1, 2)
-
-
-def test_nodes_a_model_free_drafter_proposed_early_are_credited_to_it() -> None:
-    # A draft model (drafter 0) and prompt lookup (drafter 1, proposed early) share the prefix 1, 2.
-    model, lookup = Draft.of([1, 2, 3]), Draft.of([1, 2, 4, 5])
-    tree = credit_early(merge_drafts(0, [model, lookup], dedupe=True), {1: lookup})
-    assert tree.tokens.tolist() == [0, 1, 2, 3, 4, 5]
-    assert tree.proposers == (-1, 1, 1, 0, 1, 1)  # what the model adds beyond the lookup stays its own
-    assert merge_drafts(0, [model, lookup], dedupe=True).proposers == (-1, 0, 0, 0, 1, 1)  # none early
-
-    # The vote's chain alike (a tie at the third token goes to the model's).
-    class Drafts(Drafter):
-        def propose(self, context, max_tokens, sampling, generator) -> Draft:
-            return model
-
-    vote = VoteSpeculation([Drafts(), Drafts()])
-    voted = vote.speculate([7, 0], [3, 4], GREEDY, None, drafted={1: lookup})
-    assert voted.tokens.tolist() == [0, 1, 2, 3] and voted.proposers == (-1, 1, 1, 0)
 
 
 def test_merge_keeps_each_nodes_distribution() -> None:

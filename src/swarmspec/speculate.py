@@ -153,7 +153,7 @@ class MergedTree(Speculation):
 
     def speculate(self, context, depths, sampling, generator, drafted=EARLY_NONE) -> TokenTree:
         drafts = self.propose_all(range(len(self.drafters)), context, depths, sampling, generator, drafted)
-        return credit_early(merge_drafts(context[-1], drafts, dedupe=sampling.greedy), drafted)
+        return merge_drafts(context[-1], drafts, dedupe=sampling.greedy)
 
 
 class ExpansionTree(Speculation):
@@ -185,7 +185,7 @@ class ExpansionTree(Speculation):
         )
         tree = replace(tree, proposers=(-1, *[self.grower_index] * (len(tree) - 1)))
         drafts = self.propose_all(self.others, context, depths, sampling, generator, drafted)
-        return credit_early(merge_into(tree, drafts, dedupe=sampling.greedy, proposers=self.others), drafted)
+        return merge_into(tree, drafts, dedupe=sampling.greedy, proposers=self.others)
 
 
 def grow_tree(
@@ -241,30 +241,6 @@ def grow_tree(
         logits = drafter.tree_level_logits(tree, frontier)
     drafter.keep_tree(tree)
     return replace(tree, draft_probs=None if sampling.greedy else torch.stack(probs))
-
-
-def credit_early(tree: TokenTree, drafted: Mapping[int, Draft]) -> TokenTree:
-    """Credit every node on an early drafter's chain to that drafter (the first in `drafted` whose chain
-    holds it), whoever else proposed it too. A node is credited to one proposer, whose acceptance it
-    counts towards: a model-free drafter inside a copy is then seen accepted whenever it is right, so
-    the policy learns what it covers for free, and a draft model's own acceptance counts what it adds
-    beyond. Sampling trees keep every chain on its own branch: nothing is shared there."""
-    if not drafted or tree.draft_probs is not None:
-        return tree
-    assert tree.proposers is not None
-    proposers = list(tree.proposers)
-    children = {(tree.parents[n], int(tree.tokens[n])): n for n in range(1, len(tree))}
-    credited: set[int] = set()
-    for drafter, draft in drafted.items():
-        node = 0
-        for token in draft.tokens.tolist():
-            node = children.get((node, token), -1)
-            if node < 0:
-                break
-            if node not in credited:
-                proposers[node] = drafter
-                credited.add(node)
-    return replace(tree, proposers=tuple(proposers))
 
 
 def merge_drafts(root: int, drafts: Sequence[Draft], dedupe: bool) -> TokenTree:
@@ -362,12 +338,11 @@ class VoteSpeculation(Speculation):
             return TokenTree.chain(context[-1], draft.tokens, draft.probs, [best] * len(draft))
         chains = [d.tokens.tolist() for d in drafts]
         voted = weighted_vote(chains, self.weights)
-        # Each voted token is credited to the first drafter whose chain leads to it (see `credit_early`).
+        # Each voted token is credited to the first drafter whose chain leads to it.
         proposers = [
             next(i for i, c in enumerate(chains) if c[: k + 1] == voted[: k + 1]) for k in range(len(voted))
         ]
-        tree = TokenTree.chain(context[-1], torch.tensor(voted, dtype=torch.int64), None, proposers)
-        return credit_early(tree, drafted)
+        return TokenTree.chain(context[-1], torch.tensor(voted, dtype=torch.int64), None, proposers)
 
     def observe(self, tree: TokenTree, path: list[int], committed: list[int]) -> None:
         """Move each drafter's weight towards the share of its last draft the target committed."""

@@ -24,8 +24,7 @@ class TokenTree:
     # The distribution each node was sampled from, [n, V] (row 0 unused); None for greedy drafting.
     draft_probs: torch.Tensor | None = None
     # [n] which drafter proposed each node, an index into the speculation's `drafters` (-1: the root);
-    # where several drafters proposed the same node, a model-free one that proposed early, else the one
-    # merged first (`speculate.credit_early`). None: not recorded.
+    # where several drafters proposed the same node, the one merged first. None: not recorded.
     proposers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:

@@ -235,8 +235,8 @@ def drafter_shares_table(records: Sequence[RunRecord]) -> str:
     if not totals:
         return ""
     lines = [
-        "**Accepted tokens by proposing drafter** (where several drafters proposed a node, a model-free "
-        "one is credited, else the first merged)\n",
+        "**Accepted tokens by proposing drafter** (where several drafters proposed a node, the first "
+        "merged is credited)\n",
         "| family / contender | accepted tokens (share) |",
         "|---|---|",
     ]
