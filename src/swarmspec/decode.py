@@ -68,7 +68,7 @@ def decode(
             # Model-free drafters first: how far they reach for free decides how deep a draft model goes.
             limit = remaining - 1
             early = speculation.propose_early(policy.early_depths(limit), context, sampling, generator)
-            depths = policy.draft_depths(limit, {i: len(draft) for i, draft in early.items()})
+            depths = policy.draft_depths(limit, {i: draft.tokens.tolist() for i, draft in early.items()})
             tree = policy.select(speculation.speculate(context, depths, sampling, generator, early))
             # One target forward scores every node: row i of target_logits is the target's distribution
             # for the token after node i (the root, context[-1], is node 0).

@@ -48,7 +48,7 @@ from types import MappingProxyType
 
 from swarmspec.tree import TokenTree
 
-NO_EARLY: Mapping[int, int] = MappingProxyType({})  # no drafter proposed before `draft_depths`
+NO_EARLY: Mapping[int, Sequence[int]] = MappingProxyType({})  # no drafter proposed before `draft_depths`
 
 
 class SpeculationPolicy(ABC):
@@ -66,9 +66,9 @@ class SpeculationPolicy(ABC):
         return {}
 
     @abstractmethod
-    def draft_depths(self, limit: int, early: Mapping[int, int] = NO_EARLY) -> list[int]:
+    def draft_depths(self, limit: int, early: Mapping[int, Sequence[int]] = NO_EARLY) -> list[int]:
         """How many tokens deep each drafter may propose this step, none beyond `limit`; `early` maps
-        each drafter of `early_depths` to the length of the chain it proposed already."""
+        each drafter of `early_depths` to the chain it proposed already."""
 
     def select(self, tree: TokenTree) -> TokenTree:
         """The part of the proposed tree the target verifies (its root always)."""
@@ -86,7 +86,7 @@ class FixedDepth(SpeculationPolicy):
     gamma: int
     drafters: int
 
-    def draft_depths(self, limit: int, early: Mapping[int, int] = NO_EARLY) -> list[int]:
+    def draft_depths(self, limit: int, early: Mapping[int, Sequence[int]] = NO_EARLY) -> list[int]:
         return [min(self.gamma, limit)] * self.drafters
 
 
@@ -329,6 +329,7 @@ class CostModelPolicy(SpeculationPolicy):
         self._probe_interval = [self.probe_every] * self.drafters
         self._probing: set[int] = set()
         self._draft_ms = 0.0
+        self._early: dict[int, Sequence[int]] = {}  # this step's early chains (`draft_depths`)
         # The last proposed tree, the nodes of it kept and the tree they made (`select`), for `observe`.
         self._proposal: tuple[TokenTree, list[int], TokenTree] | None = None
 
@@ -341,9 +342,10 @@ class CostModelPolicy(SpeculationPolicy):
         depth = min(limit, self.max_depth)
         return {i: depth for i, cost in enumerate(self.costs.draft_token_ms) if cost == 0}
 
-    def draft_depths(self, limit: int, early: Mapping[int, int] = NO_EARLY) -> list[int]:
+    def draft_depths(self, limit: int, early: Mapping[int, Sequence[int]] = NO_EARLY) -> list[int]:
         limit = min(limit, self.max_depth)
         self._rows = None
+        self._early = dict(early)
         if self.peers is not None:
             self.peers.publish(self, self._gains(limit))
             if self.peers.size() > 1:
@@ -361,13 +363,13 @@ class CostModelPolicy(SpeculationPolicy):
         share = self.cost_shares[drafter]() if self.cost_shares else 1.0
         return self.costs.draft_token_ms[drafter] * share
 
-    def _early_reach(self, early: Mapping[int, int], limit: int) -> list[float]:
+    def _early_reach(self, early: Mapping[int, Sequence[int]], limit: int) -> list[float]:
         """P(some early chain is accepted through depth j), j = 1, 2, ...: the best of their running
         acceptance products along each chain as far as it goes."""
-        reach = [0.0] * min(max(early.values(), default=0), limit)
-        for drafter, length in early.items():
+        reach = [0.0] * min(max(map(len, early.values()), default=0), limit)
+        for drafter, chain in early.items():
             along = 1.0
-            for depth in range(1, min(length, limit) + 1):
+            for depth in range(1, min(len(chain), limit) + 1):
                 along *= self.stats.rate(self._source(drafter), depth)
                 reach[depth - 1] = max(reach[depth - 1], along)
         return reach
@@ -504,12 +506,17 @@ class CostModelPolicy(SpeculationPolicy):
         accepted = {0, *path}
         proposers = tree.proposers or (-1, *[0] * (len(tree) - 1))
         depth = tree_depths(tree)
+        # Greedy, an early chain's outcomes are known exactly from the committed tokens, verified or
+        # not and whoever else proposed the same nodes: measured so, not by the nodes credited to it.
+        early, self._early = (self._early if tree.draft_probs is None else {}), {}
+        committed = [*tree.tokens[path].tolist(), next_token]
         verified_outcomes = [
             (proposers[node], depth[node], node in accepted)
             for node in range(1, len(tree))
-            if tree.parents[node] in accepted
+            if tree.parents[node] in accepted and proposers[node] not in early
         ]
-        outcomes = verified_outcomes + self._unverified_outcomes(tree, path, next_token)
+        unverified = [o for o in self._unverified_outcomes(tree, path, next_token) if o[0] not in early]
+        outcomes = verified_outcomes + unverified + chain_outcomes(early, committed)
         self.stats.record([(self._source(d), depth, ok) for d, depth, ok in outcomes])
         for drafter in {d for d, _, _ in outcomes}:
             self._streak[drafter] = int(all(ok for d, _, ok in outcomes if d == drafter))
@@ -542,6 +549,21 @@ class CostModelPolicy(SpeculationPolicy):
             for node in range(1, len(proposed))
             if proposed.parents[node] == last and node not in verified
         ]
+
+
+def chain_outcomes(
+    chains: Mapping[int, Sequence[int]], committed: Sequence[int]
+) -> list[tuple[int, int, bool]]:
+    """(drafter, depth, accepted) of each chain's tokens against the tokens the target committed
+    (greedy), down to its first wrong token: one below a wrong token is not an outcome (its parent
+    failed)."""
+    outcomes = []
+    for drafter, chain in chains.items():
+        for depth, (token, truth) in enumerate(zip(chain, committed, strict=False), start=1):
+            outcomes.append((drafter, depth, token == truth))
+            if token != truth:
+                break
+    return outcomes
 
 
 def tree_depths(tree: TokenTree) -> list[int]:
