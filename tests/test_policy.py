@@ -13,7 +13,6 @@ from swarmspec.policy import (
     AcceptanceStats,
     CostModelPolicy,
     StepCosts,
-    chain_outcomes,
     chain_rate,
     pipelining_pays,
 )
@@ -85,40 +84,6 @@ def test_drafter_that_cannot_pay_is_never_run_not_even_to_probe() -> None:
     # The 0.5B drafter on llama.cpp: 18.5 ms a token, so one accepted token (2 / 71.5) loses to 1 / 30.
     policy = policy_with(STEEP, 18.5, 1.0)
     assert all(policy.draft_depths(16) == [0] for _ in range(200))
-
-
-def test_draft_model_drafts_only_what_a_free_drafter_does_not_cover() -> None:
-    # A 1 ms draft model accepted at 0.8 beside a free drafter (prompt lookup) accepted at 0.95.
-    def model_and_lookup(lookup_rate: float) -> CostModelPolicy:
-        prior = AcceptancePrior()
-        prior.stats = trained_stats([0.8, 0.8, lookup_rate, lookup_rate])  # each drafter, both states
-        return CostModelPolicy(StepCosts(FLAT, (1.0, 0.0)), max_depth=16, prior=prior)
-
-    policy = model_and_lookup(0.95)
-    assert policy.early_depths(40) == {1: 16}  # the free drafter proposes first, as far as max_depth
-    # Inside a copy (16 tokens proposed, 0.95^j > 0.8^j at every depth) the model's chain adds
-    # nothing to the step but its drafting time: it stays idle, and is not probed either.
-    assert all(policy.draft_depths(16, {1: range(16)}) == [0, 16] for _ in range(50))
-    # No match: the model drafts as it would alone (6-10 deep on the flat curve, see above).
-    assert 6 <= policy.draft_depths(16, {1: []})[0] <= 10
-    # A match that runs out after 2 tokens: the model drafts beyond it.
-    assert policy.draft_depths(16, {1: [3, 4]})[0] >= 6
-    # A free drafter accepted at 0.3 covers little: the model drafts as it would alone.
-    assert 6 <= model_and_lookup(0.3).draft_depths(16, {1: range(16)})[0] <= 10
-
-
-def test_an_early_chain_is_measured_against_the_committed_tokens() -> None:
-    # Down to the first wrong token; past the committed tokens nothing is known.
-    assert chain_outcomes({1: [5, 6, 7, 8]}, [5, 6, 9]) == [(1, 1, True), (1, 2, True), (1, 3, False)]
-    assert chain_outcomes({1: [5, 6, 7]}, [5]) == [(1, 1, True)]
-    # Through the policy: the lookup's chain shares its first two tokens with the model's, whose
-    # nodes they are in the tree; the lookup is still seen accepted there, and in a copy.
-    policy = CostModelPolicy(StepCosts(FLAT, (1.0, 0.0)), max_depth=16)
-    policy.draft_depths(16, {1: [1, 2, 3]})
-    tree = policy.select(TokenTree.chain(0, torch.tensor([1, 2, 4]), proposers=[0, 0, 0]))
-    policy.observe(tree, [1, 2], next_token=3)
-    assert policy.stats.accepted[2] == {1: 1.0, 2: 1.0, 3: 1.0}  # source 2: the lookup, no copy yet
-    assert policy._streak == [0, 1]  # the model's third token was wrong; the lookup is in a copy now
 
 
 def test_a_drafter_costing_a_share_of_its_profile_is_priced_at_that_share() -> None:

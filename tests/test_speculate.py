@@ -21,7 +21,6 @@ from swarmspec.policy import CostModelPolicy, FixedDepth, SpeculationPolicy, Ste
 from swarmspec.runners.hf import HFRunner
 from swarmspec.sampling import SamplingConfig, logits_to_probs
 from swarmspec.speculate import (
-    EARLY_NONE,
     ChainSpeculation,
     ExpansionTree,
     MergedTree,
@@ -196,11 +195,8 @@ class Rewritten(Speculation):
     def end(self) -> None:
         self.inner.end()
 
-    def propose_early(self, depths, context, sampling, generator) -> dict[int, Draft]:
-        return self.inner.propose_early(depths, context, sampling, generator)
-
-    def speculate(self, context, depths, sampling, generator, drafted=EARLY_NONE) -> TokenTree:
-        return self.rewrite(self.inner.speculate(context, depths, sampling, generator, drafted))
+    def speculate(self, context, depths, sampling, generator) -> TokenTree:
+        return self.rewrite(self.inner.speculate(context, depths, sampling, generator))
 
 
 def parent_rows(tree: TokenTree) -> TokenTree:

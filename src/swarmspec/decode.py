@@ -65,11 +65,8 @@ def decode(
                 return
 
             # Speculate at most remaining - 1 tokens deep: the target always adds one of its own.
-            # Model-free drafters first: how far they reach for free decides how deep a draft model goes.
-            limit = remaining - 1
-            early = speculation.propose_early(policy.early_depths(limit), context, sampling, generator)
-            depths = policy.draft_depths(limit, {i: draft.tokens.tolist() for i, draft in early.items()})
-            tree = policy.select(speculation.speculate(context, depths, sampling, generator, early))
+            depths = policy.draft_depths(remaining - 1)
+            tree = policy.select(speculation.speculate(context, depths, sampling, generator))
             # One target forward scores every node: row i of target_logits is the target's distribution
             # for the token after node i (the root, context[-1], is node 0).
             tree_mask = None if tree.is_chain else tree.ancestor_mask()

@@ -1,12 +1,11 @@
 """How much to speculate each step, chosen from measured costs and the running acceptance.
 
-Each step the model-free drafters propose first (`early_depths`: they cost nothing), then the decode
-loop asks the policy how deep every drafter may propose (`draft_depths`, seeing how far the early
-chains reach), then which of the proposed nodes the target verifies (`select`), and after the target
-forward tells it what was accepted (`observe`). Dropping nodes never changes what is output: the
-verifier decides, always. In sampling mode whether a node is kept depends only on the nodes ranked
-above it (their depths and proposers), never on its own drawn token or on anything decided after it was
-drawn, so every kept node is still a draw from the distribution stored with it.
+Each step the decode loop asks the policy how deep every drafter may propose (`draft_depths`), then
+which of the proposed nodes the target verifies (`select`), and after the target forward tells it what
+was accepted (`observe`). Dropping nodes never changes what is output: the verifier decides, always. In
+sampling mode whether a node is kept depends only on the nodes ranked above it (their depths and
+proposers), never on its own drawn token or on anything decided after it was drawn, so every kept node
+is still a draw from the distribution stored with it.
 
 `CostModelPolicy` maximizes expected committed tokens per second of the step,
 
@@ -16,10 +15,8 @@ where 1 is the target's own token, P(node accepted) is the product along the nod
 proposer's running acceptance rate at that depth (given its parent was accepted), t(k) is the target's
 measured forward over k rows and drafting time is the draft models' measured per-token cost. Model-free
 drafters cost nothing: they propose as far as their match goes (up to `max_depth`) and the policy keeps
-only the part worth verifying. A draft model is priced by what it adds to their chains: at each depth
-the step commits the likelier of its token and theirs, so inside a copy (prompt lookup quoting a
-passage, accepted more often than the model) it stays idle, and where the copy breaks off it drafts.
-When no draft pays for itself the tree is the root alone: plain decoding through the same loop.
+only the part worth verifying. When no draft pays for itself the tree is the root alone: plain
+decoding through the same loop.
 
 What the target was not asked still teaches (greedy): a proposed node left unverified right below the
 last accepted node would have been accepted exactly if it is the target's own next token. So a
@@ -42,13 +39,10 @@ from __future__ import annotations
 import bisect
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from types import MappingProxyType
 
 from swarmspec.tree import TokenTree
-
-NO_EARLY: Mapping[int, Sequence[int]] = MappingProxyType({})  # no drafter proposed before `draft_depths`
 
 
 class SpeculationPolicy(ABC):
@@ -60,15 +54,9 @@ class SpeculationPolicy(ABC):
     def end(self) -> None:  # noqa: B027
         """The generation is finished or abandoned."""
 
-    def early_depths(self, limit: int) -> dict[int, int]:
-        """The drafters that propose before `draft_depths` (model-free ones, which cost nothing) and how
-        deep, none beyond `limit`: the depths of the others can then weigh what those proposed."""
-        return {}
-
     @abstractmethod
-    def draft_depths(self, limit: int, early: Mapping[int, Sequence[int]] = NO_EARLY) -> list[int]:
-        """How many tokens deep each drafter may propose this step, none beyond `limit`; `early` maps
-        each drafter of `early_depths` to the chain it proposed already."""
+    def draft_depths(self, limit: int) -> list[int]:
+        """How many tokens deep each drafter may propose this step, none beyond `limit`."""
 
     def select(self, tree: TokenTree) -> TokenTree:
         """The part of the proposed tree the target verifies (its root always)."""
@@ -86,7 +74,7 @@ class FixedDepth(SpeculationPolicy):
     gamma: int
     drafters: int
 
-    def draft_depths(self, limit: int, early: Mapping[int, Sequence[int]] = NO_EARLY) -> list[int]:
+    def draft_depths(self, limit: int) -> list[int]:
         return [min(self.gamma, limit)] * self.drafters
 
 
@@ -329,7 +317,6 @@ class CostModelPolicy(SpeculationPolicy):
         self._probe_interval = [self.probe_every] * self.drafters
         self._probing: set[int] = set()
         self._draft_ms = 0.0
-        self._early: dict[int, Sequence[int]] = {}  # this step's early chains (`draft_depths`)
         # The last proposed tree, the nodes of it kept and the tree they made (`select`), for `observe`.
         self._proposal: tuple[TokenTree, list[int], TokenTree] | None = None
 
@@ -338,14 +325,9 @@ class CostModelPolicy(SpeculationPolicy):
         if self.peers is not None:
             self.peers.leave(self)
 
-    def early_depths(self, limit: int) -> dict[int, int]:
-        depth = min(limit, self.max_depth)
-        return {i: depth for i, cost in enumerate(self.costs.draft_token_ms) if cost == 0}
-
-    def draft_depths(self, limit: int, early: Mapping[int, Sequence[int]] = NO_EARLY) -> list[int]:
+    def draft_depths(self, limit: int) -> list[int]:
         limit = min(limit, self.max_depth)
         self._rows = None
-        self._early = dict(early)
         if self.peers is not None:
             self.peers.publish(self, self._gains(limit))
             if self.peers.size() > 1:
@@ -354,8 +336,7 @@ class CostModelPolicy(SpeculationPolicy):
                 depths = [min(limit, self._rows - 1)] * self.drafters
                 self._draft_ms = sum(d * c for d, c in zip(depths, draft_ms, strict=True))
                 return depths
-        covered = self._early_reach(early, limit)
-        depths = [self._depth(i, limit, covered) for i in range(self.drafters)]
+        depths = [self._depth(i, limit) for i in range(self.drafters)]
         self._draft_ms = sum(d * self._draft_token_ms(i) for i, d in enumerate(depths))
         return depths
 
@@ -363,50 +344,21 @@ class CostModelPolicy(SpeculationPolicy):
         share = self.cost_shares[drafter]() if self.cost_shares else 1.0
         return self.costs.draft_token_ms[drafter] * share
 
-    def _early_reach(self, early: Mapping[int, Sequence[int]], limit: int) -> list[float]:
-        """P(some early chain is accepted through depth j), j = 1, 2, ...: the best of their running
-        acceptance products along each chain as far as it goes."""
-        reach = [0.0] * min(max(map(len, early.values()), default=0), limit)
-        for drafter, chain in early.items():
-            along = 1.0
-            for depth in range(1, min(len(chain), limit) + 1):
-                along *= self.stats.rate(self._source(drafter), depth)
-                reach[depth - 1] = max(reach[depth - 1], along)
-        return reach
-
-    def _depth(self, drafter: int, limit: int, covered: Sequence[float]) -> int:
+    def _depth(self, drafter: int, limit: int) -> int:
         cost = self._draft_token_ms(drafter)
         if cost == 0 or limit == 0:
             return limit  # free: propose all the match has, `select` keeps what is worth verifying
-        alone = self._best_depth(drafter, limit, cost, ())
-        if alone == 0:
-            return 1 if self._probe_due(drafter, cost) else 0
-        # What the early (model-free) chains propose, the draft model need not: it drafts only as far as
-        # its own tokens add to theirs (a copy in progress leaves it idle), so it is not probed either.
-        return self._best_depth(drafter, limit, cost, covered) if covered else alone
-
-    def _best_depth(self, drafter: int, limit: int, cost: float, covered: Sequence[float]) -> int:
-        """The depth of `drafter`'s chain that maximizes the step's rate beside the early chains, whose
-        depth-j node is accepted with probability covered[j - 1]. Where both reach depth j the chains
-        are taken to agree when either is right, so the step commits the likelier of the two there;
-        with no early chains this is the drafter's chain alone against plain decoding."""
-        early_rows, best_rate = 0, 1 / self._verify(1)  # the early chains verified as far as pays
+        best, best_rate = 0, 1 / self._verify(1)
+        reach = 1.0  # P(the whole chain so far is accepted)
         expected = 1.0
-        for depth, reach in enumerate(covered, start=1):
-            expected += reach
-            if expected / self._verify(depth + 1) > best_rate:
-                early_rows, best_rate = depth, expected / self._verify(depth + 1)
-        best, own = 0, [1.0]  # own[j]: P(the drafter's chain is accepted through depth j)
         for depth in range(1, limit + 1):
-            own.append(own[-1] * self.stats.rate(self._source(drafter), depth))
-            rows = max(depth, early_rows)
-            expected = 1 + sum(
-                max(own[j] if j <= depth else 0.0, covered[j - 1] if j <= len(covered) else 0.0)
-                for j in range(1, rows + 1)
-            )
-            rate = expected / (depth * cost + self._verify(rows + 1))
+            reach *= self.stats.rate(self._source(drafter), depth)
+            expected += reach
+            rate = expected / (depth * cost + self._verify(depth + 1))
             if rate > best_rate:
                 best, best_rate = depth, rate
+        if best == 0 and self._probe_due(drafter, cost):
+            return 1
         return best
 
     def _probe_due(self, drafter: int, cost: float) -> bool:
@@ -506,17 +458,12 @@ class CostModelPolicy(SpeculationPolicy):
         accepted = {0, *path}
         proposers = tree.proposers or (-1, *[0] * (len(tree) - 1))
         depth = tree_depths(tree)
-        # Greedy, an early chain's outcomes are known exactly from the committed tokens, verified or
-        # not and whoever else proposed the same nodes: measured so, not by the nodes credited to it.
-        early, self._early = (self._early if tree.draft_probs is None else {}), {}
-        committed = [*tree.tokens[path].tolist(), next_token]
         verified_outcomes = [
             (proposers[node], depth[node], node in accepted)
             for node in range(1, len(tree))
-            if tree.parents[node] in accepted and proposers[node] not in early
+            if tree.parents[node] in accepted
         ]
-        unverified = [o for o in self._unverified_outcomes(tree, path, next_token) if o[0] not in early]
-        outcomes = verified_outcomes + unverified + chain_outcomes(early, committed)
+        outcomes = verified_outcomes + self._unverified_outcomes(tree, path, next_token)
         self.stats.record([(self._source(d), depth, ok) for d, depth, ok in outcomes])
         for drafter in {d for d, _, _ in outcomes}:
             self._streak[drafter] = int(all(ok for d, _, ok in outcomes if d == drafter))
@@ -549,21 +496,6 @@ class CostModelPolicy(SpeculationPolicy):
             for node in range(1, len(proposed))
             if proposed.parents[node] == last and node not in verified
         ]
-
-
-def chain_outcomes(
-    chains: Mapping[int, Sequence[int]], committed: Sequence[int]
-) -> list[tuple[int, int, bool]]:
-    """(drafter, depth, accepted) of each chain's tokens against the tokens the target committed
-    (greedy), down to its first wrong token: one below a wrong token is not an outcome (its parent
-    failed)."""
-    outcomes = []
-    for drafter, chain in chains.items():
-        for depth, (token, truth) in enumerate(zip(chain, committed, strict=False), start=1):
-            outcomes.append((drafter, depth, token == truth))
-            if token != truth:
-                break
-    return outcomes
 
 
 def tree_depths(tree: TokenTree) -> list[int]:

@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from types import MappingProxyType
 from typing import Any, TypeVar
 
 import torch
@@ -31,7 +30,6 @@ from swarmspec.tree import TokenTree, TreeShape
 
 logger = logging.getLogger("swarmspec")
 T = TypeVar("T")
-EARLY_NONE: Mapping[int, Draft] = MappingProxyType({})  # no drafter has proposed early
 
 
 class Speculation(ABC):
@@ -80,36 +78,15 @@ class Speculation(ABC):
         depths: Sequence[int],
         sampling: SamplingConfig,
         generator: torch.Generator | None,
-        drafted: Mapping[int, Draft] = EARLY_NONE,
     ) -> list[Draft]:
         """Drafters[i]'s chain for each i in `indices`, at most depths[i] long; a drafter given depth 0
-        does not run, one in `drafted` has drafted already this step."""
-        drafts = []
-        for i in indices:
-            if i in drafted:
-                draft = drafted[i]
-            elif depths[i] > 0:
-                draft = self._guarded(
-                    i, self.drafters[i].propose, Draft.empty(), context, depths[i], sampling, generator
-                )
-            else:
-                draft = Draft.empty()
-            drafts.append(draft)
-        return drafts
-
-    def propose_early(
-        self,
-        depths: Mapping[int, int],
-        context: list[int],
-        sampling: SamplingConfig,
-        generator: torch.Generator | None,
-    ) -> dict[int, Draft]:
-        """The drafts of the drafters in `depths` (model-free ones), each at most depths[i] deep, made
-        before the policy chooses the other drafters' depths: what they propose for free decides how
-        much a draft model can add. Pass them to `speculate` as `drafted`."""
-        indices, every_depth = list(depths), [depths.get(i, 0) for i in range(len(self.drafters))]
-        drafts = self.propose_all(indices, context, every_depth, sampling, generator)
-        return dict(zip(indices, drafts, strict=True))
+        does not run."""
+        return [
+            self._guarded(i, self.drafters[i].propose, Draft.empty(), context, depths[i], sampling, generator)
+            if depths[i] > 0
+            else Draft.empty()
+            for i in indices
+        ]
 
     @abstractmethod
     def speculate(
@@ -118,10 +95,9 @@ class Speculation(ABC):
         depths: Sequence[int],
         sampling: SamplingConfig,
         generator: torch.Generator | None,
-        drafted: Mapping[int, Draft] = EARLY_NONE,
     ) -> TokenTree:
         """A tree below the root (`context[-1]`) in which drafter i proposes at most `depths[i]` tokens
-        deep (0: it does not run); drafters in `drafted` have proposed already (`propose_early`)."""
+        deep (0: it does not run)."""
 
 
 class NoSpeculation(Speculation):
@@ -130,7 +106,7 @@ class NoSpeculation(Speculation):
     def __init__(self) -> None:
         super().__init__([])
 
-    def speculate(self, context, depths, sampling, generator, drafted=EARLY_NONE) -> TokenTree:
+    def speculate(self, context, depths, sampling, generator) -> TokenTree:
         return TokenTree.chain(context[-1], torch.empty(0, dtype=torch.int64))
 
 
@@ -138,8 +114,8 @@ class ChainSpeculation(Speculation):
     def __init__(self, drafter: Drafter) -> None:
         super().__init__([drafter])
 
-    def speculate(self, context, depths, sampling, generator, drafted=EARLY_NONE) -> TokenTree:
-        (draft,) = self.propose_all([0], context, depths, sampling, generator, drafted)
+    def speculate(self, context, depths, sampling, generator) -> TokenTree:
+        (draft,) = self.propose_all([0], context, depths, sampling, generator)
         return TokenTree.chain(context[-1], draft.tokens, draft.probs)
 
 
@@ -151,8 +127,8 @@ class MergedTree(Speculation):
             raise ValueError("a merged tree needs at least one drafter")
         super().__init__(drafters)
 
-    def speculate(self, context, depths, sampling, generator, drafted=EARLY_NONE) -> TokenTree:
-        drafts = self.propose_all(range(len(self.drafters)), context, depths, sampling, generator, drafted)
+    def speculate(self, context, depths, sampling, generator) -> TokenTree:
+        drafts = self.propose_all(range(len(self.drafters)), context, depths, sampling, generator)
         return merge_drafts(context[-1], drafts, dedupe=sampling.greedy)
 
 
@@ -170,7 +146,7 @@ class ExpansionTree(Speculation):
         self.grower = grown_from
         self.others = [i for i in range(len(drafters)) if i != grower]
 
-    def speculate(self, context, depths, sampling, generator, drafted=EARLY_NONE) -> TokenTree:
+    def speculate(self, context, depths, sampling, generator) -> TokenTree:
         root_only = TokenTree.chain(context[-1], torch.empty(0, dtype=torch.int64))
         tree = self._guarded(
             self.grower_index,
@@ -184,7 +160,7 @@ class ExpansionTree(Speculation):
             generator,
         )
         tree = replace(tree, proposers=(-1, *[self.grower_index] * (len(tree) - 1)))
-        drafts = self.propose_all(self.others, context, depths, sampling, generator, drafted)
+        drafts = self.propose_all(self.others, context, depths, sampling, generator)
         return merge_into(tree, drafts, dedupe=sampling.greedy, proposers=self.others)
 
 
@@ -324,8 +300,8 @@ class VoteSpeculation(Speculation):
         super().end()
         self.prior.weights = list(self.weights)
 
-    def speculate(self, context, depths, sampling, generator, drafted=EARLY_NONE) -> TokenTree:
-        drafts = self.propose_all(range(len(self.drafters)), context, depths, sampling, generator, drafted)
+    def speculate(self, context, depths, sampling, generator) -> TokenTree:
+        drafts = self.propose_all(range(len(self.drafters)), context, depths, sampling, generator)
         self._last_drafts = drafts
         if not sampling.greedy:
             # Among the drafters that drafted (not ones the policy left out or that failed: whether a
