@@ -105,8 +105,9 @@ def test_onednn_target_equals_transformers_generate(hf_reference: dict[str, list
 def test_tree_and_vote_equal_transformers_generate(
     target: LoadedModel, hf_reference: dict[str, list[int]], shape: dict[str, Any]
 ) -> None:
-    """Token trees and the vote over the int8 drafter, prompt lookup and suffix matching."""
-    drafters = (f"int8:{DEFAULT_DRAFTER}", "prompt-lookup", "suffix")
+    """Token trees and the vote over the int8 drafter, prompt lookup (latest and earliest occurrence)
+    and suffix matching."""
+    drafters = (f"int8:{DEFAULT_DRAFTER}", "prompt-lookup", "prompt-lookup-earliest", "suffix")
     config = EngineConfig(target=DEFAULT_TARGET, drafters=drafters, gamma=4, **shape)  # always drafting
     engine = Engine.from_models(config, target, {drafters[0]: load_model(drafters[0])})
     for prompt in PROMPTS:

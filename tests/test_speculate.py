@@ -50,25 +50,39 @@ def test_prompt_lookup_copies_what_followed_the_latest_match() -> None:
     assert len(drafter.propose(context, 0, GREEDY, None)) == 0
 
 
-def latest_follow(context: list[int], max_ngram: int, max_tokens: int) -> list[int]:
-    """Prompt lookup by brute force: what followed the latest earlier occurrence of the longest suffix."""
+def brute_force_follow(context: list[int], max_ngram: int, max_tokens: int, occurrence: str) -> list[int]:
+    """Prompt lookup by brute force: what followed the latest (or earliest) earlier occurrence of the
+    longest suffix that occurred before."""
     for n in range(min(max_ngram, len(context) - 1), 0, -1):
-        for start in range(len(context) - 1 - n, -1, -1):
+        starts = range(len(context) - 1 - n, -1, -1) if occurrence == "latest" else range(len(context) - n)
+        for start in starts:
             if context[start : start + n] == context[-n:]:
                 return context[start + n : start + n + max_tokens]
     return []
 
 
-def test_prompt_lookup_index_equals_brute_force_as_contexts_grow_and_restart() -> None:
+@pytest.mark.parametrize("occurrence", ["latest", "earliest"])
+def test_prompt_lookup_index_equals_brute_force_as_contexts_grow_and_restart(occurrence: str) -> None:
     generator = torch.Generator().manual_seed(0)
-    drafter = PromptLookupDrafter(vocab_size=6, max_ngram=3)
+    drafter = PromptLookupDrafter(vocab_size=6, max_ngram=3, occurrence=occurrence)  # type: ignore[arg-type]
     for _ in range(5):  # a new sequence each time: the index starts over
         context = torch.randint(6, (3,), generator=generator).tolist()
         for _ in range(60):
             context += torch.randint(
                 6, (int(torch.randint(1, 4, (1,), generator=generator)),), generator=generator
             ).tolist()
-            assert drafter.propose(context, 5, GREEDY, None).tokens.tolist() == latest_follow(context, 3, 5)
+            expected = brute_force_follow(context, 3, 5, occurrence)
+            assert drafter.propose(context, 5, GREEDY, None).tokens.tolist() == expected
+
+
+def test_prompt_lookup_earliest_follows_the_first_occurrence() -> None:
+    drafter = PromptLookupDrafter(vocab_size=50, max_ngram=3, occurrence="earliest")
+    #          0  1  2  3  4  5  6  7  8  9
+    context = [5, 6, 7, 8, 9, 1, 5, 6, 7, 2, 3, 6, 7]
+    # (6, 7) occurred at 1..2 (then 8, 9) and at 7..8 (then 2, 3): the earliest wins.
+    assert drafter.propose(context, 4, GREEDY, None).tokens.tolist() == [8, 9, 1, 5]
+    with pytest.raises(ValueError, match="occurrence must be"):
+        PromptLookupDrafter(vocab_size=50, occurrence="middle")  # type: ignore[arg-type]
 
 
 def test_model_free_drafts_are_point_masses_when_sampling() -> None:

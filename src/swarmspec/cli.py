@@ -224,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--tokens", type=int, default=sim_defaults.tokens, help="tokens per simulated run")
     sim.add_argument("--seed", type=int, default=sim_defaults.seed, help="of the acceptance draws")
     sim.add_argument("--target", help="trace: this machine's stored profile of this target")
-    sim.add_argument("--drafter", help="trace: a drafter model's stored profile, or prompt-lookup / suffix")
+    sim.add_argument(
+        "--drafter", help="trace: a drafter model's stored profile, or a model-free drafter (free: no cost)"
+    )
     sim.add_argument(
         "--target-threads", type=int, default=0, help="trace: threads the target was profiled at"
     )
@@ -284,7 +286,7 @@ def add_engine_flags(parser: argparse.ArgumentParser, several_targets: bool = Fa
     parser.add_argument(
         "--drafter",
         action="append",
-        help="repeatable: a model spec, prompt-lookup or suffix (default: chain "
+        help="repeatable: a model spec, prompt-lookup, prompt-lookup-earliest or suffix (default: chain "
         f"{','.join(default_drafters('chain', defaults.target))}; tree and vote "
         f"{','.join(default_drafters('tree', defaults.target))})",
     )

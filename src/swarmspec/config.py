@@ -16,7 +16,7 @@ METHODS = ("ar", "chain", "tree", "vote", "dsi", "pipeline")
 ONE_DRAFTER_METHODS = ("chain", "dsi", "pipeline")
 ORCHESTRATED_METHODS = ("dsi", "pipeline")
 # Drafters that need no model: n-gram lookup in the prompt and output, suffix match over earlier outputs.
-MODEL_FREE_DRAFTERS = ("prompt-lookup", "suffix")
+MODEL_FREE_DRAFTERS = ("prompt-lookup", "prompt-lookup-earliest", "suffix")
 # What users of `transformers` pick instead: plain generate, assisted generation, prompt lookup.
 HF_BASELINES = ("hf-generate", "hf-assisted", "hf-prompt-lookup")
 # What users of llama.cpp pick instead (llama-cpp-python, same GGUF and threads): plain decoding and
@@ -213,13 +213,13 @@ def default_baselines(target: str) -> tuple[str, ...]:
 
 def default_drafters(method: str, target: str = "") -> tuple[str, ...]:
     """chain, dsi and pipeline: the packaged 0.5B model (on the target's backend); tree and vote: the
-    model plus both model-free drafters."""
+    model, prompt lookup and suffix matching."""
     model = LLAMA_CPP_PREFIX + DEFAULT_DRAFTER if target.startswith(LLAMA_CPP_PREFIX) else DEFAULT_DRAFTER
     if method == "ar":
         return ()
     if method in ONE_DRAFTER_METHODS:
         return (model,)
-    return (model, *MODEL_FREE_DRAFTERS)
+    return (model, "prompt-lookup", "suffix")
 
 
 def method_drafters(method: str, drafters: tuple[str, ...]) -> tuple[str, ...]:

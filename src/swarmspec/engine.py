@@ -396,8 +396,9 @@ def build_drafters(
     with `threads` llama.cpp threads, 0: every core)."""
     drafters: list[Drafter] = []
     for spec in config.drafters:
-        if spec == "prompt-lookup":
-            drafters.append(PromptLookupDrafter(target.vocab_size))
+        if spec in ("prompt-lookup", "prompt-lookup-earliest"):
+            occurrence = "earliest" if spec == "prompt-lookup-earliest" else "latest"
+            drafters.append(PromptLookupDrafter(target.vocab_size, occurrence=occurrence))
         elif spec == "suffix":
             drafters.append(SuffixDrafter(target.vocab_size, shared.suffix_index))
         elif split_spec(spec)[0] == SORTED:

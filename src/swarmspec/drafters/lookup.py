@@ -7,31 +7,44 @@ on rejection, samples from p with x removed, which keeps the output distribution
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from swarmspec.drafters.base import Draft, Drafter
 from swarmspec.sampling import SamplingConfig
 
+Occurrence = Literal["latest", "earliest"]
+
 
 class PromptLookupDrafter(Drafter):
-    """Prompt lookup decoding: find the latest earlier occurrence of the context's last n tokens
-    (n from `max_ngram` down to `min_ngram`) in the prompt and output so far, and propose what followed.
+    """Prompt lookup decoding: find an earlier occurrence of the context's last n tokens (n from
+    `max_ngram` down to `min_ngram`) in the prompt and output so far, and propose what followed.
+
+    `occurrence` says which: the latest (what the output has just been repeating: code, lists) or the
+    earliest (usually in the prompt, as transformers' prompt lookup does: a summary copying its source
+    document sentence by sentence). A tree or vote with both drafters follows whichever the target takes.
 
     Shines where the answer copies its input: summarization, RAG, code edits. The n-grams of the
     context are indexed as it grows (each token once): a proposal looks its n-grams up instead of
     scanning the context.
     """
 
-    def __init__(self, vocab_size: int, max_ngram: int = 3, min_ngram: int = 1) -> None:
+    def __init__(
+        self, vocab_size: int, max_ngram: int = 3, min_ngram: int = 1, occurrence: Occurrence = "latest"
+    ) -> None:
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        if occurrence not in ("latest", "earliest"):
+            raise ValueError(f"occurrence must be 'latest' or 'earliest', got {occurrence!r}")
         self.vocab_size = vocab_size
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
-        self.indexed: list[int] = []  # the context whose n-grams are in `latest_end`
-        # n-gram -> index of its last token, latest occurrence among those ending before the context's
-        # last token (the context's own final n-gram is not a match for itself).
-        self.latest_end: dict[tuple[int, ...], int] = {}
+        self.occurrence = occurrence
+        self.indexed: list[int] = []  # the context whose n-grams are in `match_end`
+        # n-gram -> index of its last token in the chosen occurrence among those ending before the
+        # context's last token (the context's own final n-gram is not a match for itself).
+        self.match_end: dict[tuple[int, ...], int] = {}
 
     def propose(
         self,
@@ -44,7 +57,7 @@ class PromptLookupDrafter(Drafter):
             return Draft.empty()
         self._index(context)
         for n in range(min(self.max_ngram, len(context) - 1), self.min_ngram - 1, -1):
-            end = self.latest_end.get(tuple(context[-n:]))
+            end = self.match_end.get(tuple(context[-n:]))
             if end is not None:
                 return point_mass_draft(context[end + 1 : end + 1 + max_tokens], self.vocab_size, sampling)
         return Draft.empty()
@@ -54,10 +67,13 @@ class PromptLookupDrafter(Drafter):
         `context` extends it (a new sequence starts over)."""
         known = len(self.indexed)
         if context[:known] != self.indexed:
-            self.indexed, self.latest_end, known = [], {}, 0
+            self.indexed, self.match_end, known = [], {}, 0
+        keep_first = self.occurrence == "earliest"
         for end in range(max(known - 1, 0), len(context) - 1):
             for n in range(self.min_ngram, min(self.max_ngram, end + 1) + 1):
-                self.latest_end[tuple(context[end - n + 1 : end + 1])] = end
+                gram = tuple(context[end - n + 1 : end + 1])
+                if not (keep_first and gram in self.match_end):
+                    self.match_end[gram] = end
         self.indexed = list(context)
 
 
