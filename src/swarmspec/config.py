@@ -490,7 +490,7 @@ class SimulationConfig:
     tokens: int = 2000
     seed: int = 0
     # Trace-driven mode: this machine's stored cost profiles of a target and a drafter (a model spec, or
-    # prompt-lookup / suffix: free), with threads as they were profiled (0: every core).
+    # model-free drafters: free), with threads as they were profiled (0: every core).
     target: str | None = None
     drafter: str | None = None
     target_threads: int = 0
