@@ -77,13 +77,8 @@ def random_model(name: str, dtype: torch.dtype) -> Qwen2ForCausalLM:
 def trained_policy(verify_ms: dict[int, float], draft_ms: float, rate: float) -> CostModelPolicy:
     """`CostModelPolicy` after 400 steps of a drafter whose tokens are each accepted (given their
     parent) at `rate`, deterministically."""
-    stats = AcceptanceStats(2)
-    for step in range(400):
-        stats.record(
-            [(s, d, (step * 7919 + d * 104729) % 1000 < rate * 1000) for s in (0, 1) for d in range(1, 33)]
-        )
     prior = AcceptancePrior()
-    prior.stats = stats
+    prior.stats = AcceptanceStats.after_chains([rate, rate], depth=32)
     return CostModelPolicy(StepCosts(verify_ms, (draft_ms,)), max_depth=32, prior=prior)
 
 

@@ -27,23 +27,10 @@ FLAT = {1: 20.0, 32: 20.0}
 STEEP = {1: 30.0, 2: 53.0, 32: 743.0}
 
 
-def trained_stats(rates: list[float], depth: int = 16, steps: int = 400) -> AcceptanceStats:
-    """Statistics after `steps` chains of `depth` tokens from sources accepting each token (given its
-    parent) with rates[i]: deterministic, every depth accepted in the right proportion."""
-    stats = AcceptanceStats(len(rates))
-    for step in range(steps):
-        outcomes = []
-        for source, rate in enumerate(rates):
-            for d in range(1, depth + 1):
-                accepted = (step * 7919 + d * 104729) % 1000 < rate * 1000
-                outcomes.append((source, d, accepted))
-        stats.record(outcomes)
-    return stats
-
-
 def policy_with(verify_ms: dict[int, float], draft_ms: float, rate: float) -> CostModelPolicy:
     prior = AcceptancePrior()
-    prior.stats = trained_stats([rate, rate])  # the drafter after a rejection and after a full accept
+    # The drafter after a rejection and after a full accept.
+    prior.stats = AcceptanceStats.after_chains([rate, rate])
     return CostModelPolicy(StepCosts(verify_ms, (draft_ms,)), max_depth=16, prior=prior)
 
 
@@ -63,7 +50,7 @@ def test_costs_measured_decreasing_are_fitted_non_decreasing() -> None:
 
 
 def test_acceptance_estimates_follow_the_observed_rates() -> None:
-    stats = trained_stats([0.9, 0.2])
+    stats = AcceptanceStats.after_chains([0.9, 0.2])
     assert stats.rate(0, 3) == pytest.approx(0.9, abs=0.05)
     assert stats.rate(1, 3) == pytest.approx(0.2, abs=0.05)
     assert stats.rate(0, 30) == pytest.approx(0.9, abs=0.05)  # never verified: the drafter's overall rate
@@ -90,7 +77,7 @@ def test_a_drafter_costing_a_share_of_its_profile_is_priced_at_that_share() -> N
     # A sorted draft whose tokens stop at shallow exits: a tenth of the profiled 18.5 ms, so one token
     # at 0.95 pays (1.95 / (1.85 + 53) = 0.0356 > 1/30), which at the whole 18.5 ms it never does.
     prior = AcceptancePrior()
-    prior.stats = trained_stats([0.95, 0.95])
+    prior.stats = AcceptanceStats.after_chains([0.95, 0.95])
     shared = CostModelPolicy(StepCosts(STEEP, (18.5,)), max_depth=16, prior=prior, cost_shares=[lambda: 0.1])
     assert shared.draft_depths(16)[0] >= 1
     assert policy_with(STEEP, 18.5, 0.95).draft_depths(16) == [0]

@@ -161,6 +161,22 @@ class AcceptanceStats:
         self.accepted = self.accepted or [{} for _ in range(self.sources)]
         self.offered = self.offered or [{} for _ in range(self.sources)]
 
+    @classmethod
+    def after_chains(cls, rates: Sequence[float], depth: int = 16, steps: int = 400) -> AcceptanceStats:
+        """The statistics after `steps` chains of `depth` tokens from sources accepting each token
+        (given its parent) at rates[i]: deterministic, every depth accepted in the right proportion.
+        For analyses and tests of the policy's choices on known acceptance rates."""
+        stats = cls(len(rates))
+        for step in range(steps):
+            stats.record(
+                [
+                    (source, d, (step * 7919 + d * 104729) % 1000 < rate * 1000)
+                    for source, rate in enumerate(rates)
+                    for d in range(1, depth + 1)
+                ]
+            )
+        return stats
+
     def copy(self) -> AcceptanceStats:
         return AcceptanceStats(
             self.sources,
