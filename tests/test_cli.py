@@ -27,7 +27,6 @@ from swarmspec.cli import main
             ["generate", "hi", "--method", "chain", "--drafter", "int8:no-such-model"],
             "no model 'no-such-model'",
         ),
-        (["generate", "hi", "--drafter-context", "-1"], "--drafter-context must be >= 0"),
         (["fetch", "no-such-model"], "unknown model 'no-such-model'"),
         (["generate", "hi", "--tree", "3,2"], "--tree and --tree-budget need --method tree, not chain"),
         (["generate", "hi", "--tree-budget", "8", "--method", "vote"], "need --method tree, not vote"),
@@ -147,13 +146,3 @@ def test_bench_methods_take_their_drafters_from_the_given_ones() -> None:
         "dsi": ("prompt-lookup",),
         "pipeline": (model,),  # the first draft model: the pipeline overlaps a model's drafting
     }
-
-
-def test_drafter_context_reaches_the_engine_and_every_bench_method() -> None:
-    from swarmspec.cli import build_parser, engine_config
-    from swarmspec.config import BenchConfig
-
-    args = build_parser().parse_args(["generate", "hi", "--drafter-context", "256"])
-    assert engine_config(args).drafter_context == 256
-    bench = BenchConfig(drafter_context=128)
-    assert {bench.engine_config(method).drafter_context for method in bench.methods} == {128}

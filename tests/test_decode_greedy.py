@@ -170,27 +170,3 @@ def test_onednn_packed_target_matches_plain_autoregressive(seed: int) -> None:
     reference, _ = run_decode(plain, None, prompt, 40)
     output, _ = run_decode(packed, ModelDrafter(HFRunner(tiny_qwen2(seed + 100))), prompt, 40, gamma=3)
     assert output == reference
-
-
-def test_a_windowed_drafter_drafts_from_the_prompts_ends_and_stays_lossless() -> None:
-    """With a context window the draft model sees a long prompt's first `sink_tokens` and last
-    `context_window` tokens, then everything generated: it proposes what an unwindowed drafter proposes
-    on that context, and the output is the target's own."""
-    target, other = tiny_qwen2(4), tiny_qwen2(104)
-    prompt = prompt_for(4, 30)
-    windowed = ModelDrafter(HFRunner(other), context_window=6, sink_tokens=3)
-    windowed.begin(prompt)
-    seen = prompt[:3] + prompt[-6:]
-    for generated in ([], [5], [5, 9, 2]):
-        expected = ModelDrafter(HFRunner(other)).propose(seen + generated, 4, SamplingConfig(), None)
-        proposed = windowed.propose(prompt + generated, 4, SamplingConfig(), None)
-        assert proposed.tokens.tolist() == expected.tokens.tolist()
-    assert windowed.cached_ids[:9] == seen  # the hidden middle was never prefilled
-
-    reference, _ = run_decode(target, None, prompt, 40)
-    for drafter in (ModelDrafter(HFRunner(other), 6, 3), ModelDrafter(HFRunner(target), 6, 3)):
-        output, stats = run_decode(target, drafter, prompt, 40, gamma=3)
-        assert output == reference
-        assert stats.drafted_tokens > 0
-    with pytest.raises(ValueError, match="must be >= 0"):
-        ModelDrafter(HFRunner(other), context_window=-1)

@@ -157,17 +157,3 @@ def test_sorted_drafting_samples_the_target_distribution(broken_rule: str | None
 
     p = p_value(counts, exact_distribution(next_logits, sampling))
     assert p > 1e-3 if broken_rule is None else p < 1e-6
-
-
-@pytest.mark.parametrize("broken_rule", [None, "target_instead_of_residual"])
-def test_windowed_drafter_samples_the_target_distribution(broken_rule: str | None) -> None:
-    """A draft model that does not see the prompt's first token (context window 1, no sink tokens):
-    its drafts differ from the unwindowed ones, the output distribution does not; a broken verifier
-    fails."""
-    sampling = SAMPLING_CONFIGS[0]
-    drafter = ModelDrafter(TrigramLM(seed=2, vocab_size=VOCAB), context_window=1, sink_tokens=0)
-    verifier = broken(broken_rule, sampling) if broken_rule else make_verifier(sampling)
-    counts = sampled_counts(verifier, sampling, 2, drafter=drafter, samples=4_000)
-    assert drafter.cached_ids[: len(PROMPT) - 1] == PROMPT[1:]  # it saw the prompt's last token only
-    p = p_value(counts, exact_distribution(trigram_target().next_logits, sampling))
-    assert p > 1e-3 if broken_rule is None else p < 1e-6

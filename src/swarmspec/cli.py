@@ -325,12 +325,6 @@ def add_engine_flags(parser: argparse.ArgumentParser, several_targets: bool = Fa
     help_threads = "llama.cpp threads (0: every core; dsi, pipeline: the cores shared out)"
     parser.add_argument("--target-threads", type=int, default=defaults.target_threads, help=help_threads)
     parser.add_argument("--drafter-threads", type=int, default=defaults.drafter_threads, help=help_threads)
-    parser.add_argument(
-        "--drafter-context",
-        type=int,
-        default=defaults.drafter_context,
-        help="draft models see a long prompt's start and its last N tokens only (0: all of it)",
-    )
     parser.add_argument("--targets", type=int, default=defaults.targets, help="dsi: target instances")
     parser.add_argument(
         "--lookahead", type=int, default=defaults.lookahead, help="dsi: drafted tokens per job"
@@ -393,7 +387,6 @@ def engine_flags(args: argparse.Namespace) -> dict[str, Any]:
         "tree_budget": args.tree_budget,
         "target_threads": args.target_threads,
         "drafter_threads": args.drafter_threads,
-        "drafter_context": args.drafter_context,
         "targets": args.targets,
         "lookahead": args.lookahead,
         "workers": args.workers,

@@ -114,9 +114,6 @@ class EngineConfig:
     # 0: every core (dsi: the cores shared out between the instances and a draft model).
     target_threads: int = 0
     drafter_threads: int = 0
-    # Draft models see a long prompt's first DRAFT_SINK_TOKENS and last drafter_context tokens only
-    # (drafters.model.ModelDrafter.begin): less to prefill and attend to. 0: the whole context.
-    drafter_context: int = 0
     # dsi only: target instances verifying at once (one copy of the weights, a cache each), and the
     # most drafted tokens one verification job takes (the pipeline's is gamma).
     targets: int = 2
@@ -139,8 +136,6 @@ class EngineConfig:
         check_gamma(self.gamma, self.max_depth)
         if self.target_threads < 0 or self.drafter_threads < 0:
             raise InvalidRequestError("thread counts must be >= 1 (0: every core)")
-        if self.drafter_context < 0:
-            raise InvalidRequestError(f"--drafter-context must be >= 0 (0: all), got {self.drafter_context}")
         if self.workers not in WORKERS:
             raise InvalidRequestError(f"unknown workers {self.workers!r}; choose one of {', '.join(WORKERS)}")
         if self.targets < 1 or self.lookahead < 1:
@@ -348,7 +343,6 @@ class BenchConfig:
     # llama.cpp threads of the target (and the llama.cpp baselines) and of each draft model; 0: every core.
     target_threads: int = 0
     drafter_threads: int = 0
-    drafter_context: int = 0  # see EngineConfig
     # dsi: target instances, lookahead and where they run (see EngineConfig).
     targets: int = 2
     lookahead: int = 3
@@ -405,7 +399,6 @@ class BenchConfig:
             tree_budget=self.tree_budget if is_tree else 0,
             target_threads=self.target_threads,
             drafter_threads=self.drafter_threads,
-            drafter_context=self.drafter_context,
             targets=self.targets,
             lookahead=self.lookahead,
             workers=self.workers,

@@ -412,8 +412,7 @@ def build_drafters(
             )
         else:
             check_same_vocabulary(target, draft_models[spec])
-            runner = warmed_up(draft_models[spec].new_runner(threads or None))
-            drafters.append(ModelDrafter(runner, config.drafter_context))
+            drafters.append(ModelDrafter(warmed_up(draft_models[spec].new_runner(threads or None))))
     return drafters
 
 
@@ -448,8 +447,7 @@ def new_dsi_state(
     if spec in config.model_drafters:
         check_same_vocabulary(target, draft_models[spec])
         model = shippable(draft_models[spec])
-        new_drafter = functools.partial(drafter_in_actor, model, drafter_threads, config.drafter_context)
-        drafter: Drafter = RayDrafter(new_drafter, cpus)
+        drafter: Drafter = RayDrafter(functools.partial(drafter_in_actor, model, drafter_threads), cpus)
     else:
         (drafter,) = build_drafters(config, target, draft_models, shared, drafter_threads)
     # Actors run their own threads; those here only wait for them.
@@ -467,8 +465,8 @@ def runner_in_actor(model: LoadedModel | str, threads: int) -> ModelRunner:
     return warmed_up(loaded.new_runner(threads or None))
 
 
-def drafter_in_actor(model: LoadedModel | str, threads: int, context_window: int) -> Drafter:
-    return ModelDrafter(runner_in_actor(model, threads), context_window)
+def drafter_in_actor(model: LoadedModel | str, threads: int) -> Drafter:
+    return ModelDrafter(runner_in_actor(model, threads))
 
 
 def is_loadable(spec: str) -> bool:

@@ -10,10 +10,6 @@ from swarmspec.runners.base import ModelRunner
 from swarmspec.sampling import SamplingConfig
 from swarmspec.tree import TokenTree
 
-# With a context window, the prompt tokens a draft model always sees from the start: Qwen's system
-# prompt takes about 20, the instruction that opens a user turn ("Summarize:") follows.
-DRAFT_SINK_TOKENS = 32
-
 
 class ModelDrafter(Drafter):
     """Runs a small LM autoregressively on its own KV cache.
@@ -25,31 +21,12 @@ class ModelDrafter(Drafter):
     of the accepted path are kept (compaction), the rest dropped.
     """
 
-    def __init__(
-        self, runner: ModelRunner, context_window: int = 0, sink_tokens: int = DRAFT_SINK_TOKENS
-    ) -> None:
-        if context_window < 0 or sink_tokens < 0:
-            raise ValueError(
-                f"context_window (0: the whole context) and sink_tokens must be >= 0, got {context_window}, "
-                f"{sink_tokens}"
-            )
+    def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
-        # A prompt longer than sink_tokens + context_window is seen as its first sink_tokens and last
-        # context_window tokens (context_window 0: all of it); see `begin`.
-        self.context_window, self.sink_tokens = context_window, sink_tokens
-        self.hidden = (0, 0)  # [start, end) of this sequence's context the drafter does not see
         self.cached_ids: list[int] = []
         # The last tree's nodes that sit in the cache after `cached_ids`: (parent, token) -> cache slot.
         self.cached_tree: dict[tuple[int, int], int] | None = None
         self._tree_slots: dict[int, int] = {}  # the tree being grown: node -> cache slot
-
-    def begin(self, prompt_ids: list[int]) -> None:
-        """With a context window, hide the middle of a long prompt: the draft model prefills and attends
-        to its start (system prompt, the instruction opening the turn) and its last tokens only, as
-        StreamingLLM-style drafters do (MagicDec). What it cannot see it cannot copy, but prompt lookup
-        can; a draft never decides the output, so this trades acceptance for drafting time, nothing else."""
-        start, end = self.sink_tokens, len(prompt_ids) - self.context_window
-        self.hidden = (start, end) if self.context_window and end > start else (0, 0)
 
     def propose(
         self,
@@ -93,13 +70,9 @@ class ModelDrafter(Drafter):
 
     def end(self) -> None:
         self._drop_tree()
-        self.hidden = (0, 0)
 
     def _catch_up(self, context: list[int]) -> torch.Tensor:  # [V] logits after the last context token
         self._drop_tree()  # a tree nobody reported on
-        start, end = self.hidden
-        if end > start:
-            context = context[:start] + context[end:]
         shared = reusable_prefix(self.cached_ids, context)
         self.runner.rollback(shared)
         del self.cached_ids[shared:]
