@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from swarmspec.config import AUTO, ORCHESTRATED_METHODS, ChatMessage, EngineConfig, GenerationRequest
 from swarmspec.decode import decode
 from swarmspec.drafters.base import Drafter
-from swarmspec.drafters.lookup import PromptLookupDrafter, SuffixDrafter, SuffixIndex
+from swarmspec.drafters.lookup import Occurrence, PromptLookupDrafter, SuffixDrafter, SuffixIndex
 from swarmspec.drafters.model import ModelDrafter
 from swarmspec.drafters.sorted import SortedDrafter
 from swarmspec.dsi.orchestrator import LocalInstance, TargetInstance, dsi_decode, set_torch_threads
@@ -385,6 +385,10 @@ def build_speculation(
     return VoteSpeculation(drafters, prior=shared.vote_prior)
 
 
+# The prompt lookup drafters by name, and the occurrence of the matched n-gram each follows.
+PROMPT_LOOKUPS: dict[str, Occurrence] = {"prompt-lookup": "latest", "prompt-lookup-earliest": "earliest"}
+
+
 def build_drafters(
     config: EngineConfig,
     target: LoadedModel,
@@ -396,9 +400,8 @@ def build_drafters(
     with `threads` llama.cpp threads, 0: every core)."""
     drafters: list[Drafter] = []
     for spec in config.drafters:
-        if spec in ("prompt-lookup", "prompt-lookup-earliest"):
-            occurrence = "earliest" if spec == "prompt-lookup-earliest" else "latest"
-            drafters.append(PromptLookupDrafter(target.vocab_size, occurrence=occurrence))
+        if spec in PROMPT_LOOKUPS:
+            drafters.append(PromptLookupDrafter(target.vocab_size, occurrence=PROMPT_LOOKUPS[spec]))
         elif spec == "suffix":
             drafters.append(SuffixDrafter(target.vocab_size, shared.suffix_index))
         elif split_spec(spec)[0] == SORTED:
