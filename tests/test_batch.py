@@ -302,9 +302,8 @@ def test_policies_in_a_batch_draft_and_verify_the_batchs_rows() -> None:
 
 
 def test_max_batch_refuses_what_it_cannot_batch() -> None:
-    EngineConfig(target="llamacpp:qwen2.5-coder-1.5b-instruct", method="vote", max_batch=4)  # chains: fine
-    with pytest.raises(InvalidRequestError, match=r"on llama\.cpp chains only"):
-        EngineConfig(target="llamacpp:qwen2.5-coder-1.5b-instruct", method="tree", max_batch=4)
+    for method in ("ar", "chain", "tree", "vote"):  # trees too: llama.cpp verifies them branch by branch
+        EngineConfig(target="llamacpp:qwen2.5-coder-1.5b-instruct", method=method, max_batch=4)
     with pytest.raises(InvalidRequestError, match="max-batch"):
         EngineConfig(target="qwen2.5-coder-1.5b-instruct", max_batch=0)
     with pytest.raises(InvalidRequestError, match="continuous batching"):

@@ -344,6 +344,52 @@ def test_batched_rows_are_bit_identical_to_each_sequence_alone(target: LoadedMod
     assert sorted(batched.free_seqs) == [0, 1, 2]
 
 
+def branch_logits(model: LoadedModel, context: torch.Tensor, tree: TokenTree, node: int) -> torch.Tensor:
+    """The logits after `node` when its branch (root first) is decoded after `context` alone."""
+    path = [node]
+    while tree.parents[path[-1]] >= 0:
+        path.append(tree.parents[path[-1]])
+    return fresh_logits(model, context, [int(tree.tokens[i]) for i in reversed(path)])[-1]
+
+
+def test_batched_trees_are_bit_identical_to_each_branch_alone(target: LoadedModel) -> None:
+    """Trees verified in a batch (sharing `llama_decode` calls with each other and with a chain): every
+    node's logits equal its branch decoded alone; a kept path that is not the last branch decoded is fed
+    again in the next step, whose rows equal a fresh forward of the path, bit for bit."""
+    contexts = [context_ids(11, 50), context_ids(12, 70), context_ids(13, 90)]
+    generator = torch.Generator().manual_seed(5)
+    trees = [
+        TokenTree(torch.randint(1000, 30000, (9,), generator=generator), (-1, 0, 0, 1, 1, 2, 3, 6, 4)),
+        TokenTree(torch.randint(1000, 30000, (6,), generator=generator), (-1, 0, 0, 1, 2, 2)),
+        TokenTree(torch.randint(1000, 30000, (4,), generator=generator), (-1, 0, 1, 2)),  # a chain
+    ]
+    kept = [[1, 3], [2, 5], [1, 2, 3]]  # the first two are not the last branch decoded
+    batched = target.new_batched_target(max_batch=3)
+    slots = [batched.slot() for _ in contexts]
+    for slot, context in zip(slots, contexts, strict=True):
+        batched.run({slot: Forward(context, 1, None)})
+    forwards = {
+        slot: Forward(tree.tokens, len(tree), tree.ancestor_mask())
+        for slot, tree in zip(slots, trees, strict=True)
+    }
+    batched.run(forwards)
+    after = torch.tensor([1234, 4321])
+    for slot, context, tree, path in zip(slots, contexts, trees, kept, strict=True):
+        for node in range(len(tree)):
+            expected = branch_logits(target, context, tree, node)
+            assert torch.equal(forwards[slot].logits[node], expected), (len(context), node)
+        root = len(context)
+        slot.compact(root + 1, [root + node for node in path])
+        assert slot.cached_len == root + 1 + len(path)
+    nexts = {slot: Forward(after, 2, None) for slot in slots}
+    batched.run(nexts)
+    for slot, context, tree, path in zip(slots, contexts, trees, kept, strict=True):
+        tokens = [int(tree.tokens[n]) for n in [0, *path]] + after.tolist()
+        assert torch.equal(nexts[slot].logits, fresh_logits(target, context, tokens)[-2:]), len(context)
+        slot.end()
+    assert sorted(batched.free_seqs) == [0, 1, 2]
+
+
 def test_long_prompt_joins_a_part_per_step_while_the_batch_decodes(drafter: LoadedModel) -> None:
     """Chunked prefill: a 1,100-token prompt joins a running batch one 512-token `llama_decode` per
     step while a running sequence decodes a token in each of those steps; both sequences' logits equal
@@ -391,30 +437,33 @@ def test_concurrent_requests_with_a_long_prompt_equal_plain_decoding(drafter: Lo
     assert [r.token_ids for r in results] == expected
 
 
-def test_concurrent_requests_batched_equal_plain_decoding(target: LoadedModel) -> None:
-    """Requests decoded concurrently through one batched llama.cpp target (plain decoding and prompt
-    lookup chains, fixed and self-tuning, and the methods mixed in one batch) each give the tokens of
-    plain llama.cpp decoding alone."""
+def test_concurrent_requests_batched_equal_plain_decoding(target: LoadedModel, drafter: LoadedModel) -> None:
+    """Requests decoded concurrently through one batched llama.cpp target (plain decoding, prompt lookup
+    chains, trees of the 0.5B and prompt lookup, fixed and self-tuning, and the methods mixed in one
+    batch) each give the tokens of plain llama.cpp decoding alone."""
     plain = Engine.from_models(EngineConfig(target=TARGET, method="ar"), target, {})
+    tree_drafters = (DRAFTER, "prompt-lookup")
     configs = [
         EngineConfig(target=TARGET, method="ar", max_batch=3),
         EngineConfig(target=TARGET, method="chain", drafters=("prompt-lookup",), gamma=3, max_batch=3),
         EngineConfig(target=TARGET, method="chain", drafters=("prompt-lookup",), max_batch=3),
+        EngineConfig(target=TARGET, method="tree", drafters=tree_drafters, gamma=3, max_batch=3),
+        EngineConfig(target=TARGET, method="tree", drafters=tree_drafters, max_batch=3),
     ]
     requests = [GenerationRequest(prompt, max_new_tokens=24) for prompt in PROMPTS[:3]]
     expected = [plain.generate(request).token_ids for request in requests]
+    draft_models = {DRAFTER: drafter}
     for config in configs:
-        engine = Engine.from_models(config, target, {})  # measures batched costs if auto, once
+        engine = Engine.from_models(config, target, draft_models)  # measures batched costs if auto, once
         assert engine.batched is not None
         steps_before = engine.batched.steps
         with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
             results = list(pool.map(engine.generate, requests))
         assert [r.token_ids for r in results] == expected, config
         assert engine.batched.steps - steps_before < sum(len(t) for t in expected)  # forwards shared
-    # Methods mixed in one batch: plain decoding and a fixed chain share every batched forward.
+    # Methods mixed in one batch: plain decoding, a fixed chain and a fixed tree share every forward.
     shared = target.new_batched_target(3)
-    ar, chain = (Engine.from_models(config, target, {}, batched=shared) for config in configs[:2])
-    engines = [ar, chain, ar]
+    engines = [Engine.from_models(configs[i], target, draft_models, batched=shared) for i in (0, 1, 3)]
     with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
         results = list(pool.map(lambda e, r: e.generate(r), engines, requests))
     assert [r.token_ids for r in results] == expected

@@ -151,13 +151,9 @@ class EngineConfig:
                 f"--prefill-chunk takes a token count >= 1 on a PyTorch target, not {self.prefill_chunk} on "
                 f"{self.target} (llama.cpp prefills in the 512-token calls plain decoding makes)"
             )
-        if self.max_batch > 1 and (
-            self.method in ORCHESTRATED_METHODS
-            or (self.method == "tree" and self.target.startswith(LLAMA_CPP_PREFIX))
-        ):
+        if self.max_batch > 1 and self.method in ORCHESTRATED_METHODS:
             raise InvalidRequestError(
-                "continuous batching (--max-batch > 1) runs ar, chain, tree or vote, and on llama.cpp "
-                f"chains only (ar, chain, vote); not {self.method} on {self.target}"
+                f"continuous batching (--max-batch > 1) runs ar, chain, tree or vote, not {self.method}"
             )
         if not self.drafters:
             object.__setattr__(self, "drafters", default_drafters(self.method, self.target))
@@ -286,8 +282,8 @@ class LoadBenchConfig:
     """`swarmspec bench-serve`: concurrent streaming clients against the server, per speculation length."""
 
     # The 0.5B on PyTorch (oneDNN), where batched forwards are cheap, keeps the sweep to about 20
-    # minutes on 2 cores; llama.cpp targets batch chains (ar, chain, vote), each server holding a
-    # context of (largest concurrency) x 4,096 cells.
+    # minutes on 2 cores; llama.cpp targets batch every method, each server holding a context of
+    # (largest concurrency) x 4,096 cells.
     target: str = "onednn:" + DEFAULT_DRAFTER
     method: str = "chain"
     drafters: tuple[str, ...] = ("prompt-lookup",)

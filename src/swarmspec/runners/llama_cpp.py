@@ -1,6 +1,6 @@
 """The llama.cpp runner: a native GGUF file (quantized weights as stored) through `llama-cpp-python`'s
 low-level API: batches through `llama_decode`, rollback and tree pruning through the memory functions.
-`LlamaCppBatchedTarget` batches many sequences' chains (continuous batching, `runners.batch`).
+`LlamaCppBatchedTarget` batches many sequences' chains and trees (continuous batching, `runners.batch`).
 
 Trees. Attention without flash attention sums over cache cells in cell order, so a logits row is
 bit-identical to plain decoding only when every token it attends to sits in the cell at its position.
@@ -231,42 +231,20 @@ class LlamaCppRunner(ModelRunner):
         order, each stretch of a branch continuing the cells of its ancestors, so every node is computed
         in the cells at its positions, exactly as plain decoding computes it; each node once."""
         k = len(tokens)
-        parents = [-1, *[max(j for j in range(i) if tree_mask[i, j]) for i in range(1, k)]]
         root_position = len(self.committed)
         positions = position_ids(tree_mask, root_position).tolist()
         if max(positions) >= self.max_length:
             raise ValueError(f"sequence would exceed the context of {self.max_length} positions")
-        children: list[list[int]] = [[] for _ in range(k)]
-        for node in range(1, k):
-            children[parents[node]].append(node)
-        preorder, stack = [], [0]
-        while stack:
-            node = stack.pop()
-            preorder.append(node)
-            stack.extend(reversed(children[node]))
+        segments, cells = branch_segments(mask_parents(tree_mask))
         rows: dict[int, np.ndarray] = {}
-        cells: list[int] = []  # tree nodes in the cells after the committed tokens, root first
-        segment: list[int] = []
-
-        def decode_segment() -> None:
+        for continued, segment in segments:
+            if continued:  # back to the branching point
+                self._api.llama_memory_seq_rm(self.memory, 0, root_position + continued, -1)
             entries = self._pending_entries(set())
             entries += [(tokens[n], positions[n], [0]) for n in segment]
             logits = self._decode(entries, len(segment), prompt=False).numpy()
             rows.update(zip(segment, logits, strict=True))
             self.in_cache = len(self.committed)
-            cells.extend(segment)
-
-        for node in preorder:
-            if segment and segment[-1] == parents[node]:
-                segment.append(node)
-                continue
-            if segment:
-                decode_segment()
-                keep = cells.index(parents[node]) + 1  # back to the branching point
-                self._api.llama_memory_seq_rm(self.memory, 0, root_position + keep, -1)
-                del cells[keep:]
-            segment = [node]
-        decode_segment()
         self.tree = [_Node(token, position, 0) for token, position in zip(tokens, positions, strict=True)]
         self.tree_cells = cells
         return torch.from_numpy(np.stack([rows[n] for n in range(k - num_logits, k)]))
@@ -442,15 +420,46 @@ class _Joining:
     logits: list[np.ndarray] = field(default_factory=list)  # the rows asked for, so far
 
 
+@dataclass
+class _Stream:
+    """A joined sequence's cache stream: its committed tokens, as far as they are in the cells at their
+    positions, then those to feed again; and the nodes of its last tree forward."""
+
+    seq: int  # its sequence id
+    in_cache: int  # committed tokens in cells 0..in_cache-1 of its stream
+    pending: list[int] = field(default_factory=list)  # the committed tokens after them, fed next step
+    tree: list[int] = field(default_factory=list)  # the last tree's tokens, slots committed...
+    parents: list[int] = field(default_factory=list)  # and their parents (the root's: -1)
+    tree_cells: list[int] = field(default_factory=list)  # tree nodes in the cells after the committed ones
+
+    @property
+    def committed(self) -> int:
+        return self.in_cache + len(self.pending)
+
+
+@dataclass
+class _Segment:
+    """Rows a sequence decodes in order, continuing the cells of their ancestors: a chain, or a stretch
+    of one branch of a tree. Before its first row, the sequence's cells from `trim` on are removed
+    (back to the branching point of the branch before it)."""
+
+    stream: _Stream
+    entries: list[tuple[int, int, int, bool]]  # (token, position, sequence id, wants logits)
+    nodes: list[int | None]  # the tree node of each entry (None: a pending committed token)
+    trim: int | None = None
+
+
 class LlamaCppBatchedTarget(BatchedTarget):
     """Continuous batching on llama.cpp: one context whose cache has a stream of its own per sequence
     (`kv_unified` off, a sequence id per request), so every sequence's tokens sit in the cells at their
     positions, as in plain decoding. A step decodes every sequence's rows in `llama_decode` calls of at
     most `EXACT_ROWS` rows, rows of several sequences sharing a call: each row goes through the same
-    kernels as a single token, so its logits are bit-identical to the sequence decoded alone. A joining
-    sequence's prompt takes one call of `PROMPT_BATCH` tokens per step, the calls plain decoding makes
-    (chunked prefill: a long prompt does not stall the batch for all of its length). Sequences verify
-    chains only (a tree's branches need cells removed between decode calls)."""
+    kernels as a single token, so its logits are bit-identical to the sequence decoded alone. A tree is
+    decoded branch by branch as `LlamaCppRunner` decodes it, its sequence's cells below the branching
+    point removed between two branches (only its own stream changes; the other sequences' rows go on in
+    the same calls). A joining sequence's prompt takes one call of `PROMPT_BATCH` tokens per step, the
+    calls plain decoding makes (chunked prefill: a long prompt does not stall the batch for all of its
+    length)."""
 
     def __init__(
         self, model: LlamaCppModel, max_batch: int, context: int, threads: int | None = None
@@ -465,8 +474,7 @@ class LlamaCppBatchedTarget(BatchedTarget):
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(PROMPT_BATCH, 0, 1)
         self.free_seqs = list(range(max_batch))
-        self.seqs: dict[BatchSlot, int] = {}  # each joined sequence's id
-        self.lengths: dict[BatchSlot, int] = {}  # and its cached tokens (cells 0..length-1 of its stream)
+        self.streams: dict[BatchSlot, _Stream] = {}  # the joined sequences
         self.joining: dict[BatchSlot, _Joining] = {}  # sequences whose prompt is partly prefilled
 
     def __del__(self) -> None:
@@ -476,7 +484,8 @@ class LlamaCppBatchedTarget(BatchedTarget):
             self.ctx = None
 
     def cached_len(self, slot: BatchSlot) -> int:
-        return self.lengths.get(slot, 0)
+        stream = self.streams.get(slot)
+        return 0 if stream is None else stream.committed + len(stream.tree)
 
     def _join(self, slot: BatchSlot, post: Forward) -> torch.Tensor | None:
         """One `llama_decode` call of the prompt per step, as plain decoding processes it (so its cache
@@ -485,7 +494,7 @@ class LlamaCppBatchedTarget(BatchedTarget):
         joining = self.joining.get(slot)
         if joining is None:  # the prompt's first part
             if not self.free_seqs:
-                raise SwarmspecError(f"all {len(self.seqs)} sequences of the batch are in use")
+                raise SwarmspecError(f"all {len(self.streams)} sequences of the batch are in use")
             if len(tokens) > self.max_length:
                 raise ValueError(f"sequence would exceed the context of {self.max_length} positions")
             joining = self.joining[slot] = _Joining(self.free_seqs.pop(0))
@@ -502,29 +511,72 @@ class LlamaCppBatchedTarget(BatchedTarget):
         if end < len(tokens):
             return None
         del self.joining[slot]
-        self.seqs[slot], self.lengths[slot] = joining.seq, len(tokens)
+        self.streams[slot] = _Stream(joining.seq, len(tokens))
         return torch.from_numpy(np.concatenate(joining.logits))
 
     def _step(self, posts: dict[BatchSlot, Forward]) -> None:
-        entries: list[tuple[int, int, int, bool]] = []
+        queues = {slot: self._segments(self.streams[slot], post) for slot, post in posts.items()}
+        rows: dict[BatchSlot, dict[int, np.ndarray]] = {slot: {} for slot in posts}
+        while any(queues.values()):
+            # A call takes rows of as many sequences as fit, at most one segment of each: a sequence's
+            # next segment starts in a later call, after its cells below the branching point are gone.
+            taken: list[tuple[BatchSlot, int | None]] = []
+            entries: list[tuple[int, int, int, bool]] = []
+            for slot, segments in queues.items():
+                if not segments or len(entries) == EXACT_ROWS:
+                    continue
+                segment = segments[0]
+                if segment.trim is not None:
+                    self._api.llama_memory_seq_rm(self.memory, segment.stream.seq, segment.trim, -1)
+                    segment.trim = None
+                count = EXACT_ROWS - len(entries)
+                entries += segment.entries[:count]
+                taken += [(slot, node) for node in segment.nodes[:count]]
+                del segment.entries[:count], segment.nodes[:count]
+                if not segment.entries:
+                    segments.pop(0)
+            logits = iter(self._decode(entries, EXACT_ROWS))
+            for (slot, node), entry in zip(taken, entries, strict=True):
+                if entry[3]:
+                    assert node is not None
+                    rows[slot][node] = next(logits)
         for slot, post in posts.items():
             k = post.input_ids.shape[0]
-            if post.tree_mask is not None and not torch.equal(
-                post.tree_mask.to(torch.bool), torch.ones(k, k, dtype=torch.bool).tril()
-            ):
-                raise ValueError("batched llama.cpp sequences verify chains, not trees")
-            tokens = post.input_ids.tolist()
-            start = self.lengths[slot]
-            if start + len(tokens) > self.max_length:
-                raise ValueError(f"sequence would exceed the context of {self.max_length} positions")
-            first_logit = len(tokens) - post.num_logits
-            entries += [(t, start + i, self.seqs[slot], i >= first_logit) for i, t in enumerate(tokens)]
-        logits = self._decode(entries, EXACT_ROWS)
-        row = 0
-        for slot, post in posts.items():
-            post.logits = torch.from_numpy(logits[row : row + post.num_logits])
-            row += post.num_logits
-            self.lengths[slot] += post.input_ids.shape[0]
+            post.logits = torch.from_numpy(np.stack([rows[slot][n] for n in range(k - post.num_logits, k)]))
+
+    def _segments(self, stream: _Stream, post: Forward) -> list[_Segment]:
+        """The sequence's rows as segments: its pending tokens, then its chain (committed as decoded,
+        like `LlamaCppRunner`'s chains) or its tree, branch by branch (`branch_segments`)."""
+        if stream.tree:
+            raise ValueError("a forward cannot follow a tree forward before compact()")
+        tokens = post.input_ids.tolist()
+        k, root, seq = len(tokens), stream.committed, stream.seq
+        tree_mask = post.tree_mask
+        if tree_mask is None:
+            tree_mask = torch.ones(k, k, dtype=torch.bool).tril()
+        positions = position_ids(tree_mask, root).tolist()
+        if max(positions) >= self.max_length:
+            raise ValueError(f"sequence would exceed the context of {self.max_length} positions")
+        parents = mask_parents(tree_mask)
+        branches, cells = branch_segments(parents)
+        segments = [
+            _Segment(
+                stream,
+                [(tokens[n], positions[n], seq, n >= k - post.num_logits) for n in nodes],
+                list(nodes),
+                trim=root + continued if continued else None,
+            )
+            for continued, nodes in branches
+        ]
+        # The pending tokens go first, in the cells the root's branch continues.
+        segments[0].entries[:0] = [(t, stream.in_cache + i, seq, False) for i, t in enumerate(stream.pending)]
+        segments[0].nodes[:0] = [None] * len(stream.pending)
+        stream.in_cache, stream.pending = root, []
+        if len(cells) == k:  # a chain: committed as decoded
+            stream.in_cache += k
+        else:
+            stream.tree, stream.parents, stream.tree_cells = tokens, parents, cells
+        return segments
 
     def _decode(self, entries: list[tuple[int, int, int, bool]], chunk: int) -> np.ndarray:
         """Decode (token, position, sequence id, wants logits) in calls of `chunk` rows; the logits
@@ -555,14 +607,60 @@ class LlamaCppBatchedTarget(BatchedTarget):
             self.free_seqs.insert(0, joining.seq)
 
     def _drop(self, slot: BatchSlot) -> None:
-        seq = self.seqs.pop(slot)
-        del self.lengths[slot]
-        self._api.llama_memory_seq_rm(self.memory, seq, -1, -1)
-        self.free_seqs.append(seq)
+        stream = self.streams.pop(slot)
+        self._api.llama_memory_seq_rm(self.memory, stream.seq, -1, -1)
+        self.free_seqs.append(stream.seq)
 
     def _keep(self, slot: BatchSlot, keep_len: int, keep_positions: list[int]) -> None:
-        if keep_positions != list(range(keep_len, keep_len + len(keep_positions))):
-            raise ValueError("batched llama.cpp sequences keep a prefix of their chain")
-        kept = keep_len + len(keep_positions)
-        self._api.llama_memory_seq_rm(self.memory, self.seqs[slot], kept, -1)
-        self.lengths[slot] = kept
+        """Keep a prefix of the committed tokens, or all of them and a path of the tree from its root.
+        The path stays in its cells as far as it is the last branch decoded; the rest of it is removed
+        from the cache and fed again at the front of the next step (as `LlamaCppRunner.compact`)."""
+        stream = self.streams[slot]
+        committed = stream.committed
+        path = [s - committed for s in [*range(keep_len), *keep_positions] if s >= committed]
+        if any(s < committed for s in keep_positions) and path:
+            raise ValueError("a batched sequence keeps its committed tokens before a path of its tree")
+        if not path:
+            kept = keep_len + len(keep_positions)
+            if keep_positions != list(range(keep_len, kept)):
+                raise ValueError("without a tree, a batched sequence keeps a prefix of its tokens")
+            stream.pending = stream.pending[: max(kept - stream.in_cache, 0)]
+            stream.in_cache = min(stream.in_cache, kept)
+        else:
+            if path[0] != 0 or any(stream.parents[b] != a for a, b in itertools.pairwise(path)):
+                raise ValueError("the kept tree nodes must form a path from its root")
+            contiguous = 0
+            while contiguous < min(len(path), len(stream.tree_cells)) and (
+                path[contiguous] == stream.tree_cells[contiguous]
+            ):
+                contiguous += 1
+            stream.in_cache = committed + contiguous
+            stream.pending = [stream.tree[node] for node in path[contiguous:]]
+        self._api.llama_memory_seq_rm(self.memory, stream.seq, stream.in_cache, -1)
+        stream.tree, stream.parents, stream.tree_cells = [], [], []
+
+
+def mask_parents(tree_mask: torch.Tensor) -> list[int]:
+    """Each node's parent (the root's: -1) from a [k, k] ancestor mask: its deepest ancestor."""
+    return [-1, *[max(j for j in range(i) if tree_mask[i, j]) for i in range(1, tree_mask.shape[0])]]
+
+
+def branch_segments(parents: list[int]) -> tuple[list[tuple[int, list[int]]], list[int]]:
+    """A tree decoded branch by branch in depth-first order (children in index order), each node once:
+    stretches of branches, each with how many tree cells, from the root's, it continues (the cells
+    after those are removed before it), and the nodes left in the cells after the last (its branch)."""
+    children: list[list[int]] = [[] for _ in parents]
+    for node in range(1, len(parents)):
+        children[parents[node]].append(node)
+    segments: list[tuple[int, list[int]]] = []
+    cells: list[int] = []  # the branch decoded so far, root first
+    stack = [0]
+    while stack:
+        node = stack.pop()
+        stack.extend(reversed(children[node]))
+        if not cells or parents[node] != cells[-1]:  # the first node, or a new branch: back to its parent
+            del cells[cells.index(parents[node]) + 1 if cells else 0 :]
+            segments.append((len(cells), []))
+        segments[-1][1].append(node)
+        cells.append(node)
+    return segments, cells
