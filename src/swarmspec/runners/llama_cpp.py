@@ -443,7 +443,7 @@ class _Segment:
     of one branch of a tree. Before its first row, the sequence's cells from `trim` on are removed
     (back to the branching point of the branch before it)."""
 
-    stream: _Stream
+    seq: int  # the sequence's id
     entries: list[tuple[int, int, int, bool]]  # (token, position, sequence id, wants logits)
     nodes: list[int | None]  # the tree node of each entry (None: a pending committed token)
     trim: int | None = None
@@ -527,7 +527,7 @@ class LlamaCppBatchedTarget(BatchedTarget):
                     continue
                 segment = segments[0]
                 if segment.trim is not None:
-                    self._api.llama_memory_seq_rm(self.memory, segment.stream.seq, segment.trim, -1)
+                    self._api.llama_memory_seq_rm(self.memory, segment.seq, segment.trim, -1)
                     segment.trim = None
                 count = EXACT_ROWS - len(entries)
                 entries += segment.entries[:count]
@@ -561,7 +561,7 @@ class LlamaCppBatchedTarget(BatchedTarget):
         branches, cells = branch_segments(parents)
         segments = [
             _Segment(
-                stream,
+                seq,
                 [(tokens[n], positions[n], seq, n >= k - post.num_logits) for n in nodes],
                 list(nodes),
                 trim=root + continued if continued else None,
