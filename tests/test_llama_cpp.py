@@ -386,6 +386,8 @@ def test_batched_trees_are_bit_identical_to_each_branch_alone(target: LoadedMode
     for slot, context, tree, path in zip(slots, contexts, trees, kept, strict=True):
         tokens = [int(tree.tokens[n]) for n in [0, *path]] + after.tolist()
         assert torch.equal(nexts[slot].logits, fresh_logits(target, context, tokens)[-2:]), len(context)
+        with pytest.raises(ValueError, match="committed tokens before a path"):
+            slot.compact(slot.cached_len - 1, [slot.cached_len])  # a gap, then a slot past the cache
         slot.end()
     assert sorted(batched.free_seqs) == [0, 1, 2]
 

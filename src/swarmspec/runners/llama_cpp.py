@@ -515,49 +515,69 @@ class LlamaCppBatchedTarget(BatchedTarget):
         return torch.from_numpy(np.concatenate(joining.logits))
 
     def _step(self, posts: dict[BatchSlot, Forward]) -> None:
-        queues = {slot: self._segments(self.streams[slot], post) for slot, post in posts.items()}
+        # Every post is checked and planned before anything is decoded; the streams change only once all
+        # of them are, and a failed call leaves every posted stream's cache as it was before the step.
+        plans = {slot: self._segments(self.streams[slot], post) for slot, post in posts.items()}
+        queues = {slot: segments for slot, (segments, _) in plans.items()}
         rows: dict[BatchSlot, dict[int, np.ndarray]] = {slot: {} for slot in posts}
-        while any(queues.values()):
-            # A call takes rows of as many sequences as fit, at most one segment of each: a sequence's
-            # next segment starts in a later call, after its cells below the branching point are gone.
-            taken: list[tuple[BatchSlot, int | None]] = []
-            entries: list[tuple[int, int, int, bool]] = []
-            for slot, segments in queues.items():
-                if not segments or len(entries) == EXACT_ROWS:
-                    continue
-                segment = segments[0]
-                if segment.trim is not None:
-                    self._api.llama_memory_seq_rm(self.memory, segment.seq, segment.trim, -1)
-                    segment.trim = None
-                count = EXACT_ROWS - len(entries)
-                entries += segment.entries[:count]
-                taken += [(slot, node) for node in segment.nodes[:count]]
-                del segment.entries[:count], segment.nodes[:count]
-                if not segment.entries:
-                    segments.pop(0)
-            logits = iter(self._decode(entries, EXACT_ROWS))
-            for (slot, node), entry in zip(taken, entries, strict=True):
-                if entry[3]:
-                    assert node is not None
-                    rows[slot][node] = next(logits)
+        try:
+            while any(queues.values()):
+                self._decode_call(queues, rows)
+        except Exception:
+            for slot in posts:
+                stream = self.streams[slot]
+                self._api.llama_memory_seq_rm(self.memory, stream.seq, stream.in_cache, -1)
+            raise
         for slot, post in posts.items():
+            self.streams[slot] = plans[slot][1]
             k = post.input_ids.shape[0]
-            post.logits = torch.from_numpy(np.stack([rows[slot][n] for n in range(k - post.num_logits, k)]))
+            wanted = [rows[slot][n] for n in range(k - post.num_logits, k)]
+            post.logits = torch.from_numpy(np.stack(wanted)) if wanted else torch.empty(0, self.vocab_size)
 
-    def _segments(self, stream: _Stream, post: Forward) -> list[_Segment]:
-        """The sequence's rows as segments: its pending tokens, then its chain (committed as decoded,
-        like `LlamaCppRunner`'s chains) or its tree, branch by branch (`branch_segments`)."""
+    def _decode_call(
+        self, queues: dict[BatchSlot, list[_Segment]], rows: dict[BatchSlot, dict[int, np.ndarray]]
+    ) -> None:
+        """One `llama_decode` call of at most `EXACT_ROWS` rows, at most one segment of each sequence: a
+        sequence's next segment starts in a later call, after its cells below the branching point are
+        gone. Sequences with the most segments left go first (each of them needs a call of its own)."""
+        taken: list[tuple[BatchSlot, int | None]] = []
+        entries: list[tuple[int, int, int, bool]] = []
+        for slot in sorted(queues, key=lambda s: -len(queues[s])):
+            segments = queues[slot]
+            if not segments or len(entries) == EXACT_ROWS:
+                break
+            segment = segments[0]
+            if segment.trim is not None:
+                self._api.llama_memory_seq_rm(self.memory, segment.seq, segment.trim, -1)
+                segment.trim = None
+            count = EXACT_ROWS - len(entries)
+            entries += segment.entries[:count]
+            taken += [(slot, node) for node in segment.nodes[:count]]
+            del segment.entries[:count], segment.nodes[:count]
+            if not segment.entries:
+                segments.pop(0)
+        logits = iter(self._decode(entries, EXACT_ROWS))
+        for (slot, node), entry in zip(taken, entries, strict=True):
+            if entry[3]:
+                assert node is not None
+                rows[slot][node] = next(logits)
+
+    def _segments(self, stream: _Stream, post: Forward) -> tuple[list[_Segment], _Stream]:
+        """The sequence's rows as segments (its pending tokens, then its chain or its tree, branch by
+        branch: `branch_segments`), and its stream once they are decoded: a chain committed (as
+        `LlamaCppRunner` commits chains), a tree held until `_keep`."""
         if stream.tree:
             raise ValueError("a forward cannot follow a tree forward before compact()")
         tokens = post.input_ids.tolist()
         k, root, seq = len(tokens), stream.committed, stream.seq
-        tree_mask = post.tree_mask
-        if tree_mask is None:
-            tree_mask = torch.ones(k, k, dtype=torch.bool).tril()
-        positions = position_ids(tree_mask, root).tolist()
+        if k == 0:
+            raise ValueError("a forward needs at least one token")
+        if post.tree_mask is None:
+            parents, positions = list(range(-1, k - 1)), list(range(root, root + k))
+        else:
+            parents, positions = mask_parents(post.tree_mask), position_ids(post.tree_mask, root).tolist()
         if max(positions) >= self.max_length:
             raise ValueError(f"sequence would exceed the context of {self.max_length} positions")
-        parents = mask_parents(tree_mask)
         branches, cells = branch_segments(parents)
         segments = [
             _Segment(
@@ -571,12 +591,9 @@ class LlamaCppBatchedTarget(BatchedTarget):
         # The pending tokens go first, in the cells the root's branch continues.
         segments[0].entries[:0] = [(t, stream.in_cache + i, seq, False) for i, t in enumerate(stream.pending)]
         segments[0].nodes[:0] = [None] * len(stream.pending)
-        stream.in_cache, stream.pending = root, []
         if len(cells) == k:  # a chain: committed as decoded
-            stream.in_cache += k
-        else:
-            stream.tree, stream.parents, stream.tree_cells = tokens, parents, cells
-        return segments
+            return segments, _Stream(seq, root + k)
+        return segments, _Stream(seq, root, [], tokens, parents, cells)
 
     def _decode(self, entries: list[tuple[int, int, int, bool]], chunk: int) -> np.ndarray:
         """Decode (token, position, sequence id, wants logits) in calls of `chunk` rows; the logits
@@ -618,8 +635,10 @@ class LlamaCppBatchedTarget(BatchedTarget):
         stream = self.streams[slot]
         committed = stream.committed
         path = [s - committed for s in [*range(keep_len), *keep_positions] if s >= committed]
-        if any(s < committed for s in keep_positions) and path:
-            raise ValueError("a batched sequence keeps its committed tokens before a path of its tree")
+        if path and (keep_len < committed or any(s < committed for s in keep_positions)):
+            raise ValueError("a batched sequence keeps all its committed tokens before a path of its tree")
+        if path and (not stream.tree or max(path) >= len(stream.tree)):
+            raise ValueError(f"cannot keep slot {committed + max(path)}: it is not cached")
         if not path:
             kept = keep_len + len(keep_positions)
             if keep_positions != list(range(keep_len, kept)):
@@ -642,7 +661,8 @@ class LlamaCppBatchedTarget(BatchedTarget):
 
 def mask_parents(tree_mask: torch.Tensor) -> list[int]:
     """Each node's parent (the root's: -1) from a [k, k] ancestor mask: its deepest ancestor."""
-    return [-1, *[max(j for j in range(i) if tree_mask[i, j]) for i in range(1, tree_mask.shape[0])]]
+    rows = tree_mask.tolist()
+    return [-1, *[max(j for j in range(i) if rows[i][j]) for i in range(1, len(rows))]]
 
 
 def branch_segments(parents: list[int]) -> tuple[list[tuple[int, list[int]]], list[int]]:

@@ -3,7 +3,7 @@ models, health and Prometheus metrics, over one engine per target and speculatio
 serve several targets (the request's `model` chooses), their draft models loaded once for all of them.
 
 Generations run on worker threads in arrival order: one at a time, or with continuous batching
-(`--max-batch N`, PyTorch targets) up to N at once, their target forwards batched step by step
+(`--max-batch N`, PyTorch and llama.cpp targets) up to N at once, their target forwards batched step by step
 (`runners.batch`), as far as a KV budget in cache tokens allows. Requests wait in a bounded queue, and
 when it is full a new request gets 503 with Retry-After at once instead of hanging. A worker also
 builds a method's engine on its first request. A client that disconnects stops its generation
