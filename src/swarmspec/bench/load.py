@@ -29,6 +29,7 @@ import openai
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
+from swarmspec.bench.order import balanced_order
 from swarmspec.bench.questions import Question, load_questions
 from swarmspec.config import AUTO, ChatMessage, EngineConfig, Gamma, GenerationRequest, LoadBenchConfig
 from swarmspec.engine import Engine
@@ -242,7 +243,8 @@ class LoadReport:
             f"{c.max_tokens} tokens per request; {len(self.questions)} questions cycled; each level sends "
             f"max({c.requests_per_client} x concurrency, {c.min_requests}) requests from `concurrency` "
             "streaming clients (official `openai` client), the servers interleaved level by level "
-            "(their order turning each round); "
+            "(their order a balanced Latin square over rounds: each runs in every place and after every "
+            "other alike); "
             f"{c.rounds} round(s) over all levels, throughput the median over rounds.",
             "",
             "Greedy outputs identical to the same request served alone by plain decoding: "
@@ -251,7 +253,7 @@ class LoadReport:
             "## Batch-aware policy (`auto`) against the best fixed length",
             "",
             "auto / best: the ratio of the medians; per round: auto over the best fixed length in the same "
-            "round (the servers' order turns each round), and their median.",
+            "round, and their median.",
             "",
             "| concurrency | auto tokens/s (rounds) | best fixed | its tokens/s (rounds) | auto / best | "
             "per round (median) |",
@@ -408,10 +410,10 @@ def run_load_bench(
         servers_in_turn = list(urls.items())
         for round_ in range(config.rounds):
             for level in config.concurrency:
-                # The order turns each round, so that no server always runs first at a level (after
-                # the change of batch size) or always last.
-                turn = round_ % len(servers_in_turn)
-                for gamma, url in servers_in_turn[turn:] + servers_in_turn[:turn]:
+                # No server always runs first at a level (after the change of batch size), last, or
+                # right after the same other server (`balanced_order`).
+                for index in balanced_order(len(servers_in_turn), round_):
+                    gamma, url = servers_in_turn[index]
                     result = replace(
                         run_level(url, gamma, prompts[level], level, config.max_tokens), round=round_
                     )

@@ -19,6 +19,7 @@ import transformers
 from tqdm import tqdm
 
 from swarmspec.bench.contenders import Contender, build_contenders
+from swarmspec.bench.order import balanced_order
 from swarmspec.bench.questions import Question, load_questions, select_questions
 from swarmspec.bench.report import Row, RunRecord, report_tables, summarize, write_report
 from swarmspec.config import BenchConfig, EngineConfig
@@ -48,10 +49,12 @@ def time_contenders(
     seed: int,
     progress: bool = True,
 ) -> list[RunRecord]:
-    """Time every contender on every (question, prompt ids), interleaved A B C A B C per question.
+    """Time every contender on every (question, prompt ids), interleaved: each repeat of each question
+    runs every contender once, in an order that changes from one to the next (`balanced_order`).
 
-    Interleaving spreads machine drift (other jobs, thermal state) over all contenders alike. Each
-    contender first generates a few tokens untimed, so one-time set-up costs stay out of the figures.
+    Interleaving spreads machine drift (other jobs, thermal state) over all contenders alike, and the
+    changing order spreads what one run leaves to the next. Each contender first generates a few tokens
+    untimed, so one-time set-up costs stay out of the figures.
     """
     first_prompt = questions[0][1]
     for contender in contenders:
@@ -61,13 +64,16 @@ def time_contenders(
     with tqdm(total=total, desc="bench", unit="run", file=sys.stderr, disable=not progress) as bar:
         for index, (question, prompt_ids) in enumerate(questions):
             for repeat in range(repeats):
-                for contender in contenders:
+                round_records: dict[int, RunRecord] = {}
+                for i in balanced_order(len(contenders), index * repeats + repeat):
+                    contender = contenders[i]
                     bar.set_postfix_str(f"{question.family} #{question.question_id} {contender.name}")
                     outcome = contender.generate(prompt_ids, max_new_tokens, sampling, seed + index)
                     run = {"question_id": question.question_id, "family": question.family, "repeat": repeat}
                     # An outcome's fields are the record's, by name.
-                    records.append(RunRecord(**run, contender=contender.name, **asdict(outcome)))
+                    round_records[i] = RunRecord(**run, contender=contender.name, **asdict(outcome))
                     bar.update()
+                records.extend(round_records[i] for i in range(len(contenders)))  # in the contenders' order
     return records
 
 
