@@ -32,13 +32,16 @@ def contenders_for(
 ) -> list[Contender]:
     """Every method with the tiny drafter (tree and vote also with both model-free drafters)."""
     configs = [
-        EngineConfig(
-            target=target.spec,
-            method=method,
-            drafters=(draft_model.spec,)
-            if method in ONE_DRAFTER_METHODS
-            else (draft_model.spec, *MODEL_FREE_DRAFTERS),
-            gamma=gamma,
+        (
+            method,
+            EngineConfig(
+                target=target.spec,
+                method=method,
+                drafters=(draft_model.spec,)
+                if method in ONE_DRAFTER_METHODS
+                else (draft_model.spec, *MODEL_FREE_DRAFTERS),
+                gamma=gamma,
+            ),
         )
         for method in methods
     ]

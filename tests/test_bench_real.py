@@ -21,7 +21,8 @@ pytestmark = pytest.mark.slow
 def test_bench_report_complete_and_identical(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "report"
     args = ["bench", "--categories", "qa,translation", "--per-category", "1", "--max-new-tokens", "12"]
-    assert main([*args, "--out", str(out)]) == 0
+    variant = ["--variant", "chain-g2:method=chain,gamma=2"]  # one more contender, its own gamma
+    assert main([*args, *variant, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "**Overall** (2 questions)" in printed and f"json: {out / 'bench.json'}" in printed
 
@@ -29,8 +30,10 @@ def test_bench_report_complete_and_identical(tmp_path: Path, capsys: pytest.Capt
     assert report["meta"]["command"].startswith("swarmspec bench --categories qa,translation")
     assert report["meta"]["max_new_tokens"] == 12
     overall = {r["contender"]: r for r in report["rows"] if r["family"] == "overall"}
-    assert list(overall) == [*METHODS, *LLAMA_CPP_BASELINES, "hf-generate"]
-    assert all(row["identical"] is True for row in report["rows"] if row["contender"] in METHODS)
+    assert list(overall) == [*METHODS, "chain-g2", *LLAMA_CPP_BASELINES, "hf-generate"]
+    swarmspec = [*METHODS, "chain-g2"]
+    assert all(row["identical"] is True for row in report["rows"] if row["contender"] in swarmspec)
+    assert report["meta"]["variants"] == "chain-g2:method=chain,gamma=2"
     assert overall["llama-cpp"]["speedup"] == 1.0
     assert {r["family"] for r in report["runs"]} == {"qa", "translation"}
     assert all(0 < len(r["token_ids"]) <= 12 for r in report["runs"])

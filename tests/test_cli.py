@@ -66,6 +66,15 @@ from swarmspec.cli import main
         (["bench", "--categories", "poetry"], "unknown categories poetry"),
         (["bench", "--temperature", "-1"], "temperature must be"),
         (["bench", "--drafter", "no-such-model"], "no model 'no-such-model'"),
+        (["bench", "--variant", "chain-g6"], "a variant is NAME:method=M,key=value,..."),
+        (["bench", "--variant", "g6:gamma=6"], "variant g6: no method"),
+        (["bench", "--variant", "g6:method=beam"], "variant g6: unknown method 'beam'"),
+        (["bench", "--variant", "g6:method=chain,speed=6"], "variant g6: unknown or repeated key 'speed'"),
+        (["bench", "--variant", "g6:method=chain,gamma=6,gamma=7"], "unknown or repeated key 'gamma'"),
+        (["bench", "--variant", "g6:method=chain,gamma=six"], "variant g6: gamma='six' is not a valid value"),
+        (["bench", "--variant", "g6:method=chain,gamma=0"], "gamma must be >= 1 or 'auto'"),
+        (["bench", "--variant", "chain:method=chain,gamma=6"], "given more than once: chain"),
+        (["bench", "--variant", "g6:method=chain,drafters=a,b"], "chain takes one drafter, got 2"),
         (["generate", "hi", "--method", "dsi", "--targets", "0"], "--targets and --lookahead must be >= 1"),
         (["generate", "hi", "--method", "dsi", "--lookahead", "0"], "--targets and --lookahead must be >= 1"),
         (
@@ -130,6 +139,29 @@ def test_dsi_flags_map_onto_the_engine_config() -> None:
     config = engine_config(args)
     assert (config.targets, config.lookahead, config.workers, config.ray_address) == (3, 2, "ray", "auto")
     assert config.drafters == ("prompt-lookup",)
+
+
+def test_bench_variants_are_methods_with_settings_of_their_own() -> None:
+    from swarmspec.config import BenchConfig
+
+    model = "llamacpp:qwen2.5-coder-0.5b-instruct"
+    bench = BenchConfig(
+        methods=("ar", "chain"),
+        drafters=("prompt-lookup", model),
+        gamma=3,
+        variants=(
+            "chain-g6:method=chain,gamma=6",
+            f"tree-3211:method=tree,drafters={model},prompt-lookup,suffix,tree=3,2,1,1,max-depth=8",
+        ),
+    )
+    configs = dict(bench.contender_configs())
+    assert list(configs) == ["ar", "chain", "chain-g6", "tree-3211"]
+    assert (configs["chain"].gamma, configs["chain-g6"].gamma) == (3, 6)
+    assert configs["chain-g6"].drafters == configs["chain"].drafters == ("prompt-lookup",)
+    tree = configs["tree-3211"]
+    assert (tree.method, tree.drafters) == ("tree", (model, "prompt-lookup", "suffix"))
+    assert (tree.tree_widths, tree.max_depth, tree.gamma) == ((3, 2, 1, 1), 8, 3)
+    assert bench.model_drafters == (model,)  # what the variants need is loaded too
 
 
 def test_bench_methods_take_their_drafters_from_the_given_ones() -> None:

@@ -17,6 +17,7 @@ from swarmspec.config import (
     LLAMA_CPP_PREFIX,
     METHODS,
     MODEL_FREE_DRAFTERS,
+    VARIANT_KEYS,
     WORKERS,
     BenchConfig,
     EngineConfig,
@@ -165,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_flags(bench, bench_defaults.sampling, bench_defaults.seed)
     bench.add_argument("--repeats", type=int, default=bench_defaults.repeats, help="figures are medians")
     bench.add_argument("--out", help="report directory (default: bench-results/<UTC time>)")
+    bench.add_argument(
+        "--variant",
+        action="append",
+        metavar="NAME:method=M,key=value,...",
+        help="repeatable: one more contender, method M with its own settings (keys: "
+        f"{', '.join(VARIANT_KEYS)}; lists go on after commas), e.g. chain-g6:method=chain,gamma=6",
+    )
     bench.set_defaults(run=run_bench)
 
     load_defaults = LoadBenchConfig()
@@ -620,6 +628,7 @@ def run_bench(args: argparse.Namespace) -> int:
         seed=args.seed,
         repeats=args.repeats,
         out=args.out,
+        variants=tuple(args.variant or ()),
     )
     result = bench(config, command_line=args.command_line)
     print_report(result.markdown, result.paths)

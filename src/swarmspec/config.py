@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from swarmspec.errors import InvalidRequestError
@@ -122,7 +122,7 @@ class EngineConfig:
     # actors (a process each, on this machine or the cluster at ray_address).
     workers: str = "threads"
     ray_address: str | None = None
-    # Continuous batching (not dsi; on llama.cpp not tree): up to this many concurrent generations
+    # Continuous batching (not dsi or pipeline): up to this many concurrent generations
     # verify their drafts in one target forward, a step at a time (see runners.batch); 1: each alone.
     max_batch: int = 1
     # Continuous batching on PyTorch: a joining prompt is prefilled this many tokens per step, the
@@ -350,6 +350,9 @@ class BenchConfig:
     repeats: int = 1
     # Report directory; None means bench-results/<UTC timestamp>.
     out: str | None = None
+    # More swarmspec contenders, each a method with settings of its own: "NAME:method=M,key=value,...",
+    # e.g. "chain-g6:method=chain,gamma=6" (see `parse_variant` for the keys).
+    variants: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.baselines is None:
@@ -368,7 +371,7 @@ class BenchConfig:
                 f"unknown methods or baselines: {', '.join(unknown)}; methods: {', '.join(METHODS)}; "
                 f"baselines: {', '.join(BASELINES)}"
             )
-        if not self.methods and not self.baselines:
+        if not self.methods and not self.baselines and not self.variants:
             raise InvalidRequestError("nothing to benchmark: no methods and no baselines")
         check_gamma(self.gamma, self.max_depth)
         for name in ("max_new_tokens", "repeats"):
@@ -378,6 +381,18 @@ class BenchConfig:
             raise InvalidRequestError("--tree and --tree-budget shape the tree method: add it to --methods")
         for method in self.methods:
             self.engine_config(method)  # validates
+        names = [*(name for name, _ in self.contender_configs()), *self.baselines]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise InvalidRequestError(
+                f"contender names must differ; given more than once: {', '.join(repeated)}"
+            )
+
+    def contender_configs(self) -> list[tuple[str, EngineConfig]]:
+        """The swarmspec contenders by name: each method (named after it), then each variant."""
+        return [(method, self.engine_config(method)) for method in self.methods] + [
+            parse_variant(variant, self) for variant in self.variants
+        ]
 
     def engine_config(self, method: str) -> EngineConfig:
         """One method's engine: the given drafters (chain takes the first, ar none), else the method's
@@ -418,7 +433,7 @@ class BenchConfig:
     @property
     def model_drafters(self) -> tuple[str, ...]:
         """Every drafter model some method or baseline needs, each once."""
-        specs = [s for m in self.methods for s in self.engine_config(m).model_drafters]
+        specs = [s for _, config in self.contender_configs() for s in config.model_drafters]
         if "hf-assisted" in self.baselines:
             specs.append(self.assistant)
         return tuple(dict.fromkeys(specs))
@@ -516,3 +531,54 @@ class SimulationConfig:
     def trace(self) -> bool:
         """Trace-driven: predict for this machine's measured costs instead of the grid."""
         return bool(self.target or self.drafter or self.report or self.acceptance is not None)
+
+
+# A variant's keys: the `EngineConfig` field each sets, and how its value reads.
+VARIANT_KEYS = {
+    "method": ("method", str),
+    "drafters": ("drafters", lambda text: tuple(text.split(","))),
+    "gamma": ("gamma", lambda text: text if text == AUTO else int(text)),
+    "max-depth": ("max_depth", int),
+    "tree": ("tree_widths", lambda text: tuple(int(w) for w in text.split(","))),
+    "tree-budget": ("tree_budget", int),
+    "targets": ("targets", int),
+    "lookahead": ("lookahead", int),
+    "workers": ("workers", str),
+}
+
+
+def parse_variant(spec: str, bench: BenchConfig) -> tuple[str, EngineConfig]:
+    """A bench variant "NAME:method=M,key=value,...": method M's engine as the bench configures it
+    (`BenchConfig.engine_config`), with the given keys (VARIANT_KEYS, the CLI's flag names) changed. A
+    list value goes on after commas (drafters=prompt-lookup,suffix and tree=3,2,1,1): a part without
+    "=" belongs to the key before it."""
+    usage = f"a variant is NAME:method=M,key=value,... with keys {', '.join(VARIANT_KEYS)}; got {spec!r}"
+    name, _, settings = spec.partition(":")
+    if not name or not settings:
+        raise InvalidRequestError(usage)
+    values: dict[str, str] = {}
+    key = None
+    for part in settings.split(","):
+        if "=" in part:
+            key, _, value = part.partition("=")
+            if key not in VARIANT_KEYS or key in values:
+                raise InvalidRequestError(f"variant {name}: unknown or repeated key {key!r}; {usage}")
+            values[key] = value
+        elif key is None or not part:
+            raise InvalidRequestError(usage)
+        else:
+            values[key] += "," + part
+    if "method" not in values:
+        raise InvalidRequestError(f"variant {name}: no method; {usage}")
+    if values["method"] not in METHODS:
+        raise InvalidRequestError(
+            f"variant {name}: unknown method {values['method']!r}; choose one of {', '.join(METHODS)}"
+        )
+    changes: dict[str, object] = {}
+    for key, text in values.items():
+        field_name, read = VARIANT_KEYS[key]
+        try:
+            changes[field_name] = read(text)
+        except ValueError:
+            raise InvalidRequestError(f"variant {name}: {key}={text!r} is not a valid value") from None
+    return name, replace(bench.engine_config(values["method"]), **changes)

@@ -246,7 +246,7 @@ def hf_generation_config(
 
 
 def build_contenders(
-    engine_configs: Sequence[EngineConfig],
+    engine_configs: Sequence[tuple[str, EngineConfig]],
     baselines: Sequence[str],
     target: LoadedModel,
     draft_models: Mapping[str, LoadedModel],
@@ -254,13 +254,14 @@ def build_contenders(
     hf_target: LoadedModel | None = None,
     threads: int | None = None,
 ) -> list[Contender]:
-    """Methods, then baselines (names as `BenchConfig` validated them), sharing one copy of the weights.
+    """Swarmspec's engines (by name), then baselines (names as `BenchConfig` validated them), sharing one
+    copy of the weights.
 
     The transformers baselines run on `hf_target` (the PyTorch model of a llama.cpp target), else on the
     target; the llama.cpp baselines on the target's GGUF with `threads` threads."""
     contenders: list[Contender] = [
-        SwarmspecMethod(config.method, Engine.from_models(config, target, draft_models), config.drafters)
-        for config in engine_configs
+        SwarmspecMethod(name, Engine.from_models(config, target, draft_models), config.drafters)
+        for name, config in engine_configs
     ]
     hf_target = hf_target or target
     for name in baselines:

@@ -102,7 +102,7 @@ def run_bench(config: BenchConfig, command_line: str | None = None) -> BenchResu
                 f"question {question.question_id}: prompt ({len(ids)} tokens) + max_new_tokens "
                 f"({config.max_new_tokens}) exceeds the target's context of {limit} tokens"
             )
-    engine_configs = [config.engine_config(method) for method in config.methods]
+    engine_configs = config.contender_configs()
     assistant = draft_models.get(config.assistant)
     assert config.baselines is not None
     contenders = build_contenders(
@@ -147,7 +147,7 @@ def tree_description(config: EngineConfig) -> str:
 
 def run_metadata(
     config: BenchConfig,
-    engine_configs: Sequence[EngineConfig],
+    engine_configs: Sequence[tuple[str, EngineConfig]],
     target: LoadedModel,
     draft_models: dict[str, LoadedModel],
     command_line: str | None,
@@ -168,8 +168,10 @@ def run_metadata(
         "command": command_line or shlex.join(sys.argv),
         "device": device,
         "target": target.spec,
-        "drafters": "; ".join(f"{c.method}: {', '.join(c.drafters)}" for c in engine_configs if c.drafters),
-        "tree": next((tree_description(c) for c in engine_configs if c.method == "tree"), "-"),
+        "drafters": "; ".join(f"{name}: {', '.join(c.drafters)}" for name, c in engine_configs if c.drafters),
+        "tree": "; ".join(f"{n}: {tree_description(c)}" for n, c in engine_configs if c.method == "tree")
+        or "-",
+        "variants": "; ".join(config.variants) or "-",
         "hf-assisted assistant": config.assistant if "hf-assisted" in config.baselines else "-",
         "swarmspec": importlib.metadata.version("swarmspec"),
         "torch": torch.__version__,
