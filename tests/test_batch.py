@@ -301,34 +301,6 @@ def test_policies_in_a_batch_draft_and_verify_the_batchs_rows() -> None:
     assert not peers._gains
 
 
-def test_free_drafts_in_a_batch_are_priced_by_what_was_proposed() -> None:
-    """With model-free drafters only, a sequence publishes its gains once it has proposed: one whose
-    lookup found nothing asks the batch for no rows, whatever its running acceptance says. By hand as
-    above (b = 4): one sequence copying among three with nothing to draft gets one row; three or four
-    sequences offering nearly sure drafts pay for a second."""
-    from swarmspec.tree import TokenTree
-
-    costs = StepCosts(SINGLE, (0.0,), BATCHED)
-    members = 1
-    peers = BatchPeers(lambda: members)
-    policies = [CostModelPolicy(costs, max_depth=8, peers=peers) for _ in range(4)]
-    for policy in policies:  # learn nearly sure drafts
-        for _ in range(40):
-            policy.draft_depths(8)
-            policy.observe(TokenTree.chain(0, torch.arange(1, 5)), [1, 2, 3, 4], 5)
-    members = 4
-    assert [p.draft_depths(8) for p in policies] == [[8]] * 4  # free: all the match has
-    nothing = TokenTree.chain(0, torch.empty(0, dtype=torch.int64))
-    copy = TokenTree.chain(0, torch.arange(1, 9))
-    assert [len(p.select(nothing)) for p in policies[1:]] == [1, 1, 1]
-    assert len(policies[0].select(copy)) == 1  # the others offered nothing: no row for one copy
-    verified = []
-    for policy in policies:  # now every sequence copies; each chooses after publishing its own offer
-        policy.draft_depths(8)
-        verified.append(len(policy.select(copy)) - 1)
-    assert verified[0] == 0 and verified[2] >= 1 and verified[3] >= 1
-
-
 def test_max_batch_refuses_what_it_cannot_batch() -> None:
     for method in ("ar", "chain", "tree", "vote"):  # trees too: llama.cpp verifies them branch by branch
         EngineConfig(target="llamacpp:qwen2.5-coder-1.5b-instruct", method=method, max_batch=4)

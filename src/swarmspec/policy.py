@@ -30,17 +30,13 @@ own acceptance instead of one average): the R that maximizes
     (sum over the b sequences of their expected committed tokens with R rows) / t_b(R)
 
 where t_b(R) is the measured forward of b sequences of R rows each (`BatchPeers`). Each sequence then
-verifies at most R rows. A sequence's expected tokens come from its running acceptance before a draft
-model drafts (drafting costs); with model-free drafters only, from what they proposed this step (the
-values of its most valuable nodes), so a sequence whose lookup found nothing asks for no rows. One
-sequence copying a passage among sequences that are not cannot make the whole batch pay for its rows;
-many sequences that all draft well can.
+verifies at most R rows. One sequence copying a passage among sequences that are not cannot make the
+whole batch pay for its rows; many sequences that all draft well can.
 """
 
 from __future__ import annotations
 
 import bisect
-import itertools
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -324,7 +320,6 @@ class CostModelPolicy(SpeculationPolicy):
         self.cost_shares = cost_shares
         self.peers = peers  # the sequences verified in the same forwards (continuous batching)
         self._rows: int | None = None  # the batch's row count this step; None: deciding alone
-        self._batch_limit: int | None = None  # in a batch with free drafts: rows chosen in `select`
         self.max_depth = max_depth
         self.prior = prior or AcceptancePrior()
         self.probe_every, self.max_probe_every = probe_every, max_probe_every
@@ -349,17 +344,10 @@ class CostModelPolicy(SpeculationPolicy):
     def draft_depths(self, limit: int) -> list[int]:
         limit = min(limit, self.max_depth)
         self._rows = None
-        self._batch_limit = None
         if self.peers is not None:
-            draft_ms = [self._draft_token_ms(i) for i in range(self.drafters)]
-            if self.peers.size() > 1 and not any(draft_ms):
-                # Model-free drafters propose all their match has, for nothing: the sequence's gains,
-                # and the batch's rows, come from what they proposed (`select`), not from what they
-                # might have: a sequence with no match this step asks the batch for no rows.
-                self._batch_limit, self._draft_ms = limit, 0.0
-                return [limit] * self.drafters
             self.peers.publish(self, self._gains(limit))
             if self.peers.size() > 1:
+                draft_ms = [self._draft_token_ms(i) for i in range(self.drafters)]
                 self._rows = self.peers.best_rows(self.costs, limit + 1, max(draft_ms, default=0))
                 depths = [min(limit, self._rows - 1)] * self.drafters
                 self._draft_ms = sum(d * c for d, c in zip(depths, draft_ms, strict=True))
@@ -450,11 +438,6 @@ class CostModelPolicy(SpeculationPolicy):
         # Most valuable first; a node never outranks its parent (values shrink along a path, ties go to
         # the earlier node, and parents come first), so every prefix of the ranking is a tree.
         ranked = sorted(range(1, len(tree)), key=lambda n: (-values[n], n))
-        if self._batch_limit is not None:  # in a batch, free drafts: publish what they offer, then choose
-            assert self.peers is not None
-            offered = [values[node] for node in ranked[: self._batch_limit]]
-            self.peers.publish(self, list(itertools.accumulate(offered, initial=1.0)))
-            self._rows = self.peers.best_rows(self.costs, self._batch_limit + 1)
         if self._rows is not None:  # in a batch: the rows the batch chose
             return self._keep(tree, ranked[: self._rows - 1])
         best_count, best_rate = 0, 1 / (self._draft_ms + self._verify(1))
