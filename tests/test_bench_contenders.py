@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import swarmspec.engine
-from swarmspec.bench.contenders import Contender, build_contenders, hf_generation_config
+from swarmspec.bench.contenders import Contender, Outcome, build_contenders, hf_generation_config
+from swarmspec.bench.order import balanced_order
 from swarmspec.bench.questions import Question
 from swarmspec.bench.report import OVERALL, summarize
 from swarmspec.bench.run import reference_contender, time_contenders
@@ -132,3 +133,30 @@ def test_reference_is_hf_generate_else_ar() -> None:
     assert reference_contender(["chain", "ar", "hf-generate"]) == "hf-generate"
     assert reference_contender(["chain", "ar"]) == "ar"
     assert reference_contender(["chain"]) is None
+
+
+class Recorder(Contender):
+    """Generates nothing; notes when it ran."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        super().__init__(name)
+        self.log = log
+
+    def generate(self, prompt_ids, max_new_tokens, sampling, seed) -> Outcome:
+        self.log.append(self.name)
+        return Outcome([1], 0.01, 1, 0, 0, 0, 0)
+
+
+def test_contenders_run_in_a_balanced_order_and_records_keep_theirs() -> None:
+    log: list[str] = []
+    contenders = [Recorder(name, log) for name in "abc"]
+    records = time_contenders(
+        contenders, prompts(3), repeats=2, max_new_tokens=1, sampling=SamplingConfig(), seed=0, progress=False
+    )
+    timed = log[len(contenders) :]  # after each contender's untimed warm-up
+    rounds = [timed[i : i + 3] for i in range(0, len(timed), 3)]
+    assert rounds == [["abc"[i] for i in balanced_order(3, r)] for r in range(6)]
+    assert [r.contender for r in records] == list("abc") * 6
+    assert [(r.question_id, r.repeat) for r in records[::3]] == [
+        (q.question_id, repeat) for q, _ in prompts(3) for repeat in (0, 1)
+    ]

@@ -5,12 +5,13 @@ from collections import Counter
 
 import pytest
 
-from swarmspec.bench.order import balanced_order
+from swarmspec.bench.order import balanced_cycle, balanced_order
 
 
 @pytest.mark.parametrize("contenders", [1, 2, 3, 4, 5, 6, 7])
 def test_every_contender_runs_in_every_place_and_after_every_other_equally_often(contenders: int) -> None:
-    cycle = contenders if contenders % 2 == 0 else 2 * contenders
+    cycle = balanced_cycle(contenders)
+    assert cycle == (contenders if contenders % 2 == 0 else 2 * contenders)
     orders = [balanced_order(contenders, r) for r in range(cycle)]
     assert all(sorted(order) == list(range(contenders)) for order in orders)
     places = Counter((place, c) for order in orders for place, c in enumerate(order))

@@ -59,7 +59,7 @@ from swarmspec.cli import main
         (["bench", "--baselines", "vllm"], "unknown methods or baselines: vllm"),
         (["bench", "--methods", "", "--baselines", ""], "nothing to benchmark"),
         (["bench", "--repeats", "0"], "repeats must be >= 1"),
-        (["bench", "--methods", "chain", "--tree-budget", "8"], "shape the tree method: add it to --methods"),
+        (["bench", "--methods", "chain", "--tree-budget", "8"], "a tree variant takes tree="),
         (["bench", "--methods", "tree", "--tree-budget", "0", "--tree", "2,0"], "tree widths must be >= 1"),
         (["bench", "--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
         (["bench", "--per-category", "0"], "--per-category must be >= 1"),
@@ -72,9 +72,11 @@ from swarmspec.cli import main
         (["bench", "--variant", "g6:method=chain,speed=6"], "variant g6: unknown or repeated key 'speed'"),
         (["bench", "--variant", "g6:method=chain,gamma=6,gamma=7"], "unknown or repeated key 'gamma'"),
         (["bench", "--variant", "g6:method=chain,gamma=six"], "variant g6: gamma='six' is not a valid value"),
-        (["bench", "--variant", "g6:method=chain,gamma=0"], "gamma must be >= 1 or 'auto'"),
-        (["bench", "--variant", "chain:method=chain,gamma=6"], "given more than once: chain"),
-        (["bench", "--variant", "g6:method=chain,drafters=a,b"], "chain takes one drafter, got 2"),
+        (["bench", "--variant", "g6:method=chain,gamma=0"], "variant g6: gamma must be >= 1 or 'auto'"),
+        (["bench", "--variant", "chain:method=chain,gamma=6"], "variant chain: a method's or a baseline's"),
+        (["bench", "--variant", "llama-cpp:method=chain"], "variant llama-cpp: a method's or a baseline's"),
+        (["bench", "--variant", "a:method=ar", "--variant", "a:method=chain"], "given more than once: a"),
+        (["bench", "--variant", "g6:method=chain,drafters=a,b"], "variant g6: chain takes one drafter"),
         (["generate", "hi", "--method", "dsi", "--targets", "0"], "--targets and --lookahead must be >= 1"),
         (["generate", "hi", "--method", "dsi", "--lookahead", "0"], "--targets and --lookahead must be >= 1"),
         (
@@ -162,6 +164,26 @@ def test_bench_variants_are_methods_with_settings_of_their_own() -> None:
     assert (tree.method, tree.drafters) == ("tree", (model, "prompt-lookup", "suffix"))
     assert (tree.tree_widths, tree.max_depth, tree.gamma) == ((3, 2, 1, 1), 8, 3)
     assert bench.model_drafters == (model,)  # what the variants need is loaded too
+
+    # A variant is built once from the bench's flags and its own settings, so what it changes cannot
+    # clash with what it replaces: one tree shape replaces the other, an empty one merges chains.
+    shaped = BenchConfig(
+        methods=("tree",),
+        drafters=(model, "prompt-lookup"),
+        tree_budget=8,
+        variants=(
+            "widths:method=tree,tree=3,2,1",
+            "merged:method=tree,tree=",
+            f"pipe:method=pipeline,drafters={model}",
+            "spaced:method=vote, drafters=prompt-lookup, suffix , gamma = 4",
+        ),
+    )
+    configs = dict(shaped.contender_configs())
+    assert (configs["tree"].tree_widths, configs["tree"].tree_budget) == ((), 8)
+    assert (configs["widths"].tree_widths, configs["widths"].tree_budget) == ((3, 2, 1), 0)
+    assert (configs["merged"].tree_widths, configs["merged"].tree_budget) == ((), 0)
+    assert configs["pipe"].drafters == (model,)
+    assert (configs["spaced"].drafters, configs["spaced"].gamma) == (("prompt-lookup", "suffix"), 4)
 
 
 def test_bench_methods_take_their_drafters_from_the_given_ones() -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Literal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from swarmspec.errors import InvalidRequestError
 from swarmspec.models.registry import DEFAULT_DRAFTER, DEFAULT_TARGET, split_exit
@@ -378,7 +379,10 @@ class BenchConfig:
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}")
         if (self.tree_widths or self.tree_budget) and "tree" not in self.methods:
-            raise InvalidRequestError("--tree and --tree-budget shape the tree method: add it to --methods")
+            raise InvalidRequestError(
+                "--tree and --tree-budget shape the tree method: add it to --methods (a tree variant "
+                "takes tree= or tree-budget=)"
+            )
         for method in self.methods:
             self.engine_config(method)  # validates
         names = [*(name for name, _ in self.contender_configs()), *self.baselines]
@@ -397,24 +401,27 @@ class BenchConfig:
     def engine_config(self, method: str) -> EngineConfig:
         """One method's engine: the given drafters (chain takes the first, ar none), else the method's
         default."""
-        drafters = method_drafters(method, self.drafters)
+        return EngineConfig(**self.engine_fields(method))
+
+    def engine_fields(self, method: str) -> dict[str, Any]:
+        """`engine_config`'s fields, by name."""
         is_tree = method == "tree"
-        return EngineConfig(
-            target=self.target,
-            method=method,
-            drafters=drafters,
-            sorted_draft=self.sorted_draft,
-            gamma=self.gamma,
-            max_depth=self.max_depth,
-            tree_widths=self.tree_widths if is_tree else (),
-            tree_budget=self.tree_budget if is_tree else 0,
-            target_threads=self.target_threads,
-            drafter_threads=self.drafter_threads,
-            targets=self.targets,
-            lookahead=self.lookahead,
-            workers=self.workers,
-            ray_address=self.ray_address,
-        )
+        return {
+            "target": self.target,
+            "method": method,
+            "drafters": method_drafters(method, self.drafters),
+            "sorted_draft": self.sorted_draft,
+            "gamma": self.gamma,
+            "max_depth": self.max_depth,
+            "tree_widths": self.tree_widths if is_tree else (),
+            "tree_budget": self.tree_budget if is_tree else 0,
+            "target_threads": self.target_threads,
+            "drafter_threads": self.drafter_threads,
+            "targets": self.targets,
+            "lookahead": self.lookahead,
+            "workers": self.workers,
+            "ray_address": self.ray_address,
+        }
 
     @property
     def hf_target(self) -> str | None:
@@ -533,52 +540,70 @@ class SimulationConfig:
         return bool(self.target or self.drafter or self.report or self.acceptance is not None)
 
 
+def _items(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
 # A variant's keys: the `EngineConfig` field each sets, and how its value reads.
-VARIANT_KEYS = {
-    "method": ("method", str),
-    "drafters": ("drafters", lambda text: tuple(text.split(","))),
-    "gamma": ("gamma", lambda text: text if text == AUTO else int(text)),
+VARIANT_KEYS: dict[str, tuple[str, Callable[[str], object]]] = {
+    "method": ("method", str.strip),
+    "drafters": ("drafters", _items),
+    "gamma": ("gamma", lambda text: AUTO if text.strip() == AUTO else int(text)),
     "max-depth": ("max_depth", int),
-    "tree": ("tree_widths", lambda text: tuple(int(w) for w in text.split(","))),
+    "tree": ("tree_widths", lambda text: tuple(int(w) for w in _items(text))),  # empty: merged chains
     "tree-budget": ("tree_budget", int),
     "targets": ("targets", int),
     "lookahead": ("lookahead", int),
-    "workers": ("workers", str),
+    "workers": ("workers", str.strip),
 }
 
 
 def parse_variant(spec: str, bench: BenchConfig) -> tuple[str, EngineConfig]:
     """A bench variant "NAME:method=M,key=value,...": method M's engine as the bench configures it
-    (`BenchConfig.engine_config`), with the given keys (VARIANT_KEYS, the CLI's flag names) changed. A
-    list value goes on after commas (drafters=prompt-lookup,suffix and tree=3,2,1,1): a part without
-    "=" belongs to the key before it."""
+    (`BenchConfig.engine_fields`), with the given keys (VARIANT_KEYS: the CLI's flag names, `drafters`
+    for `--drafter`) changed. A list value goes on after commas (drafters=prompt-lookup,suffix and
+    tree=3,2,1,1): a part without "=" belongs to the key before it. Setting one tree shape (`tree` or
+    `tree-budget`) clears the other. NAME may not be a method's or a baseline's name: those name the
+    contenders speedups are measured against."""
     usage = f"a variant is NAME:method=M,key=value,... with keys {', '.join(VARIANT_KEYS)}; got {spec!r}"
     name, _, settings = spec.partition(":")
+    name = name.strip()
     if not name or not settings:
         raise InvalidRequestError(usage)
+    if name in METHODS or name in BASELINES:
+        raise InvalidRequestError(f"variant {name}: a method's or a baseline's name; give it another name")
     values: dict[str, str] = {}
     key = None
     for part in settings.split(","):
         if "=" in part:
             key, _, value = part.partition("=")
+            key = key.strip()
             if key not in VARIANT_KEYS or key in values:
                 raise InvalidRequestError(f"variant {name}: unknown or repeated key {key!r}; {usage}")
             values[key] = value
-        elif key is None or not part:
+        elif key is None:
             raise InvalidRequestError(usage)
         else:
             values[key] += "," + part
     if "method" not in values:
         raise InvalidRequestError(f"variant {name}: no method; {usage}")
-    if values["method"] not in METHODS:
+    method = values["method"].strip()
+    if method not in METHODS:
         raise InvalidRequestError(
-            f"variant {name}: unknown method {values['method']!r}; choose one of {', '.join(METHODS)}"
+            f"variant {name}: unknown method {method!r}; choose one of {', '.join(METHODS)}"
         )
-    changes: dict[str, object] = {}
+    fields = bench.engine_fields(method)
     for key, text in values.items():
         field_name, read = VARIANT_KEYS[key]
         try:
-            changes[field_name] = read(text)
+            fields[field_name] = read(text)
         except ValueError:
             raise InvalidRequestError(f"variant {name}: {key}={text!r} is not a valid value") from None
-    return name, replace(bench.engine_config(values["method"]), **changes)
+    if "tree" in values and "tree-budget" not in values:
+        fields["tree_budget"] = 0
+    if "tree-budget" in values and "tree" not in values:
+        fields["tree_widths"] = ()
+    try:
+        return name, EngineConfig(**fields)
+    except InvalidRequestError as err:
+        raise InvalidRequestError(f"variant {name}: {err}") from None

@@ -29,7 +29,7 @@ import openai
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from swarmspec.bench.order import balanced_order
+from swarmspec.bench.order import balanced_cycle, balanced_order
 from swarmspec.bench.questions import Question, load_questions
 from swarmspec.config import AUTO, ChatMessage, EngineConfig, Gamma, GenerationRequest, LoadBenchConfig
 from swarmspec.engine import Engine
@@ -243,8 +243,8 @@ class LoadReport:
             f"{c.max_tokens} tokens per request; {len(self.questions)} questions cycled; each level sends "
             f"max({c.requests_per_client} x concurrency, {c.min_requests}) requests from `concurrency` "
             "streaming clients (official `openai` client), the servers interleaved level by level "
-            "(their order a balanced Latin square over rounds: each runs in every place and after every "
-            "other alike); "
+            f"(their order a balanced Latin square: over every {balanced_cycle(len(c.gammas))} rounds each "
+            "runs in every place, and right after every other, equally often); "
             f"{c.rounds} round(s) over all levels, throughput the median over rounds.",
             "",
             "Greedy outputs identical to the same request served alone by plain decoding: "

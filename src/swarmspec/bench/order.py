@@ -11,6 +11,11 @@ contender runs in every place equally often and right after every other contende
 from __future__ import annotations
 
 
+def balanced_cycle(contenders: int) -> int:
+    """The rounds after which every place and every predecessor has come round equally often."""
+    return contenders if contenders % 2 == 0 else 2 * contenders
+
+
 def balanced_order(contenders: int, round_: int) -> list[int]:
     """The contenders' indices in the order they run in round `round_` (the rounds cycle)."""
     if contenders < 1:
@@ -20,7 +25,6 @@ def balanced_order(contenders: int, round_: int) -> list[int]:
     first = [0]
     for step in range(1, contenders):
         first.append((step + 1) // 2 if step % 2 else contenders - step // 2)
-    cycle = contenders if contenders % 2 == 0 else 2 * contenders
-    row = round_ % cycle
+    row = round_ % balanced_cycle(contenders)
     order = [(entry + row) % contenders for entry in first]
     return order[::-1] if row >= contenders else order
