@@ -27,8 +27,10 @@ from swarmspec.config import (
     SimulationConfig,
     SortedDraft,
     TrainSortedConfig,
+    comma_list,
     default_baselines,
     default_drafters,
+    read_gamma,
 )
 from swarmspec.errors import SwarmspecError
 from swarmspec.sampling import SamplingConfig
@@ -352,15 +354,9 @@ def add_sampling_flags(parser: argparse.ArgumentParser, sampling: SamplingConfig
     parser.add_argument("--seed", type=int, default=seed, help="seeds the request's own generator")
 
 
-def comma_list(text: str) -> tuple[str, ...]:
-    return tuple(item.strip() for item in text.split(",") if item.strip())
-
-
 def gamma_value(text: str) -> Gamma:
-    if text == AUTO:
-        return AUTO
     try:
-        return int(text)
+        return read_gamma(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of tokens or {AUTO}, got {text!r}") from None
 

@@ -34,6 +34,16 @@ WORKERS = ("threads", "ray")
 Gamma = int | Literal["auto"]
 
 
+def comma_list(text: str) -> tuple[str, ...]:
+    """ "a, b,,c" -> ("a", "b", "c"): the CLI's (and bench variants') list syntax."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def read_gamma(text: str) -> Gamma:
+    """A gamma as written: a number of tokens or "auto" (ValueError otherwise)."""
+    return AUTO if text.strip() == AUTO else int(text)
+
+
 def check_gamma(gamma: Gamma, max_depth: int, allow_zero: bool = False) -> None:
     lowest = 0 if allow_zero else 1
     if gamma != AUTO and (not isinstance(gamma, int) or gamma < lowest):
@@ -383,9 +393,7 @@ class BenchConfig:
                 "--tree and --tree-budget shape the tree method: add it to --methods (a tree variant "
                 "takes tree= or tree-budget=)"
             )
-        for method in self.methods:
-            self.engine_config(method)  # validates
-        names = [*(name for name, _ in self.contender_configs()), *self.baselines]
+        names = [*(name for name, _ in self.contender_configs()), *self.baselines]  # builds: validates
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
             raise InvalidRequestError(
@@ -540,17 +548,13 @@ class SimulationConfig:
         return bool(self.target or self.drafter or self.report or self.acceptance is not None)
 
 
-def _items(text: str) -> tuple[str, ...]:
-    return tuple(item.strip() for item in text.split(",") if item.strip())
-
-
 # A variant's keys: the `EngineConfig` field each sets, and how its value reads.
 VARIANT_KEYS: dict[str, tuple[str, Callable[[str], object]]] = {
     "method": ("method", str.strip),
-    "drafters": ("drafters", _items),
-    "gamma": ("gamma", lambda text: AUTO if text.strip() == AUTO else int(text)),
+    "drafters": ("drafters", comma_list),
+    "gamma": ("gamma", read_gamma),
     "max-depth": ("max_depth", int),
-    "tree": ("tree_widths", lambda text: tuple(int(w) for w in _items(text))),  # empty: merged chains
+    "tree": ("tree_widths", lambda text: tuple(int(w) for w in comma_list(text))),  # empty: merged chains
     "tree-budget": ("tree_budget", int),
     "targets": ("targets", int),
     "lookahead": ("lookahead", int),
